@@ -1,0 +1,132 @@
+"""CUB-200-2011 for retrieval on unseen classes, on top of PML's ``CUB`` reader."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Optional, Union
+
+import numpy as np
+from pytorch_metric_learning.datasets import CUB as _PMLCUB
+
+from ._base import (
+    LabelledDataset,
+    check_split,
+    load_rgb,
+    remap_labels,
+    require_files,
+    require_images,
+)
+
+logger = logging.getLogger(__name__)
+
+_FOLDER = "CUB_200_2011"
+_LAYOUT = (
+    "<root>/CUB_200_2011/ holding images.txt ('<image id> <relative path>' per line), "
+    "image_class_labels.txt ('<image id> <class id 1..200>' per line, same order) and "
+    "images/<class folder>/<file>.jpg, as extracted from CUB_200_2011.tgz"
+)
+
+
+class CUB200(LabelledDataset):
+    """CUB-200-2011 split by class for deep metric learning.
+
+    ``split="train"`` holds classes 1-100 (5,864 images), ``split="test"``
+    classes 101-200 (5,924 images), as in PML's ``CUB`` reader, which this
+    class uses to list the files. Unlike PML's reader, labels are remapped
+    to ``0..C-1`` per split (in increasing original class id; the original
+    id of label ``k`` is ``source_classes[k]``), every image is converted to
+    RGB (CUB holds a few grayscale images), and a missing or partial copy
+    raises ``FileNotFoundError`` naming the expected file. Nothing is
+    downloaded.
+
+    Args:
+        root: folder that contains ``CUB_200_2011/``.
+        split: ``"train"`` or ``"test"``.
+        transform: callable applied to the RGB ``PIL.Image``.
+
+    ``dataset[i]`` returns ``(image, label)``: the RGB ``PIL.Image`` (or
+    ``transform(image)``) and an ``int`` in ``0..C-1``. ``labels`` gives all
+    labels (``numpy.int64``) without reading any image.
+    """
+
+    FULL_SIZES = {"train": 5864, "test": 5924}
+
+    def __init__(
+        self,
+        root: Union[str, os.PathLike],
+        split: str = "train",
+        transform: Optional[Callable] = None,
+    ) -> None:
+        self.split = check_split(split)
+        self.root = os.fspath(root)
+        self.transform = transform
+        folder = os.path.join(self.root, _FOLDER)
+        if not os.path.isdir(folder) and os.path.isfile(os.path.join(self.root, "images.txt")):
+            raise FileNotFoundError(
+                f"CUB200: expected folder {folder!r} was not found; {self.root!r} looks like "
+                f"the CUB_200_2011 folder itself: pass its parent as root. "
+                f"Required layout: {_LAYOUT}."
+            )
+        images_txt = os.path.join(folder, "images.txt")
+        labels_txt = os.path.join(folder, "image_class_labels.txt")
+        require_files([images_txt, labels_txt, os.path.join(folder, "images")], "CUB200", _LAYOUT)
+        _check_index_files(images_txt, labels_txt)
+
+        pml = _PMLCUB(self.root, split=self.split, download=False)
+        self.paths = list(pml.paths)
+        if not self.paths:
+            raise ValueError(
+                f"CUB200: {labels_txt!r} lists no image of the {self.split!r} classes "
+                f"({'1-100' if self.split == 'train' else '101-200'})"
+            )
+        require_images(self.paths, "CUB200", _LAYOUT)
+        self.labels, self.source_classes = remap_labels(pml.labels)
+        if len(self.paths) != self.FULL_SIZES[self.split]:
+            logger.warning(
+                "CUB200 %s split has %d images; the full dataset has %d",
+                self.split, len(self.paths), self.FULL_SIZES[self.split],
+            )
+        logger.info(
+            "CUB200 %s: %d images, %d classes", self.split, len(self.paths), self.num_classes
+        )
+
+    def __getitem__(self, index: int):
+        image = load_rgb(self.paths[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+def _read_ids(path: str, integer_values: bool) -> list[int]:
+    """Image ids (first field) of a CUB index file, checking each line's form."""
+    ids = []
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            ok = len(fields) == 2 and fields[0].isdigit()
+            if ok and integer_values:
+                ok = fields[1].isdigit()
+            if not ok:
+                raise ValueError(
+                    f"CUB200: line {line_number} of {path!r} is {line.strip()!r}; expected "
+                    f"'<image id> <{'class id' if integer_values else 'relative path'}>'"
+                )
+            ids.append(int(fields[0]))
+    return ids
+
+
+def _check_index_files(images_txt: str, labels_txt: str) -> None:
+    """PML pairs the two files line by line and silently drops mismatches:
+    refuse files whose image ids differ instead."""
+    image_ids = _read_ids(images_txt, integer_values=False)
+    label_ids = _read_ids(labels_txt, integer_values=True)
+    if image_ids != label_ids:
+        raise ValueError(
+            f"CUB200: {images_txt!r} ({len(image_ids)} lines) and {labels_txt!r} "
+            f"({len(label_ids)} lines) must list the same image ids in the same order; "
+            f"the copy is partial or mixed"
+        )
+    if len(np.unique(image_ids)) != len(image_ids):
+        raise ValueError(f"CUB200: {images_txt!r} lists an image id twice")

@@ -1,0 +1,93 @@
+r"""Per-class loss weights: DSB's :math:`1/S` and the class-balanced baseline."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["dsb_weights", "class_balanced_weights", "NORMALIZE_CHOICES"]
+
+NORMALIZE_CHOICES = ("mean", None)
+
+
+def check_normalize(normalize) -> None:
+    if normalize not in NORMALIZE_CHOICES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_CHOICES}, got {normalize!r}")
+
+
+def dsb_weights(
+    scales: torch.Tensor,
+    counts: torch.Tensor,
+    normalize: Optional[str] = "mean",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    r"""DSB class weights :math:`w_c = 1/S_c` from semantic scales.
+
+    Args:
+        scales: (C,) semantic scales :math:`S_c` (bits).
+        counts: (C,) samples per class behind each scale.
+        normalize: ``"mean"`` divides by the mean weight of the classes that
+            have a scale, so those weights average 1; ``None`` keeps the raw
+            :math:`1/S_c` of the paper.
+        eps: a scale at or below ``eps`` counts as no scale.
+
+    Returns:
+        (C,) float64 weights. A class with fewer than two samples or
+        :math:`S_c \le` ``eps`` has no scale and gets the largest weight among
+        the classes that have one (it is the least represented); if no class
+        has a scale, every weight is 1.
+
+    >>> import torch
+    >>> dsb_weights(torch.tensor([1.0, 2.0, 0.0]), torch.tensor([5, 5, 1]), normalize=None)
+    tensor([1.0000, 0.5000, 1.0000], dtype=torch.float64)
+    >>> dsb_weights(torch.tensor([1.0, 2.0, 0.0]), torch.tensor([5, 5, 1]))
+    tensor([1.3333, 0.6667, 1.3333], dtype=torch.float64)
+    """
+    check_normalize(normalize)
+    if scales.shape != counts.shape or scales.dim() != 1:
+        raise ValueError(
+            f"scales and counts must both have shape (C,), got {tuple(scales.shape)} "
+            f"and {tuple(counts.shape)}"
+        )
+    scales = scales.to(torch.float64)
+    has_scale = (counts.to(scales.device) >= 2) & (scales > eps)
+    weights = torch.ones_like(scales)
+    if not bool(has_scale.any()):
+        return weights
+    inv = 1.0 / scales[has_scale]
+    if normalize == "mean":
+        inv = inv / inv.mean()
+    weights.fill_(float(inv.max()))
+    weights[has_scale] = inv
+    return weights
+
+
+def class_balanced_weights(counts, beta: float = 0.9999) -> torch.Tensor:
+    r"""Class-balanced weights of Cui et al. (2019), as a float64 (C,) tensor.
+
+    :math:`w_c = (1-\beta) / (1-\beta^{n_c})`, normalised so the weights sum to
+    the number of classes C. Pass them to PML's ``ClassWeightedReducer`` for
+    CB-SoftTriple and CB-NormSoftmax (see :func:`pml_dsb.losses.class_balanced_reducer`),
+    or to ``torch.nn.CrossEntropyLoss(weight=...)``.
+
+    Args:
+        counts: training samples per class (sequence or tensor), every one >= 1.
+        beta: in [0, 1); 0 gives uniform weights, beta -> 1 inverse frequency.
+
+    >>> class_balanced_weights([100, 10], beta=0.9)
+    tensor([0.7889, 1.2111], dtype=torch.float64)
+    """
+    counts = torch.as_tensor(counts)
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(f"counts must be a non-empty 1-D sequence, got shape {tuple(counts.shape)}")
+    if counts.dtype.is_floating_point and not bool((counts == counts.round()).all()):
+        raise TypeError(f"counts must be whole numbers, got {counts.tolist()}")
+    if bool((counts < 1).any()):
+        bad = torch.nonzero(counts < 1).flatten().tolist()
+        raise ValueError(f"counts must be >= 1 for every class; classes {bad} have fewer")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must lie in [0, 1), got {beta}")
+    n = counts.to(torch.float64)
+    effective = (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), n)) / (1.0 - beta)
+    w = 1.0 / effective
+    return w * (len(w) / w.sum())

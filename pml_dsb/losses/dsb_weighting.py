@@ -1,0 +1,227 @@
+r"""The one place where DSB re-weights per-sample losses.
+
+:func:`weight_losses_by_class` multiplies PML's unreduced losses by
+:math:`w_{y}` of each sample's label before PML's reducer reduces them (the
+default ``MeanReducer`` then takes the plain mean). :class:`DSBWeightingMixin`
+puts a :class:`~pml_dsb.memory.SemanticScaleMemory` in front of any PML loss
+whose ``compute_loss`` returns element, pair or triplet losses, so that
+
+.. code-block:: python
+
+    class DSBArcFaceLoss(DSBWeightingMixin, ArcFaceLoss):
+        pass
+
+is a complete DSB loss. :func:`dsb_class_weights` gives the same weights for
+``torch.nn.CrossEntropyLoss(weight=...)`` (the paper's DSB-CE).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..memory.semantic_scale_memory import SemanticScaleMemory
+
+__all__ = ["DSBWeightingMixin", "weight_losses_by_class", "dsb_class_weights", "with_dsb_weighting"]
+
+# which index tensor of a PML loss entry carries the sample whose label weights it
+_ANCHOR_OF = {
+    "element": lambda idx: idx,
+    "pos_pair": lambda idx: idx[0],
+    "neg_pair": lambda idx: idx[0],
+    "triplet": lambda idx: idx[0],
+}
+
+
+def weight_losses_by_class(loss_dict: dict, labels: torch.Tensor, class_weights: torch.Tensor, names=None) -> dict:
+    """Multiply the unreduced losses of a PML loss dict by ``class_weights[label]``.
+
+    Element losses are weighted by their sample's label, pair and triplet
+    losses by their anchor's label (as PML's ``ClassWeightedReducer`` does).
+    ``names`` restricts the entries (default: all). The dict is changed in
+    place and returned.
+
+    >>> import torch
+    >>> d = {"loss": {"losses": torch.ones(3), "indices": torch.arange(3), "reduction_type": "element"}}
+    >>> weight_losses_by_class(d, torch.tensor([0, 1, 1]), torch.tensor([2.0, 0.5]))["loss"]["losses"]
+    tensor([2.0000, 0.5000, 0.5000])
+    """
+    for name in loss_dict if names is None else names:
+        entry = loss_dict[name]
+        kind = entry["reduction_type"]
+        if kind not in _ANCHOR_OF:
+            raise ValueError(
+                f"loss {name!r} has reduction_type {kind!r}; only per-sample losses "
+                f"({sorted(_ANCHOR_OF)}) can be re-weighted by class"
+            )
+        losses = entry["losses"]
+        if not torch.is_tensor(losses) or losses.numel() == 0:
+            continue  # PML's zero loss: nothing to weight
+        anchors = _ANCHOR_OF[kind](entry["indices"])
+        weights = class_weights.to(device=losses.device, dtype=losses.dtype)
+        entry["losses"] = losses * weights[labels[anchors]]
+    return loss_dict
+
+
+def dsb_class_weights(
+    memory: SemanticScaleMemory,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-class weights for ``torch.nn.CrossEntropyLoss(weight=...)`` (DSB-CE).
+
+    The memory's :meth:`~SemanticScaleMemory.weights` in stage 3, ones before.
+    Enqueue the batch first. Note that ``CrossEntropyLoss`` with
+    ``reduction="mean"`` divides by the sum of the batch's weights; for the
+    plain mean of weighted losses (as the DSB losses reduce), use
+    ``reduction="none"`` and ``.mean()``.
+    """
+    if memory.stage == 3:
+        weights = memory.weights()
+    else:
+        weights = torch.ones(memory.num_classes, dtype=torch.float64)
+    return weights.to(device=device or memory.class_counts.device, dtype=dtype)
+
+
+class DSBWeightingMixin:
+    r"""Turns a PML classification loss into its DSB form.
+
+    Put it first among the bases: ``class DSBX(DSBWeightingMixin, X)``, where X
+    is a PML loss taking ``(num_classes, embedding_size, ...)``. Each call
+    enqueues the batch (detached) into ``self.memory``; in stage 3 every
+    sample's loss is multiplied by :math:`w_{y}` before the reducer. Before
+    stage 3 the loss is exactly the parent's. Regularisation losses of the
+    parent are never weighted.
+
+    Args (in addition to the parent's):
+        memory_size: M for a new memory (the training-set size in the paper).
+        warmup_epochs: n, default 5.
+        normalize: ``"mean"`` (default) or ``None``, see :func:`pml_dsb.functional.dsb_weights`.
+        memory: a ready :class:`SemanticScaleMemory` to use (and share) instead.
+        update_memory: enqueue each batch (default). When several losses share
+            one memory and see the same batch, let only one of them enqueue.
+
+    ``forward`` also takes ``sample_indices``: dataset indices of the batch,
+    making the memory index-addressed (one slot per sample).
+
+    Parameters are never re-typed in ``forward`` (PML's ``cast_types`` rewrites
+    ``.data``): lower-precision embeddings (autocast) are cast up to the
+    parameters' dtype, and parameters on another device than the embeddings
+    raise an error asking for ``loss.to(device)``.
+
+    Recorded attributes (PML record-keeper / ``HookContainer``): ``dsb_stage``,
+    ``dsb_num_enqueued``, ``dsb_fill_level``, and in stage 3
+    ``dsb_mean_scale``, ``dsb_min_scale``, ``dsb_max_scale``,
+    ``dsb_min_weight``, ``dsb_max_weight`` (``None``, so not recorded, before).
+    """
+
+    _DSB_RECORDS = (
+        "dsb_stage",
+        "dsb_num_enqueued",
+        "dsb_fill_level",
+        "dsb_mean_scale",
+        "dsb_min_scale",
+        "dsb_max_scale",
+        "dsb_min_weight",
+        "dsb_max_weight",
+    )
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        *args,
+        memory_size: Optional[int] = None,
+        warmup_epochs: int = 5,
+        normalize: Optional[str] = "mean",
+        memory: Optional[SemanticScaleMemory] = None,
+        update_memory: bool = True,
+        **kwargs,
+    ):
+        if memory is None:
+            if memory_size is None:
+                raise ValueError(
+                    "memory_size is required (the number of training samples in the paper) "
+                    "unless a ready memory= is given"
+                )
+            memory = SemanticScaleMemory(
+                num_classes, embedding_size, memory_size, warmup_epochs=warmup_epochs, normalize=normalize
+            )
+        elif not isinstance(memory, SemanticScaleMemory):
+            raise TypeError(f"memory must be a SemanticScaleMemory, got {type(memory).__name__}")
+        elif (memory.num_classes, memory.embedding_size) != (num_classes, embedding_size):
+            raise ValueError(
+                f"memory has num_classes={memory.num_classes}, embedding_size={memory.embedding_size}; "
+                f"the loss was given num_classes={num_classes}, embedding_size={embedding_size}"
+            )
+        elif memory_size is not None and memory_size != memory.memory_size:
+            raise ValueError(f"memory_size={memory_size} conflicts with memory.memory_size={memory.memory_size}")
+        super().__init__(num_classes, embedding_size, *args, **kwargs)
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size  # PML records it but never sets it
+        self.memory = memory
+        self.update_memory = update_memory
+        self._sample_indices = None
+        for name in self._DSB_RECORDS:
+            setattr(self, name, None)
+        self.add_to_recordable_attributes(list_of_names=list(self._DSB_RECORDS), is_stat=False)
+
+    def forward(
+        self,
+        embeddings,
+        labels=None,
+        indices_tuple=None,
+        ref_emb=None,
+        ref_labels=None,
+        sample_indices: Optional[torch.Tensor] = None,
+    ):
+        if labels is None:
+            raise ValueError(f"{type(self).__name__} needs labels: DSB weights losses by class")
+        # every check runs before anything changes
+        self.memory.validate_batch(embeddings, labels, sample_indices if self.update_memory else None)
+        params = [p for p in self.parameters(recurse=False)]
+        if params and embeddings.dtype != params[0].dtype:
+            embeddings = embeddings.to(params[0].dtype)
+        self._sample_indices = sample_indices
+        try:
+            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        finally:
+            self._sample_indices = None
+
+    def cast_types(self, dtype, device):
+        """Check instead of re-typing parameters' ``.data`` as PML does."""
+        for name, param in self.named_parameters(recurse=False):
+            if param.device != torch.device(device):
+                raise ValueError(
+                    f"{type(self).__name__}.{name} is on {param.device} but the embeddings are on "
+                    f"{device}: move the loss first with loss.to({str(device)!r})"
+                )
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        # the parent's losses first: if it rejects the input, the memory is untouched
+        loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        if self.update_memory:
+            self.memory.enqueue(embeddings, labels, self._sample_indices)
+        self.dsb_stage = self.memory.stage
+        self.dsb_num_enqueued = self.memory.num_enqueued
+        self.dsb_fill_level = self.memory.fill_level
+        if self.dsb_stage == 3:
+            scales = self.memory.scales()
+            weights = self.memory.weights()
+            weight_losses_by_class(loss_dict, labels, weights, names=self._sub_loss_names())
+            self.dsb_mean_scale = float(scales.mean())
+            self.dsb_min_scale = float(scales.min())
+            self.dsb_max_scale = float(scales.max())
+            self.dsb_min_weight = float(weights.min())
+            self.dsb_max_weight = float(weights.max())
+        return loss_dict
+
+
+def with_dsb_weighting(loss_class: type) -> type:
+    """Build the DSB form of a PML loss class, e.g. ``with_dsb_weighting(ArcFaceLoss)``.
+
+    The new class is ``DSB<Name>``, subclassing ``(DSBWeightingMixin, loss_class)``.
+    """
+    if not isinstance(loss_class, type):
+        raise TypeError(f"loss_class must be a class, got {loss_class!r}")
+    return type(f"DSB{loss_class.__name__}", (DSBWeightingMixin, loss_class), {"__module__": loss_class.__module__})
