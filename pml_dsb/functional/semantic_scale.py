@@ -44,7 +44,7 @@ def _mkl_friendly(n: int) -> int:
     return n + 8 if n >= 128 and n % 128 == 0 else n
 
 
-def _logdet_spd(a: torch.Tensor) -> torch.Tensor:
+def logdet_spd(a: torch.Tensor) -> torch.Tensor:
     """log det of a batch of symmetric positive definite matrices (..., n, n)."""
     n = a.shape[-1]
     pad = _mkl_friendly(n) - n
@@ -108,7 +108,7 @@ def padded_class_scales(
         else:  # covariance (d x d) form
             gram = zc.transpose(1, 2) @ zc
         eye = torch.eye(gram.shape[-1], dtype=dtype, device=gram.device)
-        out[ok] = _logdet_spd(eye + alpha * gram) / (2.0 * _LOG2)
+        out[ok] = logdet_spd(eye + alpha * gram) / (2.0 * _LOG2)
     return out
 
 

@@ -10,11 +10,15 @@ Its stage follows the number of samples enqueued (DEFINITIONS.md):
 3. afterwards the scales of every class come from the memory after each
    enqueue, and losses are weighted by :math:`1/S`.
 
-Cost: each class keeps the list of its slots, so a refresh touches only the
-classes whose samples were enqueued or dequeued since the last one (they are
-marked stale) and gathers only their samples; nothing scans the whole memory,
-so the cost does not grow with M. Scales of stale classes are recomputed from
-scratch from the stored embeddings (no running sums, so no drift).
+Cost: a refresh recomputes only the classes whose samples were enqueued or
+dequeued since the last one (they are marked stale), from per-class float64
+statistics kept up to date at each enqueue; nothing scans the whole memory,
+so the cost does not grow with M. A class that has never held more than
+``gram_size`` samples keeps the Gram matrix of its samples (each new sample
+adds one row, m*d work) and its scale is a Cholesky factorisation in the
+m x m space; a larger class switches for good to running first and second
+moments (d and d x d, float64: each sample adds or removes an outer product)
+and a d x d factorisation. No refresh ever re-reads a class's samples.
 
 Sampling caveat: first in, first out equals "the latest embedding of every
 training sample" only when the sampler visits each sample once per epoch and
@@ -34,7 +38,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..functional.semantic_scale import padded_class_scales, size_buckets
+from ..distributed.gather import check_batch_collectively, gather_batch, should_gather
+from ..functional.semantic_scale import logdet_spd, size_buckets
 from ..functional.weights import check_normalize, dsb_weights
 
 logger = logging.getLogger(__name__)
@@ -62,6 +67,19 @@ class SemanticScaleMemory(torch.nn.Module):
         l2_normalize: store L2-normalised embeddings (default, as the
             definition of semantic scale says).
         scale_dtype: precision of the scale computation (float64 default).
+        gram_size: classes up to this many samples are kept in Gram form,
+            larger ones as d x d moments (default ``embedding_size // 2``,
+            where both forms cost about the same). Memory: ``num_classes *
+            gram_size**2`` plus ``d**2`` per large class, float64.
+        distributed: gather every rank's batch before enqueueing, so that all
+            ranks hold the same memory, stage and scales (M counts global
+            samples). ``None`` (default): when ``torch.distributed`` is
+            initialised with more than one rank; ``False``: never (use it when
+            the batch is already global, as under PML's
+            ``DistributedLossWrapper``); ``True``: always. When gathering,
+            :meth:`validate_batch` and :meth:`enqueue` are collective: every
+            rank must call them (through the loss) each iteration, see
+            :mod:`pml_dsb.distributed.gather`.
 
     Example:
         >>> import torch
@@ -84,6 +102,8 @@ class SemanticScaleMemory(torch.nn.Module):
         eps: float = 1e-12,
         l2_normalize: bool = True,
         scale_dtype: torch.dtype = torch.float64,
+        gram_size: Optional[int] = None,
+        distributed: Optional[bool] = None,
     ):
         super().__init__()
         for name, value, low in (
@@ -105,6 +125,14 @@ class SemanticScaleMemory(torch.nn.Module):
         self.eps = eps
         self.l2_normalize = l2_normalize
         self.scale_dtype = scale_dtype
+        if gram_size is None:
+            gram_size = max(2, embedding_size // 2)
+        if isinstance(gram_size, bool) or not isinstance(gram_size, int) or gram_size < 2:
+            raise ValueError(f"gram_size must be an int >= 2, got {gram_size!r}")
+        self.gram_size = min(gram_size, memory_size)
+        if distributed not in (None, True, False) or not isinstance(distributed, (bool, type(None))):
+            raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
+        self.distributed = distributed
 
         capacity = min(memory_size, max(16, 2 * math.ceil(memory_size / num_classes)))
         self.register_buffer("embedding_memory", torch.zeros(memory_size, embedding_size))
@@ -116,6 +144,14 @@ class SemanticScaleMemory(torch.nn.Module):
         self.register_buffer("class_counts", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("cached_scales", torch.zeros(num_classes, dtype=torch.float64))
         self.register_buffer("stale", torch.zeros(num_classes, dtype=torch.bool))
+        # Gram form: gram[c, i, j] = z_i . z_j for the samples at positions i, j
+        # of class c's slot list (valid where class_slots >= 0)
+        self.register_buffer("gram", torch.zeros(num_classes, self.gram_size, self.gram_size, dtype=torch.float64))
+        # moment form, for classes that outgrew gram_size: row moment_index[c] of
+        # moment_sum (sum of z) and moment_outer (sum of z z^T); -1 = Gram form
+        self.register_buffer("moment_index", torch.full((num_classes,), -1, dtype=torch.long))
+        self.register_buffer("moment_sum", torch.zeros(0, embedding_size, dtype=torch.float64))
+        self.register_buffer("moment_outer", torch.zeros(0, embedding_size, embedding_size, dtype=torch.float64))
         self.register_buffer("queue_idx", torch.zeros((), dtype=torch.long))
         self.register_buffer("enqueued_count", torch.zeros((), dtype=torch.long))
 
@@ -146,8 +182,11 @@ class SemanticScaleMemory(torch.nn.Module):
     def reset(self) -> None:
         """Empty the memory and its counters."""
         self.embedding_memory.zero_()
-        for buf in (self.label_memory, self.slot_position, self.class_slots):
+        for buf in (self.label_memory, self.slot_position, self.class_slots, self.moment_index):
             buf.fill_(-1)
+        self.gram.zero_()
+        self.moment_sum = self.moment_sum[:0]
+        self.moment_outer = self.moment_outer[:0]
         for buf in (self.class_counts, self.cached_scales, self.queue_idx, self.enqueued_count):
             buf.zero_()
         self.stale.zero_()
@@ -160,10 +199,13 @@ class SemanticScaleMemory(torch.nn.Module):
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # class_slots grows with the largest class; take the saved capacity.
-        key = prefix + "class_slots"
-        if key in state_dict and state_dict[key].shape[0] == self.num_classes:
-            self.class_slots = torch.empty_like(state_dict[key], device=self.class_slots.device)
+        # these grow with the largest class and the number of large classes:
+        # take the saved sizes (other dimensions must match).
+        for name in ("class_slots", "moment_sum", "moment_outer"):
+            key, mine = prefix + name, getattr(self, name)
+            if key in state_dict and state_dict[key].shape[1:] == mine.shape[1:] and name != "class_slots" \
+                    or key in state_dict and name == "class_slots" and state_dict[key].shape[0] == mine.shape[0]:
+                setattr(self, name, torch.empty_like(state_dict[key], device=mine.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------- validation
@@ -173,7 +215,30 @@ class SemanticScaleMemory(torch.nn.Module):
         labels: torch.Tensor,
         indices: Optional[torch.Tensor] = None,
     ) -> None:
-        """Raise ``TypeError``/``ValueError`` for a batch :meth:`enqueue` would reject."""
+        """Raise ``TypeError``/``ValueError`` for a batch :meth:`enqueue` would reject.
+
+        When the memory gathers across ranks (see ``distributed``) the check is
+        collective: every rank must call it, and a batch rejected on any rank
+        raises the same :class:`~pml_dsb.distributed.BatchRejectedError` (a
+        ``ValueError``) on every rank, as does a global batch larger than the memory.
+        """
+        if not should_gather(self.distributed):
+            self._validate_local_batch(embeddings, labels, indices)
+            return
+        sizes, _ = check_batch_collectively(self._validate_local_batch, embeddings, labels, indices)
+        if sum(sizes) > self.memory_size:
+            raise ValueError(
+                f"the global batch of {sum(sizes)} embeddings ({sizes} per rank) is larger than "
+                f"memory_size={self.memory_size}"
+            )
+
+    def _validate_local_batch(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices: Optional[torch.Tensor] = None,
+    ) -> None:
+        """The checks of :meth:`validate_batch` on this process's batch alone."""
         if not isinstance(embeddings, torch.Tensor):
             raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
         if not embeddings.is_floating_point():
@@ -241,9 +306,20 @@ class SemanticScaleMemory(torch.nn.Module):
                 sample then overwrites its own slot (index-addressed memory)
                 instead of the oldest one.
 
-        Bad input raises before anything changes.
+        Bad input raises before anything changes. When the memory gathers
+        (see ``distributed``) this is collective: every rank calls it, the
+        global batch (all ranks' batches in rank order; a dataset index
+        repeated across ranks kept once) is enqueued on every rank, and a batch
+        rejected on any rank raises on every rank.
         """
-        self.validate_batch(embeddings, labels, indices)
+        if should_gather(self.distributed):
+            # collective: the ranks agree on the verdict, then each gets the global batch
+            embeddings, labels, indices, _, _ = gather_batch(
+                embeddings, labels, indices, check=self._validate_local_batch
+            )
+            self._validate_local_batch(embeddings, labels, indices)  # same global batch, same verdict everywhere
+        else:
+            self.validate_batch(embeddings, labels, indices)
         device = self.embedding_memory.device
         emb = embeddings.detach().to(device=device, dtype=torch.float32)
         if self.l2_normalize:
@@ -256,6 +332,7 @@ class SemanticScaleMemory(torch.nn.Module):
             slots = indices.detach().to(device=device, dtype=torch.long)
 
         self._remove(slots)
+        self._promote_large_classes(labels)
         self.embedding_memory[slots] = emb
         self.label_memory[slots] = labels
         positions = self._allocate_positions(labels)
@@ -263,6 +340,7 @@ class SemanticScaleMemory(torch.nn.Module):
         self.slot_position[slots] = positions
         self.class_counts.index_add_(0, labels, torch.ones_like(labels))
         self.stale[labels] = True
+        self._add_statistics(emb, labels, positions)
         if indices is None:
             self.queue_idx.copy_((self.queue_idx + batch) % self.memory_size)
         self.enqueued_count += batch
@@ -273,6 +351,9 @@ class SemanticScaleMemory(torch.nn.Module):
         slots, old = slots[filled], old[filled]
         if slots.numel() == 0:
             return
+        large = self.moment_index[old] >= 0
+        if bool(large.any()):
+            self._accumulate_moments(self.moment_index[old[large]], self.embedding_memory[slots[large]], -1.0)
         self.class_slots[old, self.slot_position[slots]] = -1
         self.class_counts.index_add_(0, old, -torch.ones_like(old))
         self.stale[old] = True
@@ -286,11 +367,7 @@ class SemanticScaleMemory(torch.nn.Module):
         if needed > self.class_slots.shape[1]:
             self._grow_capacity(needed)
         cumulative_free = (self.class_slots[classes] < 0).cumsum(1)
-        # rank of each sample among this batch's samples of its class
-        order = torch.argsort(inverse, stable=True)
-        first = torch.cumsum(new_counts, 0) - new_counts
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(len(labels), device=labels.device) - first[inverse[order]]
+        rank = _rank_within_groups(inverse, new_counts)
         return torch.searchsorted(
             cumulative_free[inverse], (rank + 1).unsqueeze(1)
         ).squeeze(1)
@@ -326,19 +403,105 @@ class SemanticScaleMemory(torch.nn.Module):
         filled = self.label_memory >= 0
         return self.embedding_memory[filled], self.label_memory[filled]
 
+    # ------------------------------------------------------ class statistics
+    def _promote_large_classes(self, labels: torch.Tensor) -> None:
+        """Switch classes that would outgrow the Gram form to moments, for good."""
+        classes, new_counts = torch.unique(labels, return_counts=True)
+        grow = (self.class_counts[classes] + new_counts > self.gram_size) & (self.moment_index[classes] < 0)
+        promote = classes[grow]
+        if promote.numel() == 0:
+            return
+        start = self.moment_sum.shape[0]
+        d, dev = self.embedding_size, self.moment_sum.device
+        self.moment_sum = torch.cat([self.moment_sum, torch.zeros(len(promote), d, dtype=torch.float64, device=dev)])
+        self.moment_outer = torch.cat(
+            [self.moment_outer, torch.zeros(len(promote), d, d, dtype=torch.float64, device=dev)]
+        )
+        self.moment_index[promote] = torch.arange(start, start + len(promote), device=dev)
+        rows = self.class_slots[promote]
+        filled = rows >= 0
+        self._accumulate_moments(
+            self.moment_index[promote].unsqueeze(1).expand_as(rows)[filled],
+            self.embedding_memory[rows[filled]],
+            1.0,
+        )
+        logger.debug("classes %s switched to the moment form", promote.tolist())
+
+    def _accumulate_moments(self, index: torch.Tensor, z: torch.Tensor, sign: float) -> None:
+        """Add ``sign`` times each row's z and z z^T to moment row ``index``."""
+        if index.numel() == 0:
+            return
+        z = z.to(torch.float64)
+        self.moment_sum.index_add_(0, index, z, alpha=sign)
+        rows, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)
+        block = torch.zeros(len(rows), int(counts.max()), z.shape[1], dtype=z.dtype, device=z.device)
+        block[inverse, _rank_within_groups(inverse, counts)] = z
+        self.moment_outer.index_add_(0, rows, block.transpose(1, 2) @ block, alpha=sign)
+
+    def _add_statistics(self, emb: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> None:
+        """Account for the samples just stored at (labels, positions)."""
+        large = self.moment_index[labels] >= 0
+        if bool(large.any()):
+            self._accumulate_moments(self.moment_index[labels[large]], emb[large], 1.0)
+        small = ~large
+        if not bool(small.any()):
+            return
+        labels, positions, z = labels[small], positions[small], emb[small].to(torch.float64)
+        # one Gram row per new sample: its products with every sample of its class
+        width = int(self._class_width(labels).max())
+        slots = self.class_slots[labels, :width]
+        others = self.embedding_memory[slots.clamp(min=0)].to(torch.float64)
+        row = (others @ z.unsqueeze(2)).squeeze(2) * (slots >= 0)
+        self.gram[labels.unsqueeze(1), positions.unsqueeze(1), torch.arange(width, device=z.device)] = row
+        self.gram[labels.unsqueeze(1), torch.arange(width, device=z.device), positions.unsqueeze(1)] = row
+
+    def _class_width(self, classes: torch.Tensor) -> torch.Tensor:
+        """1 + the last occupied position of each class's slot list (0 if empty)."""
+        occupied = self.class_slots[classes, : self.gram_size] >= 0
+        last = torch.where(occupied, torch.arange(occupied.shape[1], device=occupied.device) + 1, 0)
+        return last.max(1).values
+
     def _compute_scales(self, classes: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(len(classes), dtype=self.scale_dtype, device=classes.device)
         counts = self.class_counts[classes]
-        for bucket in size_buckets(counts):
-            bucket = bucket[counts[bucket] >= 2]
-            if bucket.numel() == 0:
-                continue
-            rows = self.class_slots[classes[bucket]]
-            width = int(counts[bucket].max())
-            # filled positions first, in slot-list order
-            order = torch.argsort((rows < 0).to(torch.int8), dim=1, stable=True)[:, :width]
-            rows = torch.gather(rows, 1, order)
-            mask = rows >= 0
-            block = self.embedding_memory[rows.clamp(min=0)]
-            out[bucket] = padded_class_scales(block, mask, normalize=False, dtype=self.scale_dtype)
+        ready = counts >= 2
+        large = ready & (self.moment_index[classes] >= 0)
+        if bool(large.any()):
+            out[large] = self._moment_scales(classes[large], counts[large])
+        small = torch.nonzero(ready & ~large).flatten()
+        if small.numel():
+            widths = self._class_width(classes[small])
+            for bucket in size_buckets(widths):
+                part = small[bucket]
+                out[part] = self._gram_scales(classes[part], counts[part], int(widths[bucket].max()))
         return out
+
+    def _gram_scales(self, classes: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+        valid = (self.class_slots[classes, :width] >= 0).to(torch.float64)
+        pair = valid.unsqueeze(2) * valid.unsqueeze(1)
+        gram = self.gram[classes, :width, :width] * pair
+        m = counts.to(torch.float64).view(-1, 1, 1)
+        rows = gram.sum(2, keepdim=True)
+        total = rows.sum(1, keepdim=True)
+        centred = gram - (rows * valid.unsqueeze(1) + rows.transpose(1, 2) * valid.unsqueeze(2)) / m + total / m**2 * pair
+        eye = torch.eye(width, dtype=torch.float64, device=gram.device)
+        matrix = eye + (self.embedding_size / m) * centred
+        return logdet_spd(matrix.to(self.scale_dtype)) / (2.0 * math.log(2.0))
+
+    def _moment_scales(self, classes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        index = self.moment_index[classes]
+        m = counts.to(torch.float64).view(-1, 1, 1)
+        s = self.moment_sum[index].unsqueeze(2)
+        scatter = self.moment_outer[index] - s @ s.transpose(1, 2) / m
+        eye = torch.eye(self.embedding_size, dtype=torch.float64, device=scatter.device)
+        matrix = eye + (self.embedding_size / m) * scatter
+        return logdet_spd(matrix.to(self.scale_dtype)) / (2.0 * math.log(2.0))
+
+
+def _rank_within_groups(inverse: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rank of each element among the elements of its group (stable order)."""
+    order = torch.argsort(inverse, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(inverse), device=inverse.device) - first[inverse[order]]
+    return rank
