@@ -31,6 +31,8 @@ All state, counters included, lives in registered buffers: ``state_dict()``,
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 from typing import Optional
@@ -51,6 +53,21 @@ def _is_integer_tensor(x: torch.Tensor) -> bool:
     return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
 
 
+def _autocast_off(func):
+    """Run ``func`` with CPU and CUDA autocast disabled: the memory's statistics
+    are computed in float32/float64 whatever the caller's autocast says."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
 class SemanticScaleMemory(torch.nn.Module):
     r"""Ring-buffer memory of embeddings with per-class semantic scales.
 
@@ -60,7 +77,8 @@ class SemanticScaleMemory(torch.nn.Module):
         memory_size: M, the number of embeddings kept; the paper uses the
             training-set size.
         warmup_epochs: n; the loss is weighted once ``n * M`` samples have
-            been enqueued (n = 0 weights from the first batch on).
+            been enqueued, and never before the memory is full
+            (n = 0 and n = 1 both weight from the M-th sample on).
         normalize: ``"mean"`` (weights average 1 over classes with a scale)
             or ``None`` (raw :math:`1/S`).
         eps: scales at or below this count as "no scale yet".
@@ -130,7 +148,7 @@ class SemanticScaleMemory(torch.nn.Module):
         if isinstance(gram_size, bool) or not isinstance(gram_size, int) or gram_size < 2:
             raise ValueError(f"gram_size must be an int >= 2, got {gram_size!r}")
         self.gram_size = min(gram_size, memory_size)
-        if distributed not in (None, True, False) or not isinstance(distributed, (bool, type(None))):
+        if not (distributed is None or isinstance(distributed, bool)):
             raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
         self.distributed = distributed
 
@@ -175,7 +193,7 @@ class SemanticScaleMemory(torch.nn.Module):
     def stage(self) -> int:
         """1 while filling, 2 while warming up, 3 once weighting applies."""
         n = self.num_enqueued
-        if n >= self.warmup_epochs * self.memory_size:
+        if n >= max(self.warmup_epochs, 1) * self.memory_size:
             return 3
         return 1 if n < self.memory_size else 2
 
@@ -275,7 +293,8 @@ class SemanticScaleMemory(torch.nn.Module):
             )
         if indices is not None:
             if not isinstance(indices, torch.Tensor) or not _is_integer_tensor(indices):
-                raise TypeError("indices must be an integer torch.Tensor of dataset indices")
+                got = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__
+                raise TypeError(f"indices must be an integer torch.Tensor of dataset indices, got {got}")
             if indices.dim() != 1 or indices.shape[0] != batch:
                 raise ValueError(
                     f"indices must have shape ({batch},) to match embeddings, got {tuple(indices.shape)}"
@@ -285,11 +304,15 @@ class SemanticScaleMemory(torch.nn.Module):
                 raise ValueError(
                     f"indices must lie in [0, memory_size={self.memory_size}), got values in [{lo}, {hi}]"
                 )
-            if torch.unique(indices).numel() != batch:
-                raise ValueError("indices contain duplicates; each sample needs its own slot")
+            values, counts = torch.unique(indices, return_counts=True)
+            if bool((counts > 1).any()):
+                raise ValueError(
+                    f"indices contain duplicates {values[counts > 1].tolist()}; each sample needs its own slot"
+                )
 
     # ---------------------------------------------------------------- enqueue
     @torch.no_grad()
+    @_autocast_off
     def enqueue(
         self,
         embeddings: torch.Tensor,
@@ -321,9 +344,12 @@ class SemanticScaleMemory(torch.nn.Module):
         else:
             self.validate_batch(embeddings, labels, indices)
         device = self.embedding_memory.device
-        emb = embeddings.detach().to(device=device, dtype=torch.float32)
+        emb = embeddings.detach().to(device=device)
         if self.l2_normalize:
-            emb = F.normalize(emb, dim=1)
+            # in float64 with a tiny eps: F.normalize's default 1e-12 floor
+            # would leave vectors of smaller norm short of unit length
+            emb = F.normalize(emb.double(), dim=1, eps=torch.finfo(torch.float64).tiny)
+        emb = emb.float()
         labels = labels.detach().to(device=device, dtype=torch.long)
         batch = emb.shape[0]
         if indices is None:
@@ -331,7 +357,7 @@ class SemanticScaleMemory(torch.nn.Module):
         else:
             slots = indices.detach().to(device=device, dtype=torch.long)
 
-        self._remove(slots)
+        removed = self._remove(slots)
         self._promote_large_classes(labels)
         self.embedding_memory[slots] = emb
         self.label_memory[slots] = labels
@@ -340,25 +366,27 @@ class SemanticScaleMemory(torch.nn.Module):
         self.slot_position[slots] = positions
         self.class_counts.index_add_(0, labels, torch.ones_like(labels))
         self.stale[labels] = True
-        self._add_statistics(emb, labels, positions)
+        self._update_statistics(removed, emb, labels, positions)
         if indices is None:
             self.queue_idx.copy_((self.queue_idx + batch) % self.memory_size)
         self.enqueued_count += batch
 
-    def _remove(self, slots: torch.Tensor) -> None:
+    def _remove(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Free the filled ``slots``; return their labels, positions, embeddings and form."""
         old = self.label_memory[slots]
         filled = old >= 0
         slots, old = slots[filled], old[filled]
-        if slots.numel() == 0:
-            return
-        large = self.moment_index[old] >= 0
-        if bool(large.any()):
-            self._accumulate_moments(self.moment_index[old[large]], self.embedding_memory[slots[large]], -1.0)
-        self.class_slots[old, self.slot_position[slots]] = -1
-        self.class_counts.index_add_(0, old, -torch.ones_like(old))
-        self.stale[old] = True
-        self.label_memory[slots] = -1
-        self.slot_position[slots] = -1
+        positions = self.slot_position[slots]
+        # the form is read now: a class promoted later in this enqueue builds its
+        # moments from what remains, so its removed samples must not count twice
+        removed = (old, positions, self.embedding_memory[slots].clone(), self.moment_index[old] >= 0)
+        if slots.numel():
+            self.class_slots[old, positions] = -1
+            self.class_counts.index_add_(0, old, -torch.ones_like(old))
+            self.stale[old] = True
+            self.label_memory[slots] = -1
+            self.slot_position[slots] = -1
+        return removed
 
     def _allocate_positions(self, labels: torch.Tensor) -> torch.Tensor:
         """A free position in its class's slot list for every new sample."""
@@ -404,6 +432,11 @@ class SemanticScaleMemory(torch.nn.Module):
         return self.embedding_memory[filled], self.label_memory[filled]
 
     # ------------------------------------------------------ class statistics
+    # Gram form: gram[c, i, j] = z_i . z_j (float64) for the samples at positions
+    # i, j of class c's slot list; rows and columns of free positions are zero.
+    # Moment form: moment_sum[k] = sum z and moment_outer[k] = sum z z^T over
+    # the samples of the class with moment_index == k.
+
     def _promote_large_classes(self, labels: torch.Tensor) -> None:
         """Switch classes that would outgrow the Gram form to moments, for good."""
         classes, new_counts = torch.unique(labels, return_counts=True)
@@ -418,42 +451,89 @@ class SemanticScaleMemory(torch.nn.Module):
             [self.moment_outer, torch.zeros(len(promote), d, d, dtype=torch.float64, device=dev)]
         )
         self.moment_index[promote] = torch.arange(start, start + len(promote), device=dev)
+        self.gram[promote] = 0.0
         rows = self.class_slots[promote]
         filled = rows >= 0
-        self._accumulate_moments(
-            self.moment_index[promote].unsqueeze(1).expand_as(rows)[filled],
-            self.embedding_memory[rows[filled]],
-            1.0,
-        )
+        index = self.moment_index[promote].unsqueeze(1).expand_as(rows)[filled]
+        z = self.embedding_memory[rows[filled]]
+        self._accumulate_moments(index, z, torch.ones(len(index), dtype=torch.float64, device=dev))
         logger.debug("classes %s switched to the moment form", promote.tolist())
 
-    def _accumulate_moments(self, index: torch.Tensor, z: torch.Tensor, sign: float) -> None:
-        """Add ``sign`` times each row's z and z z^T to moment row ``index``."""
+    def _accumulate_moments(self, index: torch.Tensor, z: torch.Tensor, sign: torch.Tensor) -> None:
+        """moment_sum[index] += sign * z and moment_outer[index] += sign * z z^T."""
         if index.numel() == 0:
             return
         z = z.to(torch.float64)
-        self.moment_sum.index_add_(0, index, z, alpha=sign)
+        signed = z * sign.unsqueeze(1)
+        self.moment_sum.index_add_(0, index, signed)
         rows, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)
-        block = torch.zeros(len(rows), int(counts.max()), z.shape[1], dtype=z.dtype, device=z.device)
-        block[inverse, _rank_within_groups(inverse, counts)] = z
-        self.moment_outer.index_add_(0, rows, block.transpose(1, 2) @ block, alpha=sign)
-
-    def _add_statistics(self, emb: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> None:
-        """Account for the samples just stored at (labels, positions)."""
-        large = self.moment_index[labels] >= 0
-        if bool(large.any()):
-            self._accumulate_moments(self.moment_index[labels[large]], emb[large], 1.0)
-        small = ~large
-        if not bool(small.any()):
+        if self.embedding_size >= 256:
+            # big d x d blocks: update each row in place, no (rows, d, d) temporary
+            groups = torch.split(torch.argsort(inverse, stable=True), counts.tolist())
+            for row, sel in zip(rows.tolist(), groups):
+                self.moment_outer[row].addmm_(signed[sel].T, z[sel])
             return
-        labels, positions, z = labels[small], positions[small], emb[small].to(torch.float64)
-        # one Gram row per new sample: its products with every sample of its class
-        width = int(self._class_width(labels).max())
-        slots = self.class_slots[labels, :width]
-        others = self.embedding_memory[slots.clamp(min=0)].to(torch.float64)
-        row = (others @ z.unsqueeze(2)).squeeze(2) * (slots >= 0)
-        self.gram[labels.unsqueeze(1), positions.unsqueeze(1), torch.arange(width, device=z.device)] = row
-        self.gram[labels.unsqueeze(1), torch.arange(width, device=z.device), positions.unsqueeze(1)] = row
+        width, rank = int(counts.max()), _rank_within_groups(inverse, counts)
+        left = z.new_zeros(len(rows), width, z.shape[1])
+        right = torch.zeros_like(left)
+        left[inverse, rank] = signed
+        right[inverse, rank] = z
+        self.moment_outer.index_add_(0, rows, left.transpose(1, 2) @ right)
+
+    def _update_statistics(
+        self,
+        removed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        emb: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """Account for removed samples (labels, positions, embeddings, was-large) and new ones."""
+        old_labels, old_positions, old_emb, old_large = removed
+        dev = emb.device
+        # Gram form: clear the rows and columns of removed samples
+        small = ~old_large
+        if bool(small.any()):
+            c, p = old_labels[small], old_positions[small]
+            self.gram[c, p, :] = 0.0
+            self.gram[c.unsqueeze(1), torch.arange(self.gram_size, device=dev), p.unsqueeze(1)] = 0.0
+        # moment form: one signed update for removed and added samples
+        new_large = self.moment_index[labels] >= 0
+        self._accumulate_moments(
+            torch.cat([self.moment_index[old_labels[old_large]], self.moment_index[labels[new_large]]]),
+            torch.cat([old_emb[old_large], emb[new_large]]),
+            torch.cat(
+                [
+                    torch.full((int(old_large.sum()),), -1.0, dtype=torch.float64, device=dev),
+                    torch.ones(int(new_large.sum()), dtype=torch.float64, device=dev),
+                ]
+            ),
+        )
+        # Gram form: one new row (and column) per added sample
+        if bool((~new_large).any()):
+            self._add_gram_rows(labels[~new_large], positions[~new_large], emb[~new_large])
+
+    def _add_gram_rows(self, labels: torch.Tensor, positions: torch.Tensor, emb: torch.Tensor) -> None:
+        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        rank = _rank_within_groups(inverse, counts)
+        widths = self._class_width(classes)
+        for bucket in size_buckets(widths):
+            width, kmax = int(widths[bucket].max()), int(counts[bucket].max())
+            # new samples of the bucket's classes, as (classes, kmax, d) blocks
+            local = torch.full((len(classes),), -1, dtype=torch.long, device=emb.device)
+            local[bucket] = torch.arange(len(bucket), device=emb.device)
+            mine = local[inverse] >= 0
+            # products in scale_dtype: float64 is exact for float32 inputs;
+            # float32 is about twice as fast, within ~1e-7 relative in the scales
+            new = emb.new_zeros(len(bucket), kmax, emb.shape[1], dtype=self.scale_dtype)
+            new[local[inverse[mine]], rank[mine]] = emb[mine].to(self.scale_dtype)
+            slots = self.class_slots[classes[bucket], :width]
+            stored = self.embedding_memory[slots.clamp(min=0)].to(self.scale_dtype)
+            rows = (new @ stored.transpose(1, 2))[local[inverse[mine]], rank[mine]]  # (k, width)
+            rows = rows.to(torch.float64) * (slots[local[inverse[mine]]] >= 0)
+            c, p = labels[mine].unsqueeze(1), positions[mine].unsqueeze(1)
+            cols = torch.arange(width, device=emb.device)
+            self.gram[c, p, cols] = rows
+            self.gram[c, cols, p] = rows
 
     def _class_width(self, classes: torch.Tensor) -> torch.Tensor:
         """1 + the last occupied position of each class's slot list (0 if empty)."""
@@ -462,7 +542,7 @@ class SemanticScaleMemory(torch.nn.Module):
         return last.max(1).values
 
     def _compute_scales(self, classes: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(len(classes), dtype=self.scale_dtype, device=classes.device)
+        out = torch.zeros(len(classes), dtype=torch.float64, device=classes.device)
         counts = self.class_counts[classes]
         ready = counts >= 2
         large = ready & (self.moment_index[classes] >= 0)
@@ -476,26 +556,35 @@ class SemanticScaleMemory(torch.nn.Module):
                 out[part] = self._gram_scales(classes[part], counts[part], int(widths[bucket].max()))
         return out
 
+    # Both forms factorise K + beta*I with beta = m/d instead of I + (d/m)*K:
+    # log det(I_n + K/beta) = log det(K + beta*I_n) - n*log(beta), and adding
+    # beta to a diagonal is cheaper than scaling a whole batch of matrices.
     def _gram_scales(self, classes: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+        gram = self.gram[classes, :width, :width]
         valid = (self.class_slots[classes, :width] >= 0).to(torch.float64)
-        pair = valid.unsqueeze(2) * valid.unsqueeze(1)
-        gram = self.gram[classes, :width, :width] * pair
-        m = counts.to(torch.float64).view(-1, 1, 1)
-        rows = gram.sum(2, keepdim=True)
+        m = counts.to(torch.float64).unsqueeze(1)
+        rows = gram.sum(2)
         total = rows.sum(1, keepdim=True)
-        centred = gram - (rows * valid.unsqueeze(1) + rows.transpose(1, 2) * valid.unsqueeze(2)) / m + total / m**2 * pair
-        eye = torch.eye(width, dtype=torch.float64, device=gram.device)
-        matrix = eye + (self.embedding_size / m) * centred
-        return logdet_spd(matrix.to(self.scale_dtype)) / (2.0 * math.log(2.0))
+        # centring K = G - (r v^T + v r^T)/m + (g/m^2) v v^T as one rank-2 update
+        left = torch.stack([rows, valid], 2)
+        right = torch.stack([-valid / m, -rows / m + total / m**2 * valid], 2)
+        gram.baddbmm_(left, right.transpose(1, 2))
+        return self._logdet_bits(gram, m.squeeze(1))
 
     def _moment_scales(self, classes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         index = self.moment_index[classes]
-        m = counts.to(torch.float64).view(-1, 1, 1)
-        s = self.moment_sum[index].unsqueeze(2)
-        scatter = self.moment_outer[index] - s @ s.transpose(1, 2) / m
-        eye = torch.eye(self.embedding_size, dtype=torch.float64, device=scatter.device)
-        matrix = eye + (self.embedding_size / m) * scatter
-        return logdet_spd(matrix.to(self.scale_dtype)) / (2.0 * math.log(2.0))
+        m = counts.to(torch.float64)
+        scatter = self.moment_outer[index]
+        mean_part = (self.moment_sum[index] / m.sqrt().unsqueeze(1)).unsqueeze(2)
+        scatter.baddbmm_(mean_part, mean_part.transpose(1, 2), alpha=-1.0)
+        return self._logdet_bits(scatter, m)
+
+    def _logdet_bits(self, matrix: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """S = 0.5*log2 det(I + K/beta) from K (changed in place), beta = m/d."""
+        beta = m / self.embedding_size
+        matrix.diagonal(dim1=1, dim2=2).add_(beta.unsqueeze(1))
+        logdet = logdet_spd(matrix.to(self.scale_dtype)).to(torch.float64)
+        return (logdet - matrix.shape[-1] * torch.log(beta)) / (2.0 * math.log(2.0))
 
 
 def _rank_within_groups(inverse: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

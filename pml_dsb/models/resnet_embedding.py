@@ -128,7 +128,11 @@ class ResNetEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         constructor, _ = _arch_spec(arch)
-        if isinstance(embedding_size, bool) or not isinstance(embedding_size, int) or embedding_size < 1:
+        if (
+            isinstance(embedding_size, bool)
+            or not isinstance(embedding_size, int)
+            or embedding_size < 1
+        ):
             raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
         path = resolve_pretrained(arch, pretrained)
         backbone = constructor(weights=None)

@@ -1,0 +1,378 @@
+"""``pml-dsb analyze``: marginal effect, scale against bias, manifold check, imbalance summary.
+
+Thin glue over the library functions of :mod:`pml_dsb.analysis`: each
+subcommand computes, writes PNG plots and a JSON and/or CSV of every number it
+plots into ``--out`` (default ``results/analysis/<command>``), and prints a
+short table (the library itself only logs).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["register"]
+
+DEFAULT_OUT = os.path.join("results", "analysis")
+
+
+# ----------------------------------------------------------------- output helpers
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: numpy scalars/arrays to Python, NaN/Inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _write_json(obj: Any, path: str) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(_clean(obj), fh, indent=1)
+        fh.write("\n")
+    return path
+
+
+def _write_csv(rows: Sequence[dict], path: str, columns: Optional[Sequence[str]] = None) -> str:
+    columns = list(columns or (rows[0].keys() if rows else []))
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    return path
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _out_dir(args, command: str) -> str:
+    out = args.out or os.path.join(DEFAULT_OUT, command)
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def _progress(iterable, args, **kwargs):
+    if getattr(args, "no_progress", False):
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+def _features(args):
+    """(features, labels, description) from --checkpoint or --dataset raw inputs."""
+    from .features import checkpoint_features, load_dataset, raw_features
+
+    if getattr(args, "checkpoint", None):
+        features, labels, info = checkpoint_features(args.checkpoint, data_root=args.root)
+        return features, labels, {**info, "checkpoint": os.path.abspath(args.checkpoint)}
+    dataset = load_dataset(args.dataset, split=args.split, root=args.root,
+                           imbalance_factor=args.imbalance_factor, seed=args.split_seed)
+    features, labels = raw_features(dataset)
+    info = {"source": "raw inputs (flattened)", "dataset": args.dataset, "split": args.split,
+            "imbalance_factor": getattr(dataset, "imbalance_factor", None), "dimension": int(features.shape[1])}
+    return features, labels, info
+
+
+# ----------------------------------------------------------------- marginal
+def _cmd_marginal(args) -> int:
+    from . import plots
+    from .marginal import SATURATION_POINTS, marginal_effect_curve, saturation_summary
+
+    out = _out_dir(args, "marginal")
+    features, labels, info = _features(args)
+    classes = np.unique(labels) if not args.classes else np.asarray(args.classes, dtype=np.int64)
+    curves = []
+    for c in _progress(classes, args, desc="marginal", unit="class"):
+        rows = np.flatnonzero(labels == c)
+        curves.append(marginal_effect_curve(
+            features[rows], repeats=args.repeats, seed=args.seed, normalize=not args.no_normalize,
+            label=int(c), max_points=args.max_points,
+        ))
+    saturation = saturation_summary(curves)
+    curve_rows = [
+        {"class": c.label, "count": c.count, "m": int(m), "mean": float(mu), "std": float(sd)}
+        for c in curves for m, mu, sd in zip(c.sizes, c.mean, c.std)
+    ]
+    _write_csv(curve_rows, os.path.join(out, "marginal_curves.csv"))
+    _write_csv(saturation, os.path.join(out, "saturation.csv"))
+    params = {"repeats": args.repeats, "seed": args.seed, "normalize": not args.no_normalize,
+              "max_points": args.max_points, "subsets": "nested prefixes of random permutations"}
+    _write_json({"input": info, "parameters": params, "saturation": saturation,
+                 "curves": [{"class": c.label, "count": c.count, "sizes": c.sizes, "mean": c.mean, "std": c.std}
+                            for c in curves]},
+                os.path.join(out, "marginal.json"))
+    plots.plot_marginal_curves(curves, os.path.join(out, "marginal_curves.png"),
+                               title=f"Marginal effect: {info.get('dataset')} ({info['source']})")
+    header = ["class", "n", "S(n) bits"] + [f"S({m})/S(n)" for m in SATURATION_POINTS]
+    print(_table(header, [[r["label"], r["count"], _fmt(r["full_scale"])]
+                          + [_fmt(r[f"fraction_at_{m}"]) for m in SATURATION_POINTS] for r in saturation]))
+    print(f"(S(m): mean over {args.repeats} random subsets of m samples; '-': class has fewer than m)")
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------- imbalance (scale vs bias)
+def _load_run(path: str):
+    from .run_table import load_run_table
+
+    return load_run_table(path)
+
+
+def _cmd_imbalance(args) -> int:
+    from . import plots
+    from .correlation import count_predictors, scale_bias_analysis
+
+    out = _out_dir(args, "imbalance")
+    table = _load_run(args.run)
+    methods = args.method or table.methods
+    corr_rows, point_rows, report = [], [], {"run": os.path.abspath(args.run), "dataset": table.dataset,
+                                             "bootstrap": {"n_boot": args.bootstrap, "seed": args.seed,
+                                                           "confidence": args.confidence},
+                                             "methods": {}}
+    for method in methods:
+        classes, counts, scale, acc = table.complete(method)
+        if len(classes) < 3:
+            logger.warning("%s: only %d complete classes; skipped", method, len(classes))
+            continue
+        result = scale_bias_analysis(scale, counts, acc, n_boot=args.bootstrap,
+                                     confidence=args.confidence, seed=args.seed)
+        report["methods"][method] = {"seeds": table.seeds[method], "num_classes": int(len(classes)), **result}
+        for c in result["correlations"]:
+            corr_rows.append({"method": method, "predictor": c["predictor"], "correlation": c["method"],
+                              "value": c["value"], "ci_classes_low": c["ci_classes"][0],
+                              "ci_classes_high": c["ci_classes"][1], "ci_seeds_low": c["ci_seeds"][0],
+                              "ci_seeds_high": c["ci_seeds"][1]})
+        s_mean, a_mean = scale.mean(0), acc.mean(0)
+        for j, c in enumerate(classes):
+            point_rows.append({"method": method, "class": int(c), "train_count": counts[j],
+                               "semantic_scale": float(s_mean[j]), "recall_at_1": float(a_mean[j])})
+        preds = {k: v for k, v in count_predictors(s_mean, counts).items() if np.all(np.isfinite(v))}
+        rho = {c["predictor"]: c["value"] for c in result["correlations"] if c["method"] == "spearman"}
+        plots.plot_scale_vs_accuracy(preds, a_mean, os.path.join(out, f"scatter_{method}.png"), rho,
+                                     title=f"{table.dataset or ''} {method}: per-class Recall@1 "
+                                           f"(mean over {len(table.seeds[method])} seeds)")
+        print(f"\n== {method} ({len(classes)} classes, seeds {table.seeds[method]})")
+        print(_table(["predictor", "corr", "value", "CI classes", "CI seeds"], [
+            [r["predictor"], r["correlation"], _fmt(r["value"], "+.3f"),
+             f"[{_fmt(r['ci_classes_low'], '+.3f')}, {_fmt(r['ci_classes_high'], '+.3f')}]",
+             f"[{_fmt(r['ci_seeds_low'], '+.3f')}, {_fmt(r['ci_seeds_high'], '+.3f')}]"]
+            for r in corr_rows if r["method"] == method]))
+        n_seeds = len(table.seeds[method])
+        if n_seeds < 2:
+            print("(no interval over seeds: the run has one seed)")
+        elif n_seeds < 5:
+            print(f"(the interval over seeds comes from only {n_seeds} seeds: a few distinct resamples, coarse)")
+        if table.scale_source == "test":
+            print("(open-set run: the scales are those of the unseen test classes' test features)")
+        print("Spearman: " + result["comparison"]["spearman"]["statement"])
+        print("Pearson:  " + result["comparison"]["pearson"]["statement"])
+    if not report["methods"]:
+        print("no method had enough classes with a scale and a Recall@1")
+        return 1
+    _write_csv(corr_rows, os.path.join(out, "correlations.csv"))
+    _write_csv(point_rows, os.path.join(out, "points.csv"))
+    _write_json(report, os.path.join(out, "imbalance.json"))
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------- manifold
+def _cmd_manifold(args) -> int:
+    from . import plots
+    from .manifold import (
+        BUILTIN_CLOUDS, DEFAULT_FACTORS, builtin_point_cloud, load_point_cloud, scaled_volumes, volume_report,
+    )
+
+    out = _out_dir(args, "manifold")
+    factors = sorted(args.factors or DEFAULT_FACTORS)
+    if args.input:
+        clouds = {os.path.basename(p): load_point_cloud(p) for p in args.input}
+    else:
+        clouds = {n: builtin_point_cloud(n, args.points, args.seed) for n in BUILTIN_CLOUDS}
+    volumes, reports, rows = {}, {}, []
+    for name, points in clouds.items():
+        v = scaled_volumes(points, factors)
+        volumes[name] = v
+        reports[name] = {"num_points": int(len(points)), **volume_report(factors, v, dim=points.shape[1])}
+        rows += [{"cloud": name, "factor": f, "volume_bits": float(x)} for f, x in zip(factors, v)]
+    _write_csv(rows, os.path.join(out, "manifold_volumes.csv"))
+    _write_json({"factors": factors, "normalize": False, "seed": args.seed,
+                 "volumes": volumes, "reports": reports}, os.path.join(out, "manifold.json"))
+    plots.plot_manifold_volumes(factors, volumes, os.path.join(out, "manifold_volumes.png"))
+    print(_table(["factor"] + list(clouds), [[_fmt(f, "g")] + [_fmt(volumes[n][i]) for n in clouds]
+                                             for i, f in enumerate(factors)]))
+    for name, r in reports.items():
+        print(f"{name}: {'monotonic' if r['monotonic'] else 'NOT monotonic'}, "
+              f"{'slow' if r['slow'] else 'NOT slow'} ({r['bits_per_doubling']:.2f} bits per doubling, "
+              f"at most {r['max_bits_per_doubling']:.2f}; bound {r['dim']}), volume x{r['volume_ratio']:.2f} "
+              f"for factor x{r['factor_ratio']:g}")
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------- summary
+def _cmd_summary(args) -> int:
+    from . import plots
+    from .imbalance import imbalance_summary
+
+    out = _out_dir(args, "summary")
+    summaries = {}
+    if args.run:
+        table = _load_run(args.run)
+        for method in table.methods:
+            s = table.scale[method]
+            ok = np.isfinite(s).all(0) & np.isfinite(table.train_count)
+            summaries[method] = imbalance_summary(s[:, ok].mean(0), table.train_count[ok], table.classes[ok].tolist())
+        source = {"run": os.path.abspath(args.run), "dataset": table.dataset,
+                  "scale": "per_class.csv semantic_scale, mean over seeds"}
+    else:
+        from pml_dsb.functional import class_semantic_scales
+        import torch
+
+        features, labels, source = _features(args)
+        num_classes = int(labels.max()) + 1
+        scales = class_semantic_scales(features, torch.as_tensor(labels), num_classes,
+                                       normalize=not args.no_normalize).numpy()
+        counts = np.bincount(labels, minlength=num_classes)
+        summaries[source.get("dataset") or "dataset"] = imbalance_summary(scales, counts)
+    rows = []
+    for key, summ in summaries.items():
+        rows += [{"source": key, **r} for r in summ["classes"]]
+        plots.plot_imbalance_summary(summ["classes"], os.path.join(out, f"summary_{key}.png"),
+                                     title=f"Semantic scale imbalance: {key}")
+    _write_csv(rows, os.path.join(out, "summary.csv"))
+    _write_json({"input": source, "summaries": summaries}, os.path.join(out, "summary.json"))
+    print(_table(["source", "classes", "scale max/min", "count max/min", "Spearman(S, n)"], [
+        [k, s["num_classes"], _fmt(s["scale_ratio"]), _fmt(s["count_imbalance_factor"], ".1f"),
+         _fmt(s["scale_count_spearman"], "+.3f")] for k, s in summaries.items()]))
+    for key, summ in summaries.items():
+        ranked = summ["classes"]
+        k = args.top
+        shown = ranked if len(ranked) <= 2 * k else ranked[:k] + ranked[-k:]
+        note = "" if len(shown) == len(ranked) else f"; the {k} smallest and {k} largest of {len(ranked)}"
+        print(f"\n{key}: classes ranked by scale (smallest first{note})")
+        print(_table(["rank", "class", "scale", "count", "count rank"],
+                     [[r["scale_rank"], r["class"], _fmt(r["scale"]), r["count"], r["count_rank"]] for r in shown]))
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_data_options(p: argparse.ArgumentParser, dataset_default: Optional[str] = "digits-lt") -> None:
+    from .features import DATASET_NAMES
+
+    p.add_argument("--dataset", type=lambda t: t.replace("_", "-"), choices=DATASET_NAMES, default=dataset_default,
+                   help="dataset whose train split is analysed (default: %(default)s)")
+    p.add_argument("--root", help="data folder (every dataset but digits-lt); nothing is downloaded")
+    p.add_argument("--imbalance-factor", type=float, default=None,
+                   help="imbalance factor of digits-lt / cifar100-lt (default 10)")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="split (default: train)")
+    p.add_argument("--split-seed", type=int, default=0, help="digits-lt's train/test split seed (default 0)")
+    p.add_argument("--checkpoint", help="<run>/checkpoints/<method>/seed<k>/best.pt of `pml-dsb bench`: analyse "
+                                        "that model's embeddings of the run's train split instead of raw "
+                                        "inputs (--root then overrides the run's data folder)")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="do not L2-normalise vectors before the scale (default: normalise)")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``analyze`` with ``marginal``, ``imbalance``, ``manifold`` and ``summary``."""
+    parser = subparsers.add_parser(
+        "analyze", help="measure semantic scale and test the paper's claims on your data",
+        description="Measure semantic scale: marginal effect curves, scale against per-class accuracy "
+                    "of a benchmark run, the volume of scaled point clouds, and imbalance summaries. "
+                    "Each command writes PNG plots and JSON/CSV of every plotted number to --out.",
+    )
+    sub = parser.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+
+    def common(p, name):
+        p.add_argument("--out", help=f"output folder (default: {os.path.join(DEFAULT_OUT, name)})")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("marginal", help="S of random subsets of m samples per class, m = 2..n",
+                       description="Marginal effect curves: per class, the mean and std of the semantic "
+                                   "scale over --repeats random subsets of each size m, and S at 50 and "
+                                   "100 samples as a fraction of S at the full count.")
+    _add_data_options(p)
+    p.add_argument("--repeats", type=_positive_int, default=10, help="random subsets per size (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets (default 0)")
+    p.add_argument("--max-points", type=_positive_int, default=None,
+                   help="at most about this many sizes per class, spaced geometrically "
+                        "(default: every m = 2..n)")
+    p.add_argument("--classes", type=int, nargs="+", help="only these labels")
+    common(p, "marginal")
+    p.set_defaults(func=_cmd_marginal)
+
+    p = sub.add_parser("imbalance", help="semantic scale vs train count as predictors of per-class Recall@1",
+                       description="From a benchmark run folder (per_class.csv, results.json): Spearman and "
+                                   "Pearson correlations of semantic scale, train count and log count with "
+                                   "per-class Recall@1, bootstrap intervals over classes and over seeds, and "
+                                   "which predictor wins by how much.")
+    p.add_argument("--run", required=True, help="run folder written by `pml-dsb bench`")
+    p.add_argument("--method", nargs="+", help="only these methods (default: all in the run)")
+    p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap replicates (default 2000)")
+    p.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    common(p, "imbalance")
+    p.set_defaults(func=_cmd_imbalance)
+
+    p = sub.add_parser("manifold", help="volume of a point cloud scaled by 0.5..4",
+                       description="Semantic scale (normalize=False) of point clouds scaled by each factor: "
+                                   "scikit-learn's swiss roll and S-curve, or --input .npy (N x 3) / ASCII "
+                                   ".ply files. Reports whether it rises monotonically and slowly.")
+    p.add_argument("--input", nargs="+", help=".npy or ASCII .ply point clouds (default: swiss roll, S-curve)")
+    p.add_argument("--factors", type=float, nargs="+", default=None,
+                   help="scale factors (default: 0.5 1 1.5 2 2.5 3 3.5 4)")
+    p.add_argument("--points", type=_positive_int, default=2000, help="points of generated clouds (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of generated clouds (default 0)")
+    common(p, "manifold")
+    p.set_defaults(func=_cmd_manifold)
+
+    p = sub.add_parser("summary", help="per-class scales, scale max/min beside count imbalance, ranking",
+                       description="Imbalance summary of a dataset's train split (raw inputs or a "
+                                   "checkpoint's features) or of a run folder (--run).")
+    _add_data_options(p, dataset_default=None)
+    p.add_argument("--run", help="run folder written by `pml-dsb bench` (instead of --dataset)")
+    p.add_argument("--top", type=_positive_int, default=5, help="classes shown at each end (default 5)")
+    common(p, "summary")
+    p.set_defaults(func=_check_summary)
+    return parser
+
+
+def _check_summary(args) -> int:
+    if bool(args.run) == bool(args.dataset or args.checkpoint):
+        raise SystemExit("pml-dsb analyze summary: give exactly one of --dataset/--checkpoint or --run")
+    return _cmd_summary(args)

@@ -1,0 +1,171 @@
+"""Where the analysed vectors come from: raw inputs of a dataset, or a trained model.
+
+- :func:`load_dataset` builds one of the package's datasets by its CLI name.
+- :func:`raw_features` flattens a dataset's inputs (pixels) into (N, D) vectors.
+- :func:`embed_dataset` runs a model over a dataset (eval mode, no gradients).
+- :func:`checkpoint_features` rebuilds a benchmark run's trained model and
+  train set from a ``best.pt`` through the runner (``pml_dsb.runner.load_run``)
+  and embeds that set.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DATASET_NAMES",
+    "load_dataset",
+    "raw_features",
+    "embed_dataset",
+    "find_run_folder",
+    "checkpoint_features",
+]
+
+#: Dataset names accepted by :func:`load_dataset` (and ``--dataset``).
+DATASET_NAMES = ("digits-lt", "cifar100-lt", "cub200", "cars196")
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    root: Optional[Union[str, os.PathLike]] = None,
+    imbalance_factor: Optional[float] = None,
+    seed: int = 0,
+):
+    """The dataset ``name`` (one of :data:`DATASET_NAMES`) with its deterministic
+    (test-time) transform, so that raw features do not depend on augmentation.
+
+    ``root`` is required for every dataset but ``digits-lt``; ``imbalance_factor``
+    applies to the long-tailed ones (default 10); ``seed`` is digits-LT's split seed.
+
+    >>> ds = load_dataset("digits-lt", imbalance_factor=50)
+    >>> len(ds), ds.num_classes
+    (347, 10)
+    """
+    from pml_dsb import datasets
+    from pml_dsb.datasets import default_transform
+
+    name = str(name).replace("_", "-")
+    if name not in DATASET_NAMES:
+        raise ValueError(f"dataset must be one of {DATASET_NAMES}, got {name!r}")
+    factor = 10.0 if imbalance_factor is None else imbalance_factor
+    if name == "digits-lt":
+        return datasets.DigitsLT(imbalance_factor=factor, split=split, seed=seed)
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs a data root (--root DIR); nothing is downloaded")
+    transform = default_transform(name.replace("-", ""), "test")
+    if name == "cifar100-lt":
+        return datasets.CIFAR100LT(root, factor, split=split, transform=transform)
+    if name == "cub200":
+        return datasets.CUB200(root, split=split, transform=transform)
+    return datasets.Cars196(root, split=split, transform=transform)
+
+
+def _labels(dataset) -> np.ndarray:
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise ValueError(f"{type(dataset).__name__} has no `labels` attribute")
+    return np.asarray(labels, dtype=np.int64)
+
+
+def raw_features(dataset, batch_size: int = 256) -> tuple[torch.Tensor, np.ndarray]:
+    """Every input of ``dataset`` flattened to one row: ``(features (N, D) float32, labels (N,))``.
+
+    Uses ``dataset.data`` directly when it already is a tensor of inputs
+    (digits-LT, no transform); otherwise iterates the dataset in order.
+
+    >>> from pml_dsb.datasets import DigitsLT
+    >>> x, y = raw_features(DigitsLT(10, "test"))
+    >>> tuple(x.shape), np.bincount(y).tolist()
+    ((500, 64), [50, 50, 50, 50, 50, 50, 50, 50, 50, 50])
+    """
+    labels = _labels(dataset)
+    data = getattr(dataset, "data", None)
+    if isinstance(data, torch.Tensor) and getattr(dataset, "transform", None) is None:
+        return data.reshape(len(data), -1).float(), labels
+    rows = []
+    for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        rows.append(images.reshape(len(images), -1).float())
+    return torch.cat(rows), labels
+
+
+@torch.no_grad()
+def embed_dataset(
+    model: torch.nn.Module,
+    dataset,
+    batch_size: int = 256,
+    device: Optional[Union[str, torch.device]] = None,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Embeddings of ``dataset`` by ``model`` in eval mode: ``(features (N, E) on CPU, labels)``.
+
+    The model's training mode is restored afterwards.
+
+    >>> from pml_dsb.datasets import DigitsLT
+    >>> from pml_dsb.models import DigitsEmbeddingNet
+    >>> f, y = embed_dataset(DigitsEmbeddingNet(8), DigitsLT(10, "test"))
+    >>> tuple(f.shape)
+    (500, 8)
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = [
+            model(images.to(device)).float().cpu()
+            for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(out), _labels(dataset)
+
+
+def find_run_folder(checkpoint: Union[str, os.PathLike]) -> str:
+    """The run folder above ``<run>/checkpoints/<method>/seed<k>/best.pt``: the
+    nearest ancestor of ``checkpoint`` that holds a ``config.toml``."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
+    for _ in range(5):
+        if os.path.isfile(os.path.join(folder, "config.toml")):
+            return folder
+        folder = os.path.dirname(folder)
+    raise FileNotFoundError(
+        f"no config.toml above checkpoint {os.fspath(checkpoint)!r}: expected the run-folder layout "
+        "<run>/checkpoints/<method>/seed<k>/best.pt of `pml-dsb bench`"
+    )
+
+
+def checkpoint_features(
+    checkpoint: Union[str, os.PathLike],
+    data_root: Optional[Union[str, os.PathLike]] = None,
+    device: str = "cpu",
+    batch_size: Optional[int] = None,
+) -> tuple[torch.Tensor, np.ndarray, dict]:
+    """Train-set embeddings under a benchmark run's checkpoint: ``(features, labels, info)``.
+
+    The run folder is found above the checkpoint (:func:`find_run_folder`);
+    the runner (:func:`pml_dsb.runner.load_run`) rebuilds the model of the
+    checkpoint's method and seed and the config's training split with its
+    test-time transform, and embeds it: the features ``per_class.csv``'s
+    semantic scales were computed from. ``info`` names the run, method,
+    seed, dataset and epoch.
+    """
+    from pml_dsb.runner import load_checkpoint, load_run
+
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    run = load_run(find_run_folder(checkpoint), data_root=data_root)
+    method, seed = state["method"], int(state["seed"])
+    which = "last" if state["kind"] == "last" else "best"
+    model = run.load_model(method, seed, device=device, which=which)
+    dataset = run.train_dataset(augment=False)
+    features, labels = embed_dataset(model, dataset, batch_size or run.config.evaluation.batch_size, device)
+    info = {"source": f"checkpoint features ({which}.pt, epoch {state['epoch']})", "run": run.path,
+            "method": method, "seed": seed, "dataset": run.config.dataset.name, "split": "train",
+            "imbalance_factor": run.config.dataset.imbalance_factor, "dimension": int(features.shape[1])}
+    return features, labels, info

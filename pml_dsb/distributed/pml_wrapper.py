@@ -1,0 +1,93 @@
+r"""PML's ``DistributedLossWrapper``, made exact for DSB losses.
+
+Two ways to train a DSB loss on several ranks:
+
+* **Call the loss directly** on each rank's own batch (inside a
+  ``DistributedDataParallel`` loop). The memory (``distributed=None``, the
+  default) gathers every rank's batch and enqueues the global batch; each
+  rank's loss covers its own rows, weighted with the global scales. Average
+  the loss's own parameters' gradients with
+  :func:`~pml_dsb.distributed.ddp.average_gradients`.
+* **Wrap the loss** so that every rank computes it on the global batch, as
+  PML's ``DistributedLossWrapper`` does. The memory must then *not* gather
+  again (it would enqueue every sample ``world_size`` times): build it with
+  ``distributed=False``. PML's wrapper puts each rank's own rows first, so a
+  first-in-first-out memory sees a different order on each rank and, when a
+  global batch straddles the ring's end, the ranks' memories can differ by
+  the samples of that batch. :class:`DistributedDSBLossWrapper` gathers in
+  rank order instead (every rank's memory is identical, and equal to one
+  process fed the concatenated batches), accepts uneven batch sizes and
+  rejects a bad batch on every rank alike.
+"""
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+from .gather import gather_batch, is_distributed
+
+__all__ = ["DistributedDSBLossWrapper"]
+
+
+class DistributedDSBLossWrapper(DistributedLossWrapper):
+    r"""``DistributedLossWrapper`` for losses with a :class:`~pml_dsb.memory.SemanticScaleMemory`.
+
+    Each rank computes ``loss(global batch) * world_size``, as PML's wrapper
+    with ``efficient=False`` does: gradients reach only this rank's rows,
+    and the loss's own parameters get the same gradient on every rank, so they
+    stay in step without ``average_gradients``. Unlike PML's wrapper the
+    global batch is in rank order on every rank, batch sizes may differ, and a
+    batch rejected on one rank raises the same
+    :class:`~pml_dsb.distributed.BatchRejectedError` on every rank before the
+    loss runs. Other ranks' rows travel as float32 and are cast to this rank's
+    embedding dtype.
+
+    The wrapped loss's memory is switched to ``distributed=False`` (the batch
+    it receives is already global); a memory built with ``distributed=True``
+    is refused. Collective: every rank calls the wrapper each iteration.
+    ``indices_tuple``, ``ref_emb``, ``ref_labels`` and ``enqueue_mask`` are
+    not supported (PML's classification losses take none of them).
+
+    Args:
+        loss: a DSB loss (``DSBSoftTripleLoss``, ``DSBNormalizedSoftmaxLoss``,
+            any ``DSBWeightingMixin`` loss) with its memory at ``loss.memory``.
+    """
+
+    def __init__(self, loss):
+        from ..memory.semantic_scale_memory import SemanticScaleMemory  # the memory imports this package
+
+        memory = getattr(loss, "memory", None)
+        if not isinstance(memory, SemanticScaleMemory):
+            raise TypeError(
+                f"loss must be a DSB loss with a SemanticScaleMemory at .memory, got {type(loss).__name__}; "
+                "use PML's DistributedLossWrapper for other losses"
+            )
+        if memory.distributed is True:
+            raise ValueError(
+                "loss.memory was built with distributed=True, so it would gather the already gathered "
+                "batch again; build it with distributed=None or False"
+            )
+        super().__init__(loss, efficient=False)
+        memory.distributed = False
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None):
+        if not is_distributed() or torch.distributed.get_world_size() == 1:
+            return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        unsupported = {
+            "indices_tuple": indices_tuple,
+            "ref_emb": ref_emb,
+            "ref_labels": ref_labels,
+            "enqueue_mask": enqueue_mask,
+        }
+        given = [name for name, value in unsupported.items() if value is not None]
+        if given:
+            raise ValueError(f"DistributedDSBLossWrapper does not support {given}")
+        if labels is None:
+            raise ValueError(f"{type(self.loss).__name__} needs labels: DSB weights losses by class")
+        memory = self.loss.memory
+        batch = gather_batch(embeddings, labels, check=memory.validate_batch, drop_duplicate_indices=False)
+        rows = batch.embeddings.to(device=embeddings.device, dtype=embeddings.dtype)
+        end = batch.offset + embeddings.shape[0]
+        all_emb = torch.cat([rows[: batch.offset], embeddings, rows[end:]])
+        all_labels = batch.labels.to(labels.device)
+        return self.loss(all_emb, all_labels) * torch.distributed.get_world_size()

@@ -1,0 +1,164 @@
+"""A whole benchmark: every (method, seed) run of a config, then the run folder.
+
+:func:`run_benchmark` is what ``pml-dsb bench`` calls after it has applied
+the process settings (:func:`configure_runtime`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from .builders import build_embedding_model, build_run_data
+from .config import BenchConfig, ConfigError, RuntimeConfig, dump_config, load_config
+from .results import environment_info, now_iso, summarize, write_environment, write_run_folder
+from .training import compatibility_key, train_one
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_benchmark", "configure_runtime", "RunFolderExistsError"]
+
+_RUN_OUTPUTS = ("checkpoints", "results.json", "table.md", "table.csv", "per_class.csv", "per_class_recall.png",
+                "environment.json", "config.toml")
+
+
+class RunFolderExistsError(FileExistsError):
+    """The run folder already holds a run and neither resume nor overwrite was asked for."""
+
+
+@contextlib.contextmanager
+def configure_runtime(runtime: RuntimeConfig, device: Union[str, torch.device] = "cpu") -> Iterator[None]:
+    """Apply ``[runtime]`` for the duration of the block, then put the
+    previous settings back: ``torch.set_num_threads`` and faiss's OpenMP
+    threads (``num_threads``, 0 = leave them), and
+    ``torch.use_deterministic_algorithms(True, warn_only=True)`` (with
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` on CUDA if unset)."""
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    faiss = None
+    try:
+        if runtime.num_threads:
+            torch.set_num_threads(runtime.num_threads)
+            try:
+                from .. import _optional
+
+                faiss = _optional.faiss()
+                faiss.omp_set_num_threads(runtime.num_threads)
+            except ModuleNotFoundError:
+                faiss = None  # evaluation will raise with the install command
+        if runtime.deterministic:
+            if torch.device(device).type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        if faiss is not None:
+            faiss.omp_set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
+
+
+def _check_run_folder(run_dir: str, config: BenchConfig, resume: bool, overwrite: bool) -> None:
+    present = [name for name in _RUN_OUTPUTS if os.path.exists(os.path.join(run_dir, name))]
+    if not present:
+        return
+    if overwrite:
+        for name in present:
+            target = os.path.join(run_dir, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        logger.info("%s: removed the previous run's outputs (--overwrite)", run_dir)
+        return
+    if not resume:
+        raise RunFolderExistsError(
+            f"{run_dir!r} already holds a run ({', '.join(present)}). Pass --resume to continue it, "
+            f"--overwrite to replace it, or choose another --out or --run-name."
+        )
+    saved = os.path.join(run_dir, "config.toml")
+    if os.path.isfile(saved):
+        try:
+            previous = load_config(saved)
+        except ConfigError as err:
+            raise ConfigError(f"cannot resume: {err}") from None
+        if compatibility_key(previous) != compatibility_key(config):
+            old, new = compatibility_key(previous), compatibility_key(config)
+            diffs = [f"[{s}] {k}: {old[s].get(k)!r} -> {new[s].get(k)!r}"
+                     for s in new if isinstance(new[s], dict)
+                     for k in sorted(set(old.get(s, {})) | set(new[s])) if old.get(s, {}).get(k) != new[s].get(k)]
+            raise ConfigError(
+                f"cannot resume {run_dir!r}: its config differs from this one in "
+                f"{'; '.join(diffs) or 'its settings'}. Resume with the same config, or use another --out."
+            )
+
+
+def run_benchmark(
+    config: BenchConfig,
+    out: Union[str, os.PathLike] = "results",
+    device: Union[str, torch.device] = "cpu",
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after_epoch: Optional[int] = None,
+    argv: Optional[Sequence[str]] = None,
+) -> Optional[str]:
+    """Train every method of ``config`` with every seed and write the run folder.
+
+    Returns the run folder ``<out>/<config.name>``, or None when
+    ``stop_after_epoch`` stopped the runs early (continue with ``resume=True``).
+    See :mod:`pml_dsb.runner.results` for the folder's contents.
+
+    Raises:
+        RunFolderExistsError: the folder holds a run and neither ``resume`` nor
+            ``overwrite`` is set.
+        ConfigError: ``resume`` with a config that differs from the folder's.
+    """
+    device = torch.device(device)
+    run_dir = os.path.join(os.fspath(out), config.name)
+    _check_run_folder(run_dir, config, resume, overwrite)
+    started, t0 = now_iso(), time.perf_counter()
+    # missing data or weights fail here, before the run folder is written
+    data = build_run_data(config)
+    with torch.random.fork_rng(devices=[]):
+        build_embedding_model(config.model)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.toml"), "w", encoding="utf-8") as fh:
+        fh.write(dump_config(config, header="Resolved config of this run (pml-dsb bench)."))
+    write_environment(run_dir, environment_info(config, str(device), argv, started=started, finished=None))
+    logger.info(
+        "%s: %s, %d train / %d test images, %d methods x %d seeds, %d epochs, device %s",
+        config.name, config.dataset.name, len(data.train), len(data.test), len(config.methods),
+        len(config.seeds), config.training.epochs, device,
+    )
+    from tqdm import tqdm
+
+    runs: dict[str, list[dict]] = {m: [] for m in config.methods}
+    stopped = False
+    jobs = [(m, s) for m in config.methods for s in config.seeds]
+    with tqdm(total=len(jobs), desc=config.name, unit="run", disable=not progress, dynamic_ncols=True) as bar:
+        for method, seed in jobs:
+            bar.set_postfix_str(f"{method} seed {seed}")
+            result = train_one(config, method, seed, device=device, out_dir=run_dir, progress=progress,
+                               resume=resume, stop_after_epoch=stop_after_epoch, data=data)
+            if result is None:
+                stopped = True
+            else:
+                runs[method].append(result)
+            bar.update(1)
+    if stopped:
+        logger.info("%s: runs stopped after epoch %s; continue with --resume", run_dir, stop_after_epoch)
+        return None
+
+    summary = summarize(config, runs, data.train_counts)
+    write_run_folder(run_dir, config, summary)
+    write_environment(run_dir, environment_info(
+        config, str(device), argv, started=started, finished=now_iso(),
+        wall_seconds=round(time.perf_counter() - t0, 3),
+        train_seconds={m: [r["train_seconds"] for r in rs] for m, rs in runs.items()},
+    ))
+    logger.info("%s: results written", run_dir)
+    return run_dir

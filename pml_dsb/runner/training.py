@@ -1,0 +1,433 @@
+"""One training loop for every dataset and method: :func:`train_one`.
+
+A run is one (method, seed) pair of a :class:`~pml_dsb.runner.config.BenchConfig`.
+It trains the embedding model and the loss's parameters (class proxies or
+centres, each with its own optimizer), evaluates Recall@K and NMI on the test
+split after every epoch (leave-one-out retrieval, :func:`pml_dsb.evaluation.evaluate_embeddings`),
+keeps the epoch with the best Recall@1 in ``best.pt`` and writes ``last.pt``
+after every epoch: model, loss (DSB memory included), optimizers,
+schedulers, RNG states, sampler state, history. ``resume=True`` continues
+from ``last.pt`` and gives exactly the results of an uninterrupted run.
+
+DSB memory: with ``[dsb] index_addressed = true`` (default) the loop itself
+enqueues each batch with its dataset indices (one memory slot per training
+sample; a sample repeated in a batch by a sampler that draws with
+replacement is enqueued once) and the loss only reads the memory
+(``update_memory = False``); otherwise the loss enqueues first in, first out.
+
+Randomness: :func:`train_one` is a run's entry point. It seeds torch's,
+numpy's and Python's global RNGs with the run's seed inside
+:func:`seeded_rng`, which puts the caller's RNG states back afterwards, so
+runs do not depend on their order and the caller's RNG is left untouched.
+The model initialisation, the loss's parameters, the sample order and the
+augmentations all follow from the seed; methods run with the same seed
+share the model initialisation and the sample order (paired comparisons).
+
+Distributed training (torch.distributed) fits in without a rewrite: wrap the
+model in DDP after :func:`build_embedding_model`, give
+:func:`~pml_dsb.runner.builders.build_train_loader` a ``DistributedSampler``,
+and let rank 0 alone run :func:`evaluate_model` and the checkpoint writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from ..functional import class_semantic_scales
+from .builders import RunData, build_embedding_model, build_eval_loader, build_run_data, build_train_loader
+from .checkpoint import (
+    FORMAT_TAG,
+    FORMAT_VERSION,
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    restore_training_state,
+    save_checkpoint,
+)
+from .config import BenchConfig, config_to_dict
+from .methods import build_loss, canonical_method, is_dsb
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "train_one",
+    "seeded_rng",
+    "run_dir_for",
+    "embed",
+    "evaluate_model",
+    "compatibility_key",
+    "write_json_atomic",
+]
+
+
+def _tqdm(**kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(**kwargs)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: Union[str, torch.device] = "cpu"):
+    """Seed torch (CPU and CUDA), numpy and ``random`` with ``seed``; restore
+    the previous global states on exit."""
+    saved = capture_rng_state(device)
+    try:
+        torch.manual_seed(seed)  # also every CUDA device
+        np.random.seed(seed)
+        random.seed(seed)
+        yield
+    finally:
+        restore_rng_state(saved)
+
+
+def run_dir_for(out_dir: Union[str, os.PathLike], method: str, seed: int) -> str:
+    """``<out_dir>/checkpoints/<method>/seed<seed>``: where a run keeps its files."""
+    return os.path.join(os.fspath(out_dir), "checkpoints", canonical_method(method), f"seed{seed}")
+
+
+def compatibility_key(config: BenchConfig) -> dict:
+    """The part of a config that must not change when a run is resumed: all but
+    the run name, methods, seeds, data folder, epochs and runtime settings."""
+    data = config_to_dict(config)
+    for key in ("name", "methods", "seeds", "runtime"):
+        data.pop(key, None)
+    data["dataset"].pop("root", None)
+    data["training"].pop("epochs", None)
+    return data
+
+
+def write_json_atomic(data: Any, path: Union[str, os.PathLike]) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, allow_nan=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+# ------------------------------------------------------------- evaluation
+@torch.no_grad()
+def embed(model: torch.nn.Module, dataset, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (float32, CPU) and labels of every item of ``dataset``, in
+    order, with the model in eval mode (its mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    out, labels = [], []
+    try:
+        for images, y in build_eval_loader(dataset, batch_size, device):
+            out.append(model(images.to(device)).float().cpu())
+            labels.append(torch.as_tensor(y))
+    finally:
+        model.train(was_training)
+    return torch.cat(out), torch.cat(labels).long()
+
+
+def _per_class_list(per_class: dict, num_classes: int) -> list:
+    return [per_class.get(c) for c in range(num_classes)]
+
+
+def evaluate_model(model: torch.nn.Module, data: RunData, config: BenchConfig, device: torch.device) -> dict:
+    """Recall@K, NMI, per-class Recall@1 (a list indexed by test label, None
+    where a class has no evaluated query) and, for closed-set datasets, the
+    many/medium/few groups, on the test split (each query against all other
+    test items)."""
+    from ..evaluation import evaluate_embeddings
+
+    ev = config.evaluation
+    emb, labels = embed(model, data.test, ev.batch_size, device)
+    out = evaluate_embeddings(
+        emb, labels, recall_ks=tuple(ev.recall_ks), nmi=ev.nmi, nmi_seed=ev.nmi_seed, nredo=ev.nredo,
+        train_counts=data.train_counts if config.dataset.closed_set else None,
+    )
+    num_test_classes = int(labels.max()) + 1
+    for k in ev.recall_ks:
+        out[f"per_class_recall_at_{k}"] = _per_class_list(out[f"per_class_recall_at_{k}"], num_test_classes)
+    return out
+
+
+def _scalar_metrics(metrics: dict) -> dict:
+    keep = {k: v for k, v in metrics.items() if k.startswith("recall_at_") or k == "NMI"}
+    if "groups" in metrics:
+        for group, values in metrics["groups"].items():
+            keep[f"recall_at_1_{group}"] = values["recall_at_1"]
+    return keep
+
+
+# --------------------------------------------------------------- training
+def _optimizer(kind: str, params, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    params = list(params)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def _scheduler(kind: str, optimizer: torch.optim.Optimizer, epochs: int):
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=_constant)
+
+
+def _constant(epoch: int) -> float:  # module level: schedulers' state stays picklable
+    return 1.0
+
+
+def _sampler_state(loader) -> dict:
+    labels = getattr(loader.sampler, "labels", None)  # MPerClassSampler's shuffled class order
+    return {"class_order": [int(c) for c in labels] if isinstance(loader.sampler, _mper_class()) else None}
+
+
+def _set_sampler_state(loader, state: dict) -> None:
+    if state.get("class_order") is not None and isinstance(loader.sampler, _mper_class()):
+        loader.sampler.labels = list(state["class_order"])
+
+
+def _mper_class():
+    from pytorch_metric_learning.samplers import MPerClassSampler
+
+    return MPerClassSampler
+
+
+def _last_occurrences(indices: torch.Tensor) -> torch.Tensor:
+    """Positions of the last occurrence of each distinct value, in increasing order.
+
+    >>> _last_occurrences(torch.tensor([4, 7, 4, 2])).tolist()
+    [1, 2, 3]
+    """
+    n = indices.numel()
+    _, inverse = torch.unique(indices, return_inverse=True)
+    last = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long)
+    last = last.scatter_reduce(0, inverse.cpu(), torch.arange(n), reduce="amax")
+    return last.sort().values.to(indices.device)
+
+
+def _train_epoch(model, loss_fn, loader, optimizers, device, use_indices: bool, where: str) -> dict:
+    model.train()
+    loss_fn.train()
+    total, batches = 0.0, 0
+    for images, labels, indices in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        embeddings = model(images)
+        if use_indices:
+            # the runner enqueues (loss_fn.update_memory is False): a sampler that draws with
+            # replacement (MPerClassSampler) can repeat an index in a batch, and one slot
+            # takes one sample, the batch's last copy
+            keep = _last_occurrences(indices)
+            loss_fn.memory.enqueue(embeddings.detach()[keep], labels[keep], indices[keep].to(device))
+        value = loss_fn(embeddings, labels)
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"{where}: the loss is {float(value)} at batch {batches}; training diverged")
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        value.backward()
+        for opt in optimizers:
+            opt.step()
+        total += float(value.detach())
+        batches += 1
+    out = {"train_loss": total / max(batches, 1), "iterations": batches}
+    memory = getattr(loss_fn, "memory", None)
+    if memory is not None:
+        out["dsb_stage"] = memory.stage
+    return out
+
+
+def train_one(
+    config: BenchConfig,
+    method: str,
+    seed: int,
+    device: Union[str, torch.device] = "cpu",
+    out_dir: Union[str, os.PathLike] = "results",
+    progress: bool = True,
+    resume: bool = False,
+    stop_after_epoch: Optional[int] = None,
+    data: Optional[RunData] = None,
+) -> Optional[dict]:
+    """Train ``method`` with ``seed`` as ``config`` says; return its result.
+
+    Files (under :func:`run_dir_for`): ``last.pt`` after every epoch,
+    ``best.pt`` whenever Recall@1 improves (strictly), ``result.json`` at the
+    end. With ``resume=True`` a finished run's ``result.json`` is returned
+    as it is, and an unfinished one continues from ``last.pt`` (which must
+    come from the same method, seed and settings, see
+    :func:`compatibility_key`; more epochs than before are allowed).
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"`` (``"cuda:1"``...).
+        out_dir: the benchmark's run folder.
+        progress: show a tqdm bar over the epochs.
+        stop_after_epoch: stop after this epoch as if the process had been
+            killed there (testing ``resume``); the function then returns None.
+        data: datasets built once by the caller (:func:`build_run_data`).
+
+    Returns:
+        A JSON-serialisable dict: ``method``, ``seed``, ``epochs``,
+        ``best_epoch``, ``metrics`` (the best epoch's ``recall_at_<k>``,
+        ``NMI``, ``groups``...), ``last_metrics`` and ``init_metrics`` (the
+        last epoch's and the untrained network's Recall@K, NMI and group
+        Recall@1), ``per_class_recall_at_1`` (list over test
+        labels), ``train_semantic_scales`` (per training class, from the
+        train features of the best checkpoint, in bits),
+        ``test_semantic_scales`` (per test class; only for datasets tested on
+        unseen classes), ``history`` (per epoch, epoch 0 = the untrained
+        network), ``train_seconds``.
+    """
+    method = canonical_method(method)
+    device = torch.device(device)
+    run_dir = run_dir_for(out_dir, method, seed)
+    last_path = os.path.join(run_dir, "last.pt")
+    best_path = os.path.join(run_dir, "best.pt")
+    result_path = os.path.join(run_dir, "result.json")
+    where = f"{method} seed {seed}"
+    epochs = config.training.epochs
+    key = compatibility_key(config)
+
+    if resume and os.path.isfile(result_path):
+        with open(result_path, encoding="utf-8") as fh:
+            done = json.load(fh)
+        if done.get("epochs") == epochs and done.get("compatibility_key") == key:
+            logger.info("%s: finished earlier, result read from %s", where, result_path)
+            return done
+    if data is None:
+        data = build_run_data(config)
+
+    with seeded_rng(seed, device):
+        model = build_embedding_model(config.model).to(device)
+        loss_fn = build_loss(method, config, data.train_counts, memory_size=len(data.train)).to(device)
+        tr = config.training
+        opt_model = _optimizer(tr.optimizer, model.parameters(), tr.lr, tr.weight_decay, tr.momentum)
+        opt_loss = _optimizer(tr.optimizer, loss_fn.parameters(), tr.loss_lr, 0.0, tr.momentum)
+        optimizers = {"model": opt_model, "loss": opt_loss}
+        schedulers = {name: _scheduler(tr.lr_schedule, opt, epochs) for name, opt in optimizers.items()}
+        generator = torch.Generator().manual_seed(seed)
+        loader = build_train_loader(data.train, np.asarray(data.train.labels), tr, generator, device)
+        use_indices = is_dsb(method) and config.dsb.index_addressed
+        if use_indices:
+            loss_fn.update_memory = False  # _train_epoch enqueues with dataset indices
+        history: list[dict] = []
+        best = {"epoch": 0, "recall_at_1": -math.inf, "metrics": None}
+        start = 1
+        elapsed = 0.0
+
+        if resume and os.path.isfile(last_path):
+            state = load_checkpoint(last_path, kind="last", map_location=device, method=method, seed=seed)
+            if state["config"] != key:
+                raise CheckpointError(
+                    f"{last_path}: written with other settings than this config's; resume with the "
+                    f"original config, or start afresh in another --out folder"
+                )
+            if state["epoch"] > epochs:
+                raise CheckpointError(
+                    f"{last_path}: already at epoch {state['epoch']}, beyond this config's epochs={epochs}"
+                )
+            restore_training_state(state, model, loss_fn, optimizers, schedulers, path=last_path)
+            generator.set_state(state["sampler"]["generator"])
+            _set_sampler_state(loader, state["sampler"])
+            history = list(state["history"])
+            best = dict(state["best"])
+            elapsed = float(state.get("train_seconds", 0.0))
+            start = state["epoch"] + 1
+            logger.info("%s: resumed from %s after epoch %d", where, last_path, state["epoch"])
+        elif resume:
+            logger.info("%s: no checkpoint at %s, starting afresh", where, last_path)
+
+        if start == 1:
+            # the untrained network: a reference for what training adds (never the best epoch)
+            history.append({"epoch": 0, **_scalar_metrics(evaluate_model(model, data, config, device))})
+        bar = _tqdm(total=epochs, initial=start - 1, desc=where, disable=not progress, leave=False,
+                    unit="epoch", dynamic_ncols=True)
+        try:
+            for epoch in range(start, epochs + 1):
+                t0 = time.perf_counter()
+                stats = _train_epoch(model, loss_fn, loader, list(optimizers.values()), device, use_indices,
+                                     f"{where}, epoch {epoch}")
+                for sched in schedulers.values():
+                    sched.step()
+                metrics = evaluate_model(model, data, config, device)
+                elapsed += time.perf_counter() - t0
+                entry = {"epoch": epoch, **stats, **_scalar_metrics(metrics)}
+                history.append(entry)
+                if metrics["recall_at_1"] > best["recall_at_1"]:
+                    best = {"epoch": epoch, "recall_at_1": metrics["recall_at_1"], "metrics": metrics}
+                    save_checkpoint(_state("best", method, seed, epoch, model, loss_fn, metrics), best_path)
+                state = _state("last", method, seed, epoch, model, loss_fn, metrics)
+                state.update(
+                    optimizers={k: v.state_dict() for k, v in optimizers.items()},
+                    schedulers={k: v.state_dict() for k, v in schedulers.items()},
+                    rng=capture_rng_state(device),
+                    sampler={"generator": generator.get_state(), **_sampler_state(loader)},
+                    history=history, best=best, config=key, finished=epoch == epochs,
+                    train_seconds=elapsed,
+                )
+                save_checkpoint(state, last_path)
+                bar.update(1)
+                bar.set_postfix(R1=f"{metrics['recall_at_1']:.3f}", best=f"{best['recall_at_1']:.3f}")
+                logger.debug("%s epoch %d: %s", where, epoch, entry)
+                if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < epochs:
+                    logger.info("%s: stopped after epoch %d (stop_after_epoch); continue with resume", where, epoch)
+                    return None
+        finally:
+            bar.close()
+
+        # the best epoch's model gives the features of the semantic scales
+        best_state = load_checkpoint(best_path, kind="best", map_location=device, method=method, seed=seed)
+        model.load_state_dict(best_state["model"])
+        features, labels = embed(model, data.train_eval, config.evaluation.batch_size, device)
+        train_scales = class_semantic_scales(features, labels, data.num_classes)
+        result = {
+            "method": method,
+            "seed": seed,
+            "epochs": epochs,
+            "best_epoch": best["epoch"],
+            "metrics": {k: v for k, v in best["metrics"].items() if not k.startswith("per_class_")},
+            "last_metrics": {k: v for k, v in history[-1].items() if k.startswith("recall_at_") or k == "NMI"},
+            "init_metrics": {k: v for k, v in history[0].items() if k.startswith("recall_at_") or k == "NMI"},
+            "per_class_recall_at_1": best["metrics"]["per_class_recall_at_1"],
+            "train_semantic_scales": train_scales.tolist(),
+            "history": history,
+            "train_seconds": elapsed,
+            "compatibility_key": key,
+        }
+        if not config.dataset.closed_set:
+            test_features, test_labels = embed(model, data.test, config.evaluation.batch_size, device)
+            num_test = int(test_labels.max()) + 1
+            result["test_semantic_scales"] = class_semantic_scales(test_features, test_labels, num_test).tolist()
+        write_json_atomic(result, result_path)
+        logger.info("%s: best epoch %d, R@1 %.4f (%.1f s)", where, best["epoch"], best["recall_at_1"], elapsed)
+        return result
+
+
+def _state(kind, method, seed, epoch, model, loss_fn, metrics) -> dict:
+    return {
+        "format": FORMAT_TAG,
+        "version": FORMAT_VERSION,
+        "kind": kind,
+        "method": method,
+        "seed": seed,
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "loss": loss_fn.state_dict(),
+        "metrics": metrics,
+    }

@@ -1,0 +1,119 @@
+"""`pml-dsb analyze ...` on tiny data: each command writes its plots, numbers and a table."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pml_dsb.cli import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return out
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_marginal_digits(tmp_path, capsys):
+    out = run(["analyze", "marginal", "--dataset", "digits-lt", "--classes", "8", "9", "--repeats", "2",
+               "--no-progress", "--out", str(tmp_path)], capsys)
+    for name in ("marginal_curves.png", "marginal_curves.csv", "saturation.csv", "marginal.json"):
+        assert (tmp_path / name).is_file(), name
+    rows = read_csv(tmp_path / "marginal_curves.csv")
+    assert {r["class"] for r in rows} == {"8", "9"}  # IF=10: 16 and 12 samples
+    assert len(rows) == 15 + 11
+    data = json.loads((tmp_path / "marginal.json").read_text())
+    assert data["parameters"]["repeats"] == 2 and len(data["curves"]) == 2
+    assert "S(50)/S(n)" in out and "S(n) bits" in out
+
+
+def test_manifold_files_and_builtin(tmp_path, capsys):
+    pts = np.random.default_rng(0).normal(size=(50, 3))
+    np.save(tmp_path / "blob.npy", pts)
+    ply = tmp_path / "blob.ply"
+    ply.write_text("ply\nformat ascii 1.0\nelement vertex 50\nproperty double x\nproperty double y\n"
+                   "property double z\nend_header\n" + "".join(f"{x!r} {y!r} {z!r}\n" for x, y, z in pts.tolist()))
+    out = run(["analyze", "manifold", "--input", str(tmp_path / "blob.npy"), str(ply),
+               "--factors", "0.5", "1", "2", "4", "--out", str(tmp_path / "m")], capsys)
+    rows = read_csv(tmp_path / "m" / "manifold_volumes.csv")
+    assert len(rows) == 8
+    vol = {(r["cloud"], float(r["factor"])): float(r["volume_bits"]) for r in rows}
+    assert vol[("blob.npy", 2.0)] == pytest.approx(vol[("blob.ply", 2.0)], rel=1e-12)
+    assert (tmp_path / "m" / "manifold_volumes.png").is_file()
+    assert "blob.npy: monotonic, slow" in out
+    out = run(["analyze", "manifold", "--points", "200", "--out", str(tmp_path / "b")], capsys)
+    report = json.loads((tmp_path / "b" / "manifold.json").read_text())["reports"]
+    assert set(report) == {"swiss_roll", "s_curve"} and all(r["monotonic"] for r in report.values())
+
+
+def test_summary_dataset(tmp_path, capsys):
+    out = run(["analyze", "summary", "--dataset", "digits-lt", "--imbalance-factor", "50", "--out", str(tmp_path)],
+              capsys)
+    data = json.loads((tmp_path / "summary.json").read_text())
+    s = data["summaries"]["digits-lt"]
+    assert s["count_imbalance_factor"] == pytest.approx(62.0)  # 124 / 2
+    assert len(s["classes"]) == 10 and (tmp_path / "summary_digits-lt.png").is_file()
+    assert "scale max/min" in out
+
+
+def fake_run(folder, with_checkpoint=False):
+    """A run folder of two methods, 2 seeds, 8 classes (and a best.pt of an untrained model)."""
+    rng = np.random.default_rng(0)
+    counts = [124, 80, 52, 34, 22, 14, 9, 6]
+    rows = ["method,seed,class,train_count,semantic_scale,scale_source,recall_at_1"]
+    for method in ("NSM", "ST"):
+        for seed in (0, 1):
+            for c, n in enumerate(counts):
+                rows.append(f"{method},{seed},{c},{n},{2 + rng.random():.4f},train,{0.5 + 0.004 * n:.3f}")
+    folder.mkdir(parents=True)
+    (folder / "per_class.csv").write_text("\n".join(rows) + "\n")
+    (folder / "results.json").write_text(json.dumps({"dataset": "digits_lt", "imbalance_factor": 50.0}))
+    if with_checkpoint:
+        from pml_dsb.runner import build_embedding_model, default_config_path, dump_config, load_config
+        from pml_dsb.runner.checkpoint import FORMAT_TAG, FORMAT_VERSION, save_checkpoint
+
+        config = load_config(default_config_path())
+        (folder / "config.toml").write_text(dump_config(config))
+        torch.manual_seed(0)
+        model = build_embedding_model(config.model)
+        state = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "kind": "best", "method": "NSM", "seed": 0,
+                 "epoch": 3, "model": model.state_dict(), "loss": {}, "metrics": {}}
+        save_checkpoint(state, folder / "checkpoints" / "NSM" / "seed0" / "best.pt")
+    return folder
+
+
+def test_imbalance_and_summary_from_run(tmp_path, capsys):
+    run_dir = fake_run(tmp_path / "run")
+    out = run(["analyze", "imbalance", "--run", str(run_dir), "--bootstrap", "200", "--out", str(tmp_path / "i")],
+              capsys)
+    rows = read_csv(tmp_path / "i" / "correlations.csv")
+    assert len(rows) == 2 * 3 * 2  # methods x predictors x (spearman, pearson)
+    data = json.loads((tmp_path / "i" / "imbalance.json").read_text())
+    comp = data["methods"]["NSM"]["comparison"]["spearman"]
+    assert comp["winner"] == "train_count"  # accuracy was made a function of the count
+    assert "train count tracks per-class accuracy best" in out
+    assert (tmp_path / "i" / "scatter_NSM.png").is_file() and (tmp_path / "i" / "points.csv").is_file()
+    run(["analyze", "summary", "--run", str(run_dir), "--out", str(tmp_path / "s")], capsys)
+    summ = json.loads((tmp_path / "s" / "summary.json").read_text())["summaries"]
+    assert set(summ) == {"NSM", "ST"} and summ["NSM"]["count_imbalance_factor"] == pytest.approx(124 / 6)
+
+
+def test_marginal_from_checkpoint(tmp_path, capsys):
+    run_dir = fake_run(tmp_path / "run", with_checkpoint=True)
+    run(["analyze", "marginal", "--checkpoint", str(run_dir / "checkpoints" / "NSM" / "seed0" / "best.pt"),
+         "--classes", "7", "--repeats", "2", "--no-progress", "--out", str(tmp_path / "c")], capsys)
+    data = json.loads((tmp_path / "c" / "marginal.json").read_text())
+    assert data["input"]["method"] == "NSM" and data["input"]["dimension"] == 64
+    assert data["curves"][0]["count"] == 6  # class 7 of digits-LT at IF=50
+
+
+def test_summary_needs_one_source(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["analyze", "summary", "--out", str(tmp_path)])

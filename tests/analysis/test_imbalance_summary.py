@@ -1,0 +1,30 @@
+"""Imbalance summary: scale ratio beside the count imbalance factor, classes ranked."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from pml_dsb.analysis import imbalance_summary
+
+
+def test_ratios_and_ranking():
+    scales = np.array([3.0, 0.0, 1.5, 6.0])
+    counts = np.array([100, 1, 10, 40])
+    out = imbalance_summary(scales, counts, classes=["a", "b", "c", "d"])
+    assert out["scale_ratio"] == pytest.approx(4.0)  # 6 / 1.5: the class without a scale is left out
+    assert out["count_imbalance_factor"] == pytest.approx(100.0)
+    assert out["num_without_scale"] == 1
+    assert [r["class"] for r in out["classes"]] == ["b", "c", "a", "d"]
+    assert [r["scale_rank"] for r in out["classes"]] == [1, 2, 3, 4]
+    assert [r["count_rank"] for r in out["classes"]] == [1, 2, 4, 3]
+    assert out["scale_count_spearman"] == pytest.approx(stats.spearmanr(scales, counts)[0])
+
+
+def test_balanced_and_invalid():
+    out = imbalance_summary([1.0, 2.0], [5, 5])
+    assert out["count_imbalance_factor"] == 1.0 and math.isnan(out["scale_count_spearman"])
+    with pytest.raises(ValueError, match="shape"):
+        imbalance_summary([1.0, 2.0], [5])
+    with pytest.raises(ValueError, match="non-negative"):
+        imbalance_summary([1.0, -2.0], [5, 5])

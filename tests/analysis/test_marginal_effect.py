@@ -1,0 +1,86 @@
+"""Marginal effect curves: exact against per-subset semantic_scale, seeded, saturating."""
+import numpy as np
+import pytest
+import torch
+
+import pml_dsb
+from pml_dsb.analysis import class_marginal_curves, marginal_effect_curve, marginal_sizes, saturation_summary
+
+
+@pytest.fixture
+def gaussian_class():
+    """300 samples of an anisotropic Gaussian in d=8 (a class with a known,
+    finite covariance: its scale must saturate)."""
+    rng = np.random.default_rng(123)
+    return rng.normal(size=(300, 8)) * np.linspace(0.5, 2.0, 8) + 3.0
+
+
+@pytest.mark.parametrize("n,d", [(25, 40), (30, 6)])  # Gram-span and covariance forms
+@pytest.mark.parametrize("normalize", [True, False])
+def test_curve_equals_semantic_scale_of_each_subset(n, d, normalize):
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(n + d), dtype=torch.float64) * 2 + 1
+    curve = marginal_effect_curve(z, repeats=3, seed=7, normalize=normalize, label=4)
+    # the documented draw: nested prefixes of permutations from default_rng([seed, label])
+    perms = np.argsort(np.random.default_rng([7, 4]).random((3, n)), axis=1)
+    for i, m in enumerate(curve.sizes):
+        s = [float(pml_dsb.semantic_scale(z[perms[r, :m]], normalize=normalize)) for r in range(3)]
+        assert curve.mean[i] == pytest.approx(np.mean(s), rel=1e-10, abs=1e-12)
+        assert curve.std[i] == pytest.approx(np.std(s), rel=1e-8, abs=1e-10)
+    assert curve.sizes.tolist() == list(range(2, n + 1))
+    assert curve.full_scale == pytest.approx(float(pml_dsb.semantic_scale(z, normalize=normalize)), rel=1e-12)
+    assert curve.std[-1] == 0.0
+
+
+def test_gaussian_class_saturates(gaussian_class):
+    curve = marginal_effect_curve(gaussian_class, repeats=20, seed=0, normalize=False)
+    mean = curve.mean
+    # increments shrink: the gain per added sample falls from window to window
+    edges = [2, 12, 32, 72, 152, 300]
+    slopes = [(curve.at(b) - curve.at(a)) / (b - a) for a, b in zip(edges[:-1], edges[1:])]
+    assert slopes[0] > 0
+    assert all(later < earlier for earlier, later in zip(slopes, slopes[1:]))
+    assert curve.at(300) - curve.at(152) < 0.05 * (curve.at(12) - curve.at(2))
+    # and it approaches the population value 0.5 log2 det(I + d Sigma)
+    sigma = np.diag((np.linspace(0.5, 2.0, 8)) ** 2)
+    limit = 0.5 * np.log2(np.linalg.det(np.eye(8) + 8 * sigma))
+    assert mean[-1] == pytest.approx(limit, rel=0.05)
+    rows = saturation_summary([curve])
+    assert 0.9 < rows[0]["fraction_at_50"] < rows[0]["fraction_at_100"] <= 1.01
+
+
+def test_seeded_and_independent_of_other_classes(gaussian_class):
+    z = torch.as_tensor(gaussian_class[:60])
+    a = marginal_effect_curve(z, repeats=4, seed=3, label=1)
+    b = marginal_effect_curve(z, repeats=4, seed=3, label=1)
+    c = marginal_effect_curve(z, repeats=4, seed=4, label=1)
+    np.testing.assert_array_equal(a.mean, b.mean)
+    assert not np.array_equal(a.mean, c.mean)
+    labels = np.r_[np.zeros(30, int), np.ones(30, int)]
+    both = class_marginal_curves(z, labels, repeats=4, seed=3)
+    only = class_marginal_curves(z, labels, classes=[1], repeats=4, seed=3)
+    np.testing.assert_array_equal(both[1].mean, only[0].mean)
+
+
+def test_size_grid_and_saturation_points():
+    sizes = marginal_sizes(500, max_points=20)
+    assert sizes[0] == 2 and sizes[-1] == 500 and {50, 100} <= set(sizes.tolist())
+    assert len(sizes) <= 23 and np.all(np.diff(sizes) > 0)
+    z = np.random.default_rng(0).normal(size=(120, 5))
+    curve = marginal_effect_curve(z, repeats=2, max_points=10)
+    assert {50, 100, 120} <= set(curve.sizes.tolist())
+    row = saturation_summary([curve], points=(50, 100, 200))[0]
+    assert np.isfinite(row["fraction_at_100"]) and np.isnan(row["fraction_at_200"])
+    assert marginal_sizes(1).tolist() == []
+
+
+def test_tiny_and_invalid_inputs():
+    one = marginal_effect_curve(np.ones((1, 3)), repeats=2)
+    assert one.full_scale == 0.0 and len(one.sizes) == 0
+    with pytest.raises(ValueError, match="repeats"):
+        marginal_effect_curve(np.ones((4, 3)), repeats=0)
+    with pytest.raises(ValueError, match="sizes"):
+        marginal_effect_curve(np.random.rand(5, 3), sizes=[1, 3])
+    with pytest.raises(ValueError, match="NaN"):
+        marginal_effect_curve(np.full((4, 3), np.nan))
+    with pytest.raises(TypeError, match="labels"):
+        class_marginal_curves(np.random.rand(4, 3), [0.0, 1.0, 0.0, 1.0])

@@ -1,0 +1,46 @@
+"""Reading a run folder's per_class.csv and results.json into arrays."""
+import json
+
+import numpy as np
+import pytest
+
+from pml_dsb.analysis import load_run_table
+
+HEADER = "method,seed,class,train_count,semantic_scale,scale_source,recall_at_1\n"
+
+
+def write_run(folder, rows, results=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "per_class.csv").write_text(HEADER + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    if results is not None:
+        (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_arrays_per_method_and_seed(tmp_path):
+    rows = [("NSM", s, c, 10 * (c + 1), 1.0 + c + 0.1 * s, "train", 0.5 + 0.1 * c) for s in (0, 1) for c in range(3)]
+    rows += [("ST", 0, c, 10 * (c + 1), 2.0 + c, "train", "" if c == 2 else 0.9) for c in range(3)]
+    table = load_run_table(write_run(tmp_path / "run", rows, {"dataset": "digits_lt", "imbalance_factor": 50.0}))
+    assert table.dataset == "digits_lt" and table.imbalance_factor == 50.0 and table.scale_source == "train"
+    assert table.methods == ["NSM", "ST"] and table.seeds == {"NSM": [0, 1], "ST": [0]}
+    np.testing.assert_array_equal(table.train_count, [10, 20, 30])
+    np.testing.assert_allclose(table.scale["NSM"], [[1, 2, 3], [1.1, 2.1, 3.1]])
+    classes, counts, scale, acc = table.complete("ST")  # class 2 has no Recall@1
+    assert classes.tolist() == [0, 1] and scale.shape == (1, 2) and acc.tolist() == [[0.9, 0.9]]
+
+
+def test_open_set_run_has_no_counts(tmp_path):
+    rows = [("NSM", 0, c, "", 3.0 + c, "test", 0.4) for c in range(4)]
+    table = load_run_table(write_run(tmp_path / "cub", rows))
+    assert np.isnan(table.train_count).all() and table.scale_source == "test" and table.dataset is None
+
+
+def test_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="per_class.csv"):
+        load_run_table(tmp_path)
+    (tmp_path / "per_class.csv").write_text("method,seed,class\nNSM,0,0\n")
+    with pytest.raises(ValueError, match="missing column"):
+        load_run_table(tmp_path)
+    write_run(tmp_path / "x", [("NSM", 0, 0, 5, 1.0, "train", 0.5), ("NSM", 1, 0, 6, 1.0, "train", 0.5)])
+    with pytest.raises(ValueError, match="train counts"):
+        load_run_table(tmp_path / "x")

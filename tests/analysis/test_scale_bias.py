@@ -1,0 +1,98 @@
+"""Scale against bias: correlations against scipy, seeded bootstrap, the winner statement."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from pml_dsb.analysis import (
+    bootstrap_correlation,
+    compare_predictors,
+    pearson,
+    predictor_correlations,
+    scale_bias_analysis,
+    spearman,
+)
+
+X = np.array([3.1, 0.5, 2.2, 2.2, 7.0, 4.4, 1.0, 5.5, 6.1, 0.9])
+Y = np.array([0.80, 0.41, 0.62, 0.70, 0.95, 0.60, 0.52, 0.71, 0.90, 0.33])
+
+
+@pytest.fixture
+def seeded_run():
+    """Per-seed scale and accuracy of 12 classes over 4 seeds; accuracy follows scale."""
+    rng = np.random.default_rng(5)
+    scale = rng.uniform(1, 5, size=12) + rng.normal(0, 0.1, size=(4, 12))
+    counts = rng.integers(5, 200, size=12)
+    acc = 0.5 + 0.08 * scale.mean(0) + rng.normal(0, 0.03, size=(4, 12))
+    return scale, counts, acc
+
+
+def test_equal_scipy_on_fixed_inputs():
+    assert float(pearson(X, Y)) == pytest.approx(stats.pearsonr(X, Y)[0], abs=1e-12)
+    assert float(spearman(X, Y)) == pytest.approx(stats.spearmanr(X, Y)[0], abs=1e-12)  # X has a tie
+    rows = np.stack([X, X[::-1], np.sqrt(X)])
+    got = spearman(rows, np.stack([Y, Y, Y]))
+    for r, g in zip(rows, got):
+        assert g == pytest.approx(stats.spearmanr(r, Y)[0], abs=1e-12)
+
+
+def test_constant_input_is_nan():
+    assert math.isnan(float(pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])))
+    assert math.isnan(float(spearman([0.1] * 5, [1, 2, 3, 4, 5])))
+
+
+def test_bootstrap_seeded_and_reproducible(seeded_run):
+    scale, _, acc = seeded_run
+    for unit in ("classes", "seeds"):  # Pearson: continuous, so quantiles of different draws differ
+        a = bootstrap_correlation(scale, acc, "pearson", unit, n_boot=300, seed=11)
+        b = bootstrap_correlation(scale, acc, "pearson", unit, n_boot=300, seed=11)
+        c = bootstrap_correlation(scale, acc, "pearson", unit, n_boot=300, seed=12)
+        assert a == b
+        assert a != c
+        assert a[0] <= a[1]
+    point = float(spearman(scale.mean(0), acc.mean(0)))
+    lo, hi = bootstrap_correlation(scale, acc, n_boot=500, seed=0)
+    assert lo <= point <= hi
+
+
+def test_seed_bootstrap_needs_two_seeds():
+    assert all(math.isnan(v) for v in bootstrap_correlation(X, Y, unit="seeds", n_boot=50))
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_correlation(X, Y, n_boot=0)
+    with pytest.raises(ValueError, match="unit"):
+        bootstrap_correlation(X, Y, unit="epochs", n_boot=10)
+
+
+def test_per_seed_and_averaged_values(seeded_run):
+    scale, counts, acc = seeded_run
+    out = predictor_correlations({"semantic_scale": scale, "train_count": counts}, acc, n_boot=100)
+    first = out[0]
+    assert (first.predictor, first.method) == ("semantic_scale", "spearman")
+    assert first.value == pytest.approx(stats.spearmanr(scale.mean(0), acc.mean(0))[0])
+    assert first.per_seed == pytest.approx([stats.spearmanr(s, a)[0] for s, a in zip(scale, acc)])
+
+
+def test_winner_margin_and_plain_statement(seeded_run):
+    scale, counts, acc = seeded_run
+    out = scale_bias_analysis(scale, counts, acc, n_boot=400, seed=1)
+    comp = out["comparison"]["spearman"]
+    assert comp["winner"] == "semantic_scale"
+    assert comp["margin"] == pytest.approx(
+        abs(comp["values"]["semantic_scale"]) - abs(comp["values"][comp["runner_up"]]))
+    assert comp["decisive"] and comp["margin_ci"][0] > 0
+    assert "semantic scale tracks per-class accuracy best" in comp["statement"]
+    assert "log_count" in comp["same_ranking"]  # log is monotonic: same Spearman as the count
+    # the sign is reported, not assumed
+    flipped = compare_predictors({"semantic_scale": -scale.mean(0)}, acc, n_boot=50)
+    assert flipped["winner"] == "semantic_scale" and flipped["opposite_sign"] == ["semantic_scale"]
+    assert "LOWER accuracy" in flipped["statement"]
+
+
+def test_balanced_counts_cannot_rank(seeded_run):
+    scale, _, acc = seeded_run
+    comp = scale_bias_analysis(scale, np.full(12, 50), acc, n_boot=100)["comparison"]["pearson"]
+    assert comp["winner"] == "semantic_scale" and "train_count" in comp["undefined"]
+    assert "constant across classes" in comp["statement"]
+    out = scale_bias_analysis(scale, np.full(12, np.nan), acc, n_boot=50)
+    assert out["unavailable"] == ["train_count", "log_count"]

@@ -1,0 +1,205 @@
+"""Cars196 on fixtures in its three on-disk layouts (original .mat, torchvision, Kaggle/PML)."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import scipy.io as sio
+from PIL import Image
+from pytorch_metric_learning.datasets import Cars196 as PMLCars196
+from torchvision.datasets import StanfordCars
+
+from pml_dsb.datasets import Cars196
+
+# (class id 1..196, the dataset's own test flag, colour mode) per image, in file order
+SPEC = [
+    (1, 0, "RGB"), (1, 1, "RGB"), (7, 0, "L"), (98, 1, "RGB"), (98, 0, "RGB"),
+    (99, 0, "RGB"), (120, 1, "L"), (120, 0, "RGB"), (196, 1, "RGB"),
+]
+TRAIN_CLASSES = [1, 7, 98]
+TEST_CLASSES = [99, 120, 196]
+NAMES = [f"Make{c} Model{c} 20{c % 10:02d}" for c in range(1, 197)]
+NAMES[119] = "Ram C/V Cargo Van Minivan 2012"  # a '/' in a name, as the real list has
+
+
+def _save_image(path, index, mode):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (9 + index, 7), 120 if mode == "L" else (10, 200, 90)).save(path, "JPEG")
+
+
+def _box(i):
+    return [np.array([[v]], dtype=np.uint16) for v in (1, 2, 30 + i, 40 + i)]
+
+
+def _cell(strings):
+    cell = np.empty((1, len(strings)), dtype=object)
+    cell[0, :] = strings
+    return cell
+
+
+def make_original(root):
+    """cars_annos.mat (struct 'annotations' with the real fields, 'class_names') + car_ims/."""
+    fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
+    annotations = np.zeros((1, len(SPEC)), dtype=[(f, "O") for f in fields])
+    for i, (class_id, test, mode) in enumerate(SPEC):
+        rel = f"car_ims/{i + 1:06d}.jpg"
+        _save_image(root / rel, i, mode)
+        annotations[0, i] = (rel, *_box(i), np.array([[class_id]], dtype=np.uint8),
+                             np.array([[test]], dtype=np.uint8))
+    sio.savemat(root / "cars_annos.mat", {"annotations": annotations, "class_names": _cell(NAMES)})
+
+
+def make_torchvision(root):
+    """stanford_cars/ as torchvision.datasets.StanfordCars reads it."""
+    base = root / "stanford_cars"
+    (base / "devkit").mkdir(parents=True)
+    fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
+    for test_flag, mat_path, image_dir in [
+        (0, base / "devkit" / "cars_train_annos.mat", base / "cars_train"),
+        (1, base / "cars_test_annos_withlabels.mat", base / "cars_test"),
+    ]:
+        rows = [(i, s) for i, s in enumerate(SPEC) if s[1] == test_flag]
+        annotations = np.zeros((1, len(rows)), dtype=[(f, "O") for f in fields])
+        for j, (i, (class_id, _, mode)) in enumerate(rows):
+            fname = f"{j + 1:05d}.jpg"
+            _save_image(image_dir / fname, i, mode)
+            annotations[0, j] = (*_box(i), np.array([[class_id]], dtype=np.uint8), fname)
+        sio.savemat(mat_path, {"annotations": annotations})
+    sio.savemat(base / "devkit" / "cars_meta.mat", {"class_names": _cell(NAMES)})
+
+
+def make_kaggle(root):
+    """names.csv, anno_{train,test}.csv, car_data/car_data/{train,test}/<name>/ as PML reads it."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "names.csv").write_text("".join(n + "\n" for n in NAMES))
+    for test_flag, split in [(0, "train"), (1, "test")]:
+        lines = []
+        for i, (class_id, test, mode) in enumerate(SPEC):
+            if test != test_flag:
+                continue
+            fname = f"{i + 1:05d}.jpg"
+            folder = NAMES[class_id - 1].replace("/", "-")
+            _save_image(root / "car_data" / "car_data" / split / folder / fname, i, mode)
+            lines.append(f"{fname},1,2,{30 + i},{40 + i},{class_id}\n")
+        (root / f"anno_{split}.csv").write_text("".join(lines))
+
+
+MAKERS = {"original": make_original, "torchvision": make_torchvision, "kaggle": make_kaggle}
+
+
+@pytest.fixture(params=sorted(MAKERS))
+def cars(request, tmp_path):
+    MAKERS[request.param](tmp_path)
+    return request.param, tmp_path
+
+
+@pytest.mark.parametrize("split, classes", [("train", TRAIN_CLASSES), ("test", TEST_CLASSES)])
+def test_split_by_class_with_contiguous_labels(cars, split, classes):
+    layout, root = cars
+    ds = Cars196(root, split=split)
+    assert ds.layout == layout
+    original = sorted(c for c, _, _ in SPEC if c in classes)
+    assert len(ds) == len(original)  # the dataset's own test flag is ignored
+    assert ds.labels.dtype == np.int64
+    assert ds.source_classes.tolist() == classes
+    assert sorted(ds.source_classes[ds.labels].tolist()) == original
+    assert sorted(set(ds.labels.tolist())) == list(range(ds.num_classes))
+    assert ds.class_counts().tolist() == [original.count(c) for c in classes]
+    assert Cars196(root, split=split, layout=layout).paths == ds.paths
+
+
+def test_items_are_rgb_with_grayscale_converted(cars):
+    _, root = cars
+    for split in ("train", "test"):
+        ds = Cars196(root, split=split)
+        modes = [Image.open(p).mode for p in ds.paths]
+        assert "L" in modes
+        for i in range(len(ds)):
+            image, label = ds[i]
+            assert image.mode == "RGB" and label == ds.labels[i] and isinstance(label, int)
+            assert image.size == Image.open(ds.paths[i]).size
+        gray = np.asarray(ds[modes.index("L")][0], dtype=np.int64)
+        assert np.all(gray[..., 0] == gray[..., 2])
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_torchvision_layout_agrees_with_torchvision(tmp_path, split):
+    make_torchvision(tmp_path)
+    ours = Cars196(tmp_path, split=split)
+    wanted = TRAIN_CLASSES if split == "train" else TEST_CLASSES
+    reference = set()
+    for tv_split in ("train", "test"):
+        tv = StanfordCars(tmp_path, split=tv_split, loader=lambda path: path)
+        reference |= {(p, t + 1) for p, t in (tv[i] for i in range(len(tv))) if t + 1 in wanted}
+    assert set(zip(ours.paths, ours.source_classes[ours.labels].tolist())) == reference
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_kaggle_layout_agrees_with_pml(tmp_path, split):
+    make_kaggle(tmp_path)
+    ours = Cars196(tmp_path, split=split)
+    pml = PMLCars196(str(tmp_path), split=split)
+    assert ours.paths == pml.paths
+    assert ours.source_classes[ours.labels].tolist() == list(pml.labels)
+
+
+MISSING = {
+    "original": ["cars_annos.mat", "car_ims"],
+    "torchvision": [
+        "stanford_cars/devkit/cars_train_annos.mat",
+        "stanford_cars/cars_train",
+        "stanford_cars/cars_test_annos_withlabels.mat",
+        "stanford_cars/cars_test",
+    ],
+    "kaggle": ["names.csv", "anno_train.csv", "anno_test.csv", "car_data/car_data"],
+}
+
+
+@pytest.mark.parametrize(
+    "layout, name", [(layout, name) for layout, names in MISSING.items() for name in names]
+)
+def test_each_missing_file_is_named(tmp_path, layout, name):
+    MAKERS[layout](tmp_path)
+    target = tmp_path / name
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        Cars196(tmp_path, split="train", layout=layout)
+    assert str(target) in str(info.value)
+    if not (layout == "original" and name == "cars_annos.mat"):
+        with pytest.raises(FileNotFoundError) as info:
+            Cars196(tmp_path, split="test")  # auto-detected layout
+        assert str(target) in str(info.value)
+
+
+def test_nothing_there_names_every_layout(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        Cars196(tmp_path)
+    message = str(info.value)
+    for marker in ("cars_annos.mat", "stanford_cars", "names.csv", "car_ims"):
+        assert marker in message
+
+
+def test_missing_image_is_named(cars):
+    _, root = cars
+    path = Cars196(root, split="test").paths[-1]
+    os.remove(path)
+    with pytest.raises(FileNotFoundError, match="partial") as info:
+        Cars196(root, split="test")
+    assert path in str(info.value)
+
+
+def test_mat_without_the_expected_fields(tmp_path):
+    make_original(tmp_path)
+    bad = np.zeros((1, 1), dtype=[("relative_im_path", "O"), ("label", "O")])
+    bad[0, 0] = ("car_ims/000001.jpg", 1)
+    sio.savemat(tmp_path / "cars_annos.mat", {"annotations": bad})
+    with pytest.raises(ValueError, match="class"):
+        Cars196(tmp_path)
+
+
+def test_bad_arguments(tmp_path):
+    make_original(tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        Cars196(tmp_path, split="all")
+    with pytest.raises(ValueError, match="layout"):
+        Cars196(tmp_path, layout="zip")

@@ -1,0 +1,151 @@
+"""CUB200 on a fixture in CUB-200-2011's exact on-disk format."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from pytorch_metric_learning.datasets import CUB as PMLCUB
+
+from pml_dsb.datasets import CUB200
+
+# (class id, colour mode) per image, image ids 1.. in this order, as images.txt lists them
+# (the real file is sorted by class). Classes are non-contiguous on purpose.
+SPEC = [
+    (1, "RGB"), (1, "RGB"), (2, "L"), (2, "RGB"), (2, "RGB"), (57, "RGB"),
+    (100, "RGB"), (101, "RGB"), (101, "L"), (150, "RGB"), (200, "RGB"), (200, "RGB"),
+]
+TRAIN_CLASSES = [1, 2, 57, 100]  # expected labels 0, 1, 2, 3
+TEST_CLASSES = [101, 150, 200]
+GRAY_VALUE = 90
+
+
+def _class_folder(class_id):
+    return f"{class_id:03d}.Bird_{class_id}"
+
+
+def make_cub(root):
+    """Write CUB_200_2011/ with images.txt, image_class_labels.txt, classes.txt,
+    train_test_split.txt and tiny JPEGs; returns the folder."""
+    folder = root / "CUB_200_2011"
+    (folder / "images").mkdir(parents=True)
+    with open(folder / "classes.txt", "w") as f:
+        f.writelines(f"{c} {_class_folder(c)}\n" for c in range(1, 201))
+    images, labels, split = [], [], []
+    for image_id, (class_id, mode) in enumerate(SPEC, 1):
+        rel = f"{_class_folder(class_id)}/Bird_{class_id}_{image_id:04d}.jpg"
+        (folder / "images" / _class_folder(class_id)).mkdir(exist_ok=True)
+        color = GRAY_VALUE if mode == "L" else (200, 30, 60)
+        Image.new(mode, (10 + image_id, 8), color).save(folder / "images" / rel, "JPEG")
+        images.append(f"{image_id} {rel}\n")
+        labels.append(f"{image_id} {class_id}\n")
+        split.append(f"{image_id} {image_id % 2}\n")
+    (folder / "images.txt").write_text("".join(images))
+    (folder / "image_class_labels.txt").write_text("".join(labels))
+    (folder / "train_test_split.txt").write_text("".join(split))
+    return folder
+
+
+@pytest.fixture
+def cub_root(tmp_path):
+    make_cub(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("split, classes", [("train", TRAIN_CLASSES), ("test", TEST_CLASSES)])
+def test_split_sizes_and_contiguous_labels(cub_root, split, classes):
+    ds = CUB200(cub_root, split=split)
+    expected_original = [c for c, _ in SPEC if c in classes]
+    assert len(ds) == len(expected_original)
+    assert ds.labels.dtype == np.int64
+    assert ds.num_classes == len(classes)
+    assert ds.source_classes.tolist() == classes
+    expected_labels = [classes.index(c) for c in expected_original]
+    assert ds.labels.tolist() == expected_labels
+    assert sorted(set(ds.labels.tolist())) == list(range(len(classes)))
+    assert ds.class_counts().tolist() == [expected_original.count(c) for c in classes]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_agrees_with_pml_reader_up_to_the_label_remapping(cub_root, split):
+    ours = CUB200(cub_root, split=split)
+    pml = PMLCUB(str(cub_root), split=split)
+    assert ours.paths == pml.paths
+    assert ours.source_classes[ours.labels].tolist() == list(pml.labels)
+    offset = 1 if split == "train" else 101
+    assert min(pml.labels) == offset  # PML keeps the 1-based ids that we remap
+
+
+def test_items_are_rgb_and_grayscale_is_converted(cub_root):
+    ds = CUB200(cub_root, split="train")
+    modes = []
+    for i in range(len(ds)):
+        image, label = ds[i]
+        assert isinstance(label, int) and label == ds.labels[i]
+        assert image.mode == "RGB"
+        modes.append(Image.open(ds.paths[i]).mode)
+    gray = modes.index("L")
+    assert PMLCUB(str(cub_root), split="train")[gray][0].mode == "L"  # what PML returns
+    pixels = np.asarray(ds[gray][0], dtype=np.int64)
+    assert pixels.shape[2] == 3
+    assert np.all(pixels[..., 0] == pixels[..., 1]) and np.all(pixels[..., 1] == pixels[..., 2])
+    assert abs(pixels.mean() - GRAY_VALUE) < 3
+
+
+def test_transform_is_applied(cub_root):
+    ds = CUB200(cub_root, split="test", transform=lambda img: img.size)
+    image, _ = ds[0]
+    assert image == Image.open(ds.paths[0]).size
+
+
+def test_labels_do_not_read_images(cub_root, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was opened")
+
+    monkeypatch.setattr(Image, "open", refuse)
+    ds = CUB200(cub_root, split="train")
+    assert ds.class_counts().sum() == len(ds.labels) == 7
+
+
+@pytest.mark.parametrize("name", ["images.txt", "image_class_labels.txt", "images"])
+def test_each_missing_file_is_named(cub_root, name):
+    target = cub_root / "CUB_200_2011" / name
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        CUB200(cub_root, split="train")
+    assert str(target) in str(info.value)
+    assert "CUB_200_2011/" in str(info.value)  # the required layout is described
+
+
+def test_missing_image_is_named(cub_root):
+    ds = CUB200(cub_root, split="test")
+    os.remove(ds.paths[1])
+    with pytest.raises(FileNotFoundError, match="partial") as info:
+        CUB200(cub_root, split="test")
+    assert ds.paths[1] in str(info.value)
+    CUB200(cub_root, split="train")  # the other split is complete
+
+
+def test_empty_root_and_root_inside_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        CUB200(tmp_path)
+    assert str(tmp_path / "CUB_200_2011" / "images.txt") in str(info.value)
+    folder = make_cub(tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match="parent"):
+        CUB200(folder)
+
+
+def test_truncated_index_file_is_refused(cub_root):
+    labels_txt = cub_root / "CUB_200_2011" / "image_class_labels.txt"
+    lines = labels_txt.read_text().splitlines(keepends=True)
+    labels_txt.write_text("".join(lines[:-2]))
+    with pytest.raises(ValueError, match="same image ids"):
+        CUB200(cub_root, split="test")
+
+
+def test_bad_split(cub_root):
+    with pytest.raises(ValueError, match="split"):
+        CUB200(cub_root, split="val")

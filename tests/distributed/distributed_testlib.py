@@ -1,0 +1,513 @@
+"""Two-process scenarios for the distributed tests, and their one-process references.
+
+Run as a script, this file is one rank of a gloo process group started from
+torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) by
+:func:`launch`; it runs the named scenarios and saves what each recorded to
+``<out>/rank<r>.pt``. The tests load both ranks' records and compare them with
+each other and with one process fed the concatenated batches.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+
+C, D, M, WARMUP = 5, 8, 24, 2  # classes, embedding size, memory size, warm-up epochs
+UNEVEN = (5, 7)                 # per-rank batch sizes (global 12; M is no multiple of it)
+STEPS = 7                       # stage 2 at 24 samples (2nd step), stage 3 at 48 (4th)
+WORKER_TIMEOUT_S = 30           # every collective fails after this, instead of hanging
+
+
+# ---------------------------------------------------------------- data, losses
+def make_batches(seed, sizes, steps, num_classes=C, dim=D):
+    """``steps`` lists of one (embeddings, labels) pair per rank, clustered by class."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 2.0 * torch.randn(num_classes, dim, generator=g)
+    batches = []
+    for _ in range(steps):
+        step = []
+        for size in sizes:
+            labels = torch.randint(0, num_classes, (size,), generator=g)
+            step.append((centres[labels] + torch.randn(size, dim, generator=g), labels))
+        batches.append(step)
+    return batches
+
+
+def concat(step):
+    return torch.cat([e for e, _ in step]), torch.cat([lab for _, lab in step])
+
+
+def new_loss(**kwargs):
+    """The same DSB-SoftTriple (same centres) on every rank and in the references."""
+    from pml_dsb import DSBSoftTripleLoss
+
+    kwargs.setdefault("memory_size", M)
+    kwargs.setdefault("warmup_epochs", WARMUP)
+    torch.manual_seed(0)
+    return DSBSoftTripleLoss(C, D, centers_per_class=2, **kwargs)
+
+
+def state_of(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def _step_record(rec, loss, value, emb):
+    rec["loss"].append(value.detach().clone())
+    rec["grad"].append(emb.grad.detach().clone())
+    rec["stage"].append(loss.memory.stage)
+    rec["enqueued"].append(loss.memory.num_enqueued)
+    rec["scales"].append(loss.memory.scales())
+
+
+def _new_record():
+    return {"loss": [], "grad": [], "stage": [], "enqueued": [], "scales": []}
+
+
+# ------------------------------------------------------------------ scenarios
+def scenario_direct(rank, world):
+    """The loss called on each rank's own (uneven) batch; the memory gathers."""
+    loss, rec = new_loss(), _new_record()
+    for step in make_batches(1, UNEVEN, STEPS):
+        emb, labels = step[rank]
+        emb = emb.clone().requires_grad_(True)
+        value = loss(emb, labels)
+        value.backward()
+        _step_record(rec, loss, value, emb)
+    rec["state"] = state_of(loss.memory)
+    return rec
+
+
+def reference_direct():
+    """One process: the memory fed the concatenated batches; each rank's loss on its part."""
+    ref = new_loss()
+    part_loss = new_loss(memory=ref.memory, update_memory=False)
+    recs = [_new_record() for _ in UNEVEN]
+    for step in make_batches(1, UNEVEN, STEPS):
+        ref.memory.enqueue(*concat(step))
+        for rank, (emb, labels) in enumerate(step):
+            emb = emb.clone().requires_grad_(True)
+            value = part_loss(emb, labels)
+            value.backward()
+            _step_record(recs[rank], ref, value, emb)
+    for rec in recs:
+        rec["state"] = state_of(ref.memory)
+    return recs
+
+
+# step -> {rank: fault}; steps not listed are good on every rank
+FAULTS = {
+    1: {1: "nan"},
+    2: {0: "label_out_of_range"},
+    3: {0: "indices_on_one_rank"},
+    4: {0: "float_labels", 1: "inf"},
+}
+FAULT_STEPS = 7
+
+
+def _corrupt(fault, emb, labels):
+    emb, labels, indices = emb.clone(), labels.clone(), None
+    if fault == "nan":
+        emb[2, 3] = float("nan")
+    elif fault == "inf":
+        emb[0, 0] = float("inf")
+    elif fault == "label_out_of_range":
+        labels[1] = C
+    elif fault == "float_labels":
+        labels = labels.float()
+    elif fault == "indices_on_one_rank":
+        indices = torch.arange(len(labels))
+    return emb, labels, indices
+
+
+def scenario_faults(rank, world):
+    """Bad batches on one or both ranks: every rank raises, nothing changes, training goes on."""
+    loss = new_loss()
+    rec = {"errors": [], "unchanged": [], "enqueued": []}
+    for t, step in enumerate(make_batches(2, UNEVEN, FAULT_STEPS)):
+        emb, labels = step[rank]
+        fault = FAULTS.get(t, {}).get(rank)
+        emb, labels, indices = _corrupt(fault, emb, labels) if fault else (emb, labels, None)
+        before = state_of(loss.memory)
+        try:
+            loss(emb.requires_grad_(True), labels, sample_indices=indices).backward()
+            rec["errors"].append(None)
+        except ValueError as err:
+            cause = type(err.__cause__).__name__ if err.__cause__ is not None else None
+            rec["errors"].append((type(err).__name__, str(err), getattr(err, "bad_ranks", None), cause))
+        rec["unchanged"].append(same_state(before, state_of(loss.memory)))
+        rec["enqueued"].append(loss.memory.num_enqueued)
+    rec["state"] = state_of(loss.memory)
+    rec["scales"] = loss.memory.scales()
+    return rec
+
+
+def reference_faults():
+    ref = new_loss()
+    for t, step in enumerate(make_batches(2, UNEVEN, FAULT_STEPS)):
+        if t not in FAULTS:
+            ref.memory.enqueue(*concat(step))
+    return {"state": state_of(ref.memory), "scales": ref.memory.scales()}
+
+
+INDEX_STEPS = (
+    # per rank dataset indices; rank 1 repeats index 0 (DistributedSampler's padding)
+    ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9, 10, 0)),
+    ((11, 12, 13, 14, 15), (6, 7, 8, 9, 1, 2, 3)),
+)
+
+
+def _index_batches():
+    return make_batches(3, UNEVEN, len(INDEX_STEPS))
+
+
+def scenario_indices(rank, world):
+    """An index-addressed memory enqueued directly; a sample on both ranks is kept once."""
+    from pml_dsb import SemanticScaleMemory
+
+    mem = SemanticScaleMemory(C, D, memory_size=16, warmup_epochs=1)
+    rec = {"enqueued": []}
+    for step, ids in zip(_index_batches(), INDEX_STEPS):
+        emb, labels = step[rank]
+        mem.enqueue(emb, labels, torch.tensor(ids[rank]))
+        rec["enqueued"].append(mem.num_enqueued)
+    rec["state"] = state_of(mem)
+    # each rank's batch fits a memory of 10, the global batch of 12 does not
+    small = SemanticScaleMemory(C, D, memory_size=10, warmup_epochs=1)
+    rec["too_large"] = []
+    for call in (small.validate_batch, small.enqueue):
+        try:
+            call(*_index_batches()[0][rank])
+            rec["too_large"].append(None)
+        except ValueError as err:
+            rec["too_large"].append(str(err))
+    rec["too_large_enqueued"] = small.num_enqueued
+    return rec
+
+
+def reference_indices():
+    from pml_dsb import SemanticScaleMemory
+
+    mem = SemanticScaleMemory(C, D, memory_size=16, warmup_epochs=1)
+    enqueued = []
+    for step, ids in zip(_index_batches(), INDEX_STEPS):
+        emb, labels = concat(step)
+        ids = torch.tensor(ids[0] + ids[1])
+        keep = torch.tensor([int(i) not in ids[:k].tolist() for k, i in enumerate(ids)])
+        mem.enqueue(emb[keep], labels[keep], ids[keep])
+        enqueued.append(mem.num_enqueued)
+    return {"enqueued": enqueued, "state": state_of(mem)}
+
+
+DDP_N, DDP_IN, DDP_BATCH, DDP_EPOCHS, DDP_M = 32, 6, 4, 2, 12
+
+
+def _ddp_setup():
+    from pml_dsb import DSBNormalizedSoftmaxLoss
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(DDP_N, DDP_IN, generator=g)
+    y = torch.randint(0, C, (DDP_N,), generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(DDP_IN, D)
+    torch.manual_seed(1)
+    loss = DSBNormalizedSoftmaxLoss(C, D, memory_size=DDP_M, warmup_epochs=1)
+    return torch.utils.data.TensorDataset(x, y), model, loss
+
+
+def _ddp_optimizer(model, loss):
+    return torch.optim.SGD(list(model.parameters()) + list(loss.parameters()), lr=0.5)
+
+
+def scenario_ddp(rank, world):
+    """A DistributedDataParallel loop with DistributedSampler; the loss called directly."""
+    from pml_dsb.distributed import average_gradients, current_context, distributed_sampler, wrap_model
+
+    dataset, model, loss = _ddp_setup()
+    sampler = distributed_sampler(dataset, shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=DDP_BATCH, sampler=sampler)
+    ddp_model = wrap_model(model, current_context())
+    opt = _ddp_optimizer(model, loss)
+    rec = {"loss": [], "is_ddp": type(ddp_model).__name__}
+    for epoch in range(DDP_EPOCHS):
+        sampler.set_epoch(epoch)
+        for x, y in loader:
+            value = loss(ddp_model(x), y)
+            value.backward()
+            average_gradients(loss.parameters())
+            opt.step()
+            opt.zero_grad()
+            rec["loss"].append(value.detach().clone())
+    rec["model"], rec["loss_params"] = state_of(model), [p.detach().clone() for p in loss.parameters()]
+    rec["state"] = state_of(loss.memory)
+    return rec
+
+
+def reference_ddp(world=2):
+    from torch.utils.data.distributed import DistributedSampler
+
+    dataset, model, loss = _ddp_setup()
+    opt = _ddp_optimizer(model, loss)
+    losses = []
+    for epoch in range(DDP_EPOCHS):
+        shards = []
+        for rank in range(world):
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+            sampler.set_epoch(epoch)
+            shards.append(list(torch.utils.data.DataLoader(dataset, batch_size=DDP_BATCH, sampler=sampler)))
+        for parts in zip(*shards):
+            x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            value = loss(model(x), y)
+            value.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(value.detach().clone())
+    return {
+        "loss": losses,
+        "model": state_of(model),
+        "loss_params": [p.detach().clone() for p in loss.parameters()],
+        "state": state_of(loss.memory),
+    }
+
+
+EVEN, PML_M, PML_STEPS = (6, 6), 24, 5
+
+
+def scenario_pml_wrapper(rank, world):
+    """PML's own DistributedLossWrapper, the memory built with distributed=False."""
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+    loss = new_loss(memory_size=PML_M, warmup_epochs=1)
+    loss.memory.distributed = False
+    wrapped = DistributedLossWrapper(loss)
+    rec = {"loss": [], "enqueued": [], "stage": [], "scales": []}
+    for step in make_batches(5, EVEN, PML_STEPS):
+        emb, labels = step[rank]
+        value = wrapped(emb.clone().requires_grad_(True), labels)
+        value.backward()
+        rec["loss"].append(value.detach().clone())
+        rec["enqueued"].append(loss.memory.num_enqueued)
+        rec["stage"].append(loss.memory.stage)
+        rec["scales"].append(loss.memory.scales())
+    emb, labels = loss.memory.contents()
+    rec["contents"] = sorted(zip(labels.tolist(), emb.tolist()))
+    return rec
+
+
+def scenario_pml_wrapper_auto(rank, world):
+    """PML's wrapper with the default distributed=None: the memory would gather twice; it warns."""
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+    loss = new_loss(memory_size=PML_M, warmup_epochs=1)
+    wrapped = DistributedLossWrapper(loss)
+    emb, labels = make_batches(5, EVEN, 1)[0][rank]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped(emb, labels)
+    return {
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
+        "enqueued": loss.memory.num_enqueued,
+    }
+
+
+def reference_pml_wrapper():
+    ref = new_loss(memory_size=PML_M, warmup_epochs=1)
+    rec = {"loss": [], "enqueued": [], "stage": [], "scales": []}
+    for step in make_batches(5, EVEN, PML_STEPS):
+        rec["loss"].append(ref(*concat(step)).detach())
+        rec["enqueued"].append(ref.memory.num_enqueued)
+        rec["stage"].append(ref.memory.stage)
+        rec["scales"].append(ref.memory.scales())
+    emb, labels = ref.memory.contents()
+    rec["contents"] = sorted(zip(labels.tolist(), emb.tolist()))
+    return rec
+
+
+def scenario_dsb_wrapper(rank, world):
+    """pml_dsb's DistributedDSBLossWrapper: rank order, uneven sizes."""
+    from pml_dsb.distributed import DistributedDSBLossWrapper
+
+    loss = new_loss()
+    wrapped = DistributedDSBLossWrapper(loss)
+    rec = _new_record()
+    for step in make_batches(1, UNEVEN, STEPS):
+        emb, labels = step[rank]
+        emb = emb.clone().requires_grad_(True)
+        value = wrapped(emb, labels)
+        value.backward()
+        _step_record(rec, loss, value, emb)
+    rec["state"] = state_of(loss.memory)
+    rec["memory_distributed"] = loss.memory.distributed
+    return rec
+
+
+def reference_dsb_wrapper(world=2):
+    """One process: the loss on the concatenated batch; each rank gets world * it, and its rows' gradients."""
+    ref = new_loss()
+    recs = [_new_record() for _ in UNEVEN]
+    for step in make_batches(1, UNEVEN, STEPS):
+        emb, labels = concat(step)
+        emb = emb.clone().requires_grad_(True)
+        value = ref(emb, labels) * world
+        value.backward()
+        start = 0
+        for rank, (part, _) in enumerate(step):
+            rec = recs[rank]
+            rec["loss"].append(value.detach().clone())
+            rec["grad"].append(emb.grad[start : start + len(part)].clone())
+            rec["stage"].append(ref.memory.stage)
+            rec["enqueued"].append(ref.memory.num_enqueued)
+            rec["scales"].append(ref.memory.scales())
+            start += len(part)
+    for rec in recs:
+        rec["state"] = state_of(ref.memory)
+    return recs
+
+
+SHARD_N, SHARD_BATCH = 29, 9  # 4 global batches: 9, 9, 9, 2 samples
+
+
+def _shard_setup():
+    g = torch.Generator().manual_seed(6)
+    table = torch.randn(SHARD_N, D, generator=g)
+    labels = torch.randint(0, C, (SHARD_N,), generator=g)
+    batches = torch.utils.data.BatchSampler(
+        torch.utils.data.RandomSampler(range(SHARD_N), generator=torch.Generator().manual_seed(7)),
+        batch_size=SHARD_BATCH,
+        drop_last=False,
+    )
+    return table, labels, batches
+
+
+def scenario_helpers(rank, world):
+    """ShardedBatchSampler feeding an index-addressed DSB loss; any_rank, all_gather_objects, broadcast_object."""
+    from pml_dsb.distributed import ShardedBatchSampler, all_gather_objects, any_rank, barrier, broadcast_object
+
+    rec = {
+        "any_one": any_rank(rank == 1),
+        "any_none": any_rank(False),
+        "objects": all_gather_objects({"rank": rank}),
+        "broadcast": broadcast_object(f"from rank {rank}"),
+    }
+    barrier()
+    table, labels, batches = _shard_setup()
+    loss = new_loss(memory_size=SHARD_N, warmup_epochs=1)
+    rec["slices"] = []
+    for epoch in range(2):
+        for ids in ShardedBatchSampler(batches):
+            ids = torch.tensor(ids)
+            rec["slices"].append(ids.tolist())
+            loss(table[ids], labels[ids], sample_indices=ids)
+    rec["state"] = state_of(loss.memory)
+    return rec
+
+
+def reference_helpers():
+    table, labels, batches = _shard_setup()
+    loss = new_loss(memory_size=SHARD_N, warmup_epochs=1)
+    seen = []
+    for epoch in range(2):
+        for ids in batches:
+            if len(ids) < 2:
+                continue  # fewer samples than ranks: skipped on every rank
+            ids = torch.tensor(ids)
+            seen.append(ids.tolist())
+            loss(table[ids], labels[ids], sample_indices=ids)
+    return {"batches": seen, "state": state_of(loss.memory)}
+
+
+SCENARIOS = {
+    "helpers": scenario_helpers,
+    "direct": scenario_direct,
+    "faults": scenario_faults,
+    "indices": scenario_indices,
+    "ddp": scenario_ddp,
+    "pml_wrapper": scenario_pml_wrapper,
+    "pml_wrapper_auto": scenario_pml_wrapper_auto,
+    "dsb_wrapper": scenario_dsb_wrapper,
+}
+
+
+# ------------------------------------------------------------------- launcher
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out_dir, scenarios, world=2, timeout_s=150.0, attempts=2):
+    """Run this file as ``world`` ranks; return each rank's records. Kills both on timeout."""
+    log = ""
+    for _ in range(attempts):
+        port = free_port()
+        procs = []
+        for rank in range(world):
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1",
+                CUDA_VISIBLE_DEVICES="",
+            )
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, str(out_dir), ",".join(scenarios)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        deadline = time.monotonic() + timeout_s
+        outputs, timed_out = [], False
+        for proc in procs:
+            try:
+                outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                for other in procs:
+                    other.kill()
+                outputs.append(proc.communicate()[0])
+        log = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{o}" for r, (p, o) in enumerate(zip(procs, outputs)))
+        if timed_out:
+            raise TimeoutError(f"the {world} ranks did not finish within {timeout_s} s\n{log}")
+        if all(p.returncode == 0 for p in procs):
+            return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+        if "address already in use" not in log.lower():
+            break
+    raise RuntimeError(f"a rank failed\n{log}")
+
+
+def _worker_main(out_dir, names):
+    import torch.distributed as dist
+
+    from pml_dsb.distributed import destroy, init_from_env
+
+    torch.set_num_threads(1)
+    ctx = init_from_env(backend="gloo", timeout=datetime.timedelta(seconds=WORKER_TIMEOUT_S))
+    results = {}
+    for name in names:
+        try:
+            results[name] = SCENARIOS[name](ctx.rank, ctx.world_size)
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+    torch.save(results, os.path.join(out_dir, f"rank{ctx.rank}.pt"))
+    dist.barrier()
+    destroy()
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1], sys.argv[2].split(","))

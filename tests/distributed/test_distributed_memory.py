@@ -1,0 +1,176 @@
+"""Two gloo processes on 127.0.0.1 (spawned by the fixture, killed after a time limit).
+
+Every scenario of ``distributed_testlib`` runs once, in one pair of processes;
+each test below checks one scenario's records against the other rank and
+against one process fed the concatenated batches.
+"""
+import pytest
+import torch
+from torch.testing import assert_close
+
+import distributed_testlib as lib
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    return lib.launch(tmp_path_factory.mktemp("two_ranks"), list(lib.SCENARIOS))
+
+
+def records(ranks, name):
+    recs = [r[name] for r in ranks]
+    for rank, rec in enumerate(recs):
+        assert "error" not in rec, f"rank {rank} failed in {name}:\n{rec['error']}"
+    return recs
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_uneven_direct_calls_give_identical_memories_equal_to_one_process(ranks):
+    r0, r1 = records(ranks, "direct")
+    assert_same_state(r0["state"], r1["state"])
+    assert r0["stage"] == r1["stage"] == [1, 2, 2, 3, 3, 3, 3]
+    assert r0["enqueued"] == r1["enqueued"] == [12 * (t + 1) for t in range(lib.STEPS)]  # global samples
+    for s0, s1 in zip(r0["scales"], r1["scales"]):
+        assert torch.equal(s0, s1)
+    ref = lib.reference_direct()
+    assert_same_state(r0["state"], ref[0]["state"])
+    for t in range(lib.STEPS):
+        assert torch.equal(r0["scales"][t], ref[0]["scales"][t])
+
+
+def test_each_rank_loss_is_the_one_process_loss_on_its_part_with_global_weights(ranks):
+    recs, refs = records(ranks, "direct"), lib.reference_direct()
+    for rec, ref in zip(recs, refs):
+        assert rec["stage"] == ref["stage"]
+        for t in range(lib.STEPS):
+            assert_close(rec["loss"][t], ref["loss"][t], rtol=1e-6, atol=0)
+            assert_close(rec["grad"][t], ref["grad"][t], rtol=1e-6, atol=1e-9)
+    # stage 3 really weights: the two ranks' parts get different mean weights
+    assert recs[0]["scales"][-1].std() > 0
+
+
+def test_bad_batch_on_any_rank_raises_everywhere_and_changes_nothing(ranks):
+    r0, r1 = records(ranks, "faults")
+    for t in range(lib.FAULT_STEPS):
+        e0, e1 = r0["errors"][t], r1["errors"][t]
+        if t not in lib.FAULTS:
+            assert e0 is None and e1 is None, (t, e0, e1)
+            continue
+        assert e0 is not None and e1 is not None, (t, e0, e1)
+        assert e0[0] == e1[0] == "BatchRejectedError"
+        assert e0[1] == e1[1]  # the same message on every rank
+        assert e0[2] == e1[2]
+        assert r0["unchanged"][t] and r1["unchanged"][t]
+    # the message names the rank and the local reason
+    assert "rank 1: ValueError: embeddings contain NaN or Inf in 1 of 7 rows" in r0["errors"][1][1]
+    assert r0["errors"][1][2] == [1] and r1["errors"][1][3] == "ValueError" and r0["errors"][1][3] is None
+    assert "rank 0: ValueError: labels must lie in [0, num_classes=5)" in r1["errors"][2][1]
+    assert "sample indices were passed on ranks [0]" in r1["errors"][3][1]
+    assert r0["errors"][4][2] == [0, 1] and "rank 0: TypeError" in r0["errors"][4][1]
+    assert r0["errors"][4][3] == "TypeError" and r1["errors"][4][3] == "ValueError"
+
+
+def test_training_continues_after_rejected_batches(ranks):
+    r0, r1 = records(ranks, "faults")
+    ref = lib.reference_faults()
+    assert r0["enqueued"] == r1["enqueued"] == [12, 12, 12, 12, 12, 24, 36]
+    assert_same_state(r0["state"], r1["state"])
+    assert_same_state(r0["state"], ref["state"])
+    assert torch.equal(r0["scales"], ref["scales"])
+
+
+def test_index_addressed_memory_keeps_a_sample_repeated_across_ranks_once(ranks):
+    r0, r1 = records(ranks, "indices")
+    ref = lib.reference_indices()
+    assert r0["enqueued"] == r1["enqueued"] == ref["enqueued"] == [11, 23]
+    assert_same_state(r0["state"], r1["state"])
+    assert_same_state(r0["state"], ref["state"])
+
+
+def test_global_batch_larger_than_the_memory_is_refused_on_every_rank(ranks):
+    r0, r1 = records(ranks, "indices")
+    assert r0["too_large"] == r1["too_large"]
+    assert r0["too_large"][0] == (
+        "the global batch of 12 embeddings ([5, 7] per rank) is larger than memory_size=10"
+    )
+    assert r0["too_large"][1] == "batch of 12 embeddings is larger than memory_size=10"
+    assert r0["too_large_enqueued"] == r1["too_large_enqueued"] == 0
+
+
+def test_ddp_loop_with_distributed_sampler_matches_one_process(ranks):
+    r0, r1 = records(ranks, "ddp")
+    assert r0["is_ddp"] == "DistributedDataParallel"
+    assert_same_state(r0["state"], r1["state"])
+    assert_same_state(r0["model"], r1["model"])
+    for p0, p1 in zip(r0["loss_params"], r1["loss_params"]):
+        assert torch.equal(p0, p1)  # the loss's own parameters stay in step
+    ref = lib.reference_ddp()
+    for t, value in enumerate(ref["loss"]):  # equal shards: the global mean is the mean of the ranks'
+        assert_close((r0["loss"][t] + r1["loss"][t]) / 2, value, rtol=1e-5, atol=1e-6)
+    for key in ref["model"]:
+        assert_close(r0["model"][key], ref["model"][key], rtol=1e-5, atol=1e-6)
+    for p, q in zip(r0["loss_params"], ref["loss_params"]):
+        assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for key in ("embedding_memory", "cached_scales"):
+        assert_close(r0["state"][key], ref["state"][key], rtol=1e-5, atol=1e-6)
+    assert torch.equal(r0["state"]["label_memory"], ref["state"]["label_memory"])
+    assert torch.equal(r0["state"]["enqueued_count"], ref["state"]["enqueued_count"])
+
+
+def test_pml_distributed_loss_wrapper_with_distributed_false_enqueues_each_sample_once(ranks):
+    r0, r1 = records(ranks, "pml_wrapper")
+    ref = lib.reference_pml_wrapper()
+    assert r0["enqueued"] == r1["enqueued"] == ref["enqueued"] == [12, 24, 36, 48, 60]
+    assert r0["stage"] == r1["stage"] == ref["stage"]
+    # M is a multiple of the global batch here, so both ranks hold the same samples
+    # (PML puts each rank's own rows first: the order differs, not the contents)
+    assert r0["contents"] == r1["contents"] == ref["contents"]
+    for t in range(lib.PML_STEPS):
+        assert_close(r0["scales"][t], ref["scales"][t], rtol=1e-12, atol=1e-12)
+        assert_close(r1["scales"][t], ref["scales"][t], rtol=1e-12, atol=1e-12)
+        # PML's wrapper returns world_size * the loss of the global batch
+        assert_close(r0["loss"][t], 2 * ref["loss"][t], rtol=1e-6, atol=0)
+        assert_close(r1["loss"][t], 2 * ref["loss"][t], rtol=1e-6, atol=0)
+
+
+def test_pml_wrapper_with_a_gathering_memory_is_detected(ranks):
+    r0, r1 = records(ranks, "pml_wrapper_auto")
+    for rec in (r0, r1):
+        assert any("DistributedLossWrapper" in w and "distributed=False" in w for w in rec["warnings"])
+        assert rec["enqueued"] == 24  # what the warning is about: 12 samples counted twice
+
+
+def test_dsb_loss_wrapper_is_exact_with_uneven_batches(ranks):
+    recs, refs = records(ranks, "dsb_wrapper"), lib.reference_dsb_wrapper()
+    assert recs[0]["memory_distributed"] is False
+    assert_same_state(recs[0]["state"], recs[1]["state"])
+    assert_same_state(recs[0]["state"], refs[0]["state"])
+    for rec, ref in zip(recs, refs):
+        assert rec["stage"] == ref["stage"] == [1, 2, 2, 3, 3, 3, 3]
+        assert rec["enqueued"] == ref["enqueued"]
+        for t in range(lib.STEPS):
+            assert torch.equal(rec["scales"][t], ref["scales"][t])
+            assert_close(rec["loss"][t], ref["loss"][t], rtol=1e-6, atol=0)
+            assert_close(rec["grad"][t], ref["grad"][t], rtol=1e-5, atol=1e-8)
+
+
+def test_sharded_batches_reproduce_the_one_process_run_and_helpers_agree(ranks):
+    r0, r1 = records(ranks, "helpers")
+    for rec in (r0, r1):
+        assert rec["any_one"] is True and rec["any_none"] is False
+        assert rec["objects"] == [{"rank": 0}, {"rank": 1}]
+        assert rec["broadcast"] == "from rank 0"
+    ref = lib.reference_helpers()
+    # rank order concatenation of the slices is the one-process batch (the 2-sample one skipped)
+    assert [a + b for a, b in zip(r0["slices"], r1["slices"])] == ref["batches"]
+    assert [len(x) for x in r0["slices"]] == [5, 5, 5, 1, 5, 5, 5, 1]
+    assert_same_state(r0["state"], r1["state"])
+    assert_same_state(r0["state"], ref["state"])

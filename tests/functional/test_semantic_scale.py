@@ -1,0 +1,311 @@
+"""semantic_scale, class_semantic_scales and padded_class_scales against a float64
+numpy implementation of DEFINITIONS.md's formula (``np_ref`` in tests/conftest.py):
+
+    S = 0.5 * log2 det(I_d + (d/m) Zc Zc^T)      (d x d, np.linalg.slogdet)
+      = 0.5 * log2 det(I_m + (d/m) Zc^T Zc)      (Sylvester, m x m)
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pml_dsb import class_semantic_scales, semantic_scale
+from pml_dsb.functional import padded_class_scales
+
+RTOL = 1e-10  # the package computes in float64, like the reference
+
+
+def _randn(gen, m, d, dtype=torch.float32):
+    return torch.randn(m, d, generator=gen, dtype=torch.float64).to(dtype)
+
+
+# ---------------------------------------------------------------- random data
+@pytest.mark.parametrize(
+    "m,d",
+    [(2, 3), (5, 8), (12, 4), (6, 6), (7, 1), (16, 16), (3, 16), (40, 5)],
+    ids=lambda v: str(v),
+)
+@pytest.mark.parametrize("normalize", [True, False], ids=["l2", "raw"])
+def test_matches_numpy_reference(gen, np_ref, float_dtype, m, d, normalize):
+    x = _randn(gen, m, d, float_dtype)
+    got = semantic_scale(x, normalize=normalize)
+    want = np_ref.semantic_scale(x.double().numpy(), normalize)
+    assert got.dtype == torch.float64 and got.shape == ()
+    assert want > 0
+    np.testing.assert_allclose(float(got), want, rtol=RTOL)
+
+
+@pytest.mark.parametrize("m,d", [(4, 9), (9, 4), (7, 7)], ids=["m<d", "m>d", "m==d"])
+def test_sylvester_gram_and_covariance_forms_agree(gen, np_ref, m, d):
+    x = _randn(gen, m, d, torch.float64).numpy()
+    dxd = np_ref.semantic_scale(x, form="dxd")
+    mxm = np_ref.semantic_scale(x, form="mxm")
+    np.testing.assert_allclose(dxd, mxm, rtol=1e-12)
+    got = float(semantic_scale(torch.from_numpy(x)))
+    np.testing.assert_allclose(got, dxd, rtol=RTOL)
+    np.testing.assert_allclose(got, mxm, rtol=RTOL)
+
+
+def test_default_is_l2_normalised(gen):
+    x = _randn(gen, 6, 4)
+    rows = x * torch.tensor([[0.5], [3.0], [1.0], [7.0], [0.1], [2.0]])
+    assert float(semantic_scale(rows)) == pytest.approx(float(semantic_scale(x)), rel=1e-6)
+    assert float(semantic_scale(rows, normalize=False)) != pytest.approx(
+        float(semantic_scale(x, normalize=False)), rel=1e-3
+    )
+
+
+# ------------------------------------------------------------------ edge cases
+@pytest.mark.parametrize("m", [0, 1])
+@pytest.mark.parametrize("normalize", [True, False], ids=["l2", "raw"])
+def test_fewer_than_two_samples_is_zero(gen, m, normalize):
+    got = semantic_scale(_randn(gen, m, 5), normalize=normalize)
+    assert got.dtype == torch.float64
+    assert float(got) == 0.0
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["l2", "raw"])
+def test_identical_rows_have_zero_scale(gen, normalize):
+    x = _randn(gen, 1, 6).repeat(5, 1)
+    assert abs(float(semantic_scale(x, normalize=normalize))) < 1e-12
+
+
+def test_positive_multiples_of_one_vector_have_zero_scale_when_normalised(gen):
+    v = _randn(gen, 1, 6, torch.float64)
+    x = v * torch.tensor([[1.0], [2.0], [0.25], [8.0]], dtype=torch.float64)
+    assert abs(float(semantic_scale(x))) < 1e-12
+    assert float(semantic_scale(x, normalize=False)) > 0.1
+
+
+def test_duplicate_rows_match_numpy(gen, np_ref):
+    x = _randn(gen, 4, 6, torch.float64)
+    x = torch.cat([x, x[:2], x[:1]])  # 7 rows, 3 duplicated
+    np.testing.assert_allclose(float(semantic_scale(x)), np_ref.semantic_scale(x.numpy()), rtol=RTOL)
+
+
+@pytest.mark.parametrize("m", [5, 20], ids=["m<d", "m>d"])
+def test_rank_deficient_features_match_numpy(gen, np_ref, m):
+    basis = _randn(gen, 2, 8, torch.float64)
+    x = _randn(gen, m, 2, torch.float64) @ basis  # rank 2 in d = 8
+    for normalize in (True, False):
+        np.testing.assert_allclose(
+            float(semantic_scale(x, normalize=normalize)),
+            np_ref.semantic_scale(x.numpy(), normalize),
+            rtol=RTOL,
+        )
+
+
+# Powers of two scale floats exactly, so the normalised vectors, hence S, are
+# unchanged bit for bit in exact arithmetic.
+@pytest.mark.parametrize(
+    "dtype,exponent",
+    [(torch.float32, 100), (torch.float32, -100), (torch.float32, -45),
+     (torch.float64, 300), (torch.float64, -300), (torch.float64, -45)],
+    ids=lambda v: str(v),
+)
+def test_normalised_scale_is_invariant_to_huge_and_tiny_norms(gen, np_ref, dtype, exponent):
+    x = _randn(gen, 6, 5, dtype)
+    scaled = x * (2.0 ** exponent)
+    assert torch.isfinite(scaled).all() and (scaled != 0).all()
+    want = np_ref.semantic_scale(x.double().numpy())
+    np.testing.assert_allclose(float(semantic_scale(scaled)), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("exponent", [30, 10, -10, -20], ids=lambda v: f"2^{v}")
+def test_unnormalised_scale_matches_numpy_at_large_and_small_norms(gen, np_ref, exponent):
+    x = _randn(gen, 6, 5, torch.float32) * (2.0 ** exponent)
+    want = np_ref.semantic_scale(x.double().numpy(), normalize=False)
+    np.testing.assert_allclose(float(semantic_scale(x, normalize=False)), want, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("m,d", [(5, 8), (12, 4)], ids=["m<d", "m>d"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["l2", "raw"])
+def test_half_precision_inputs_match_numpy_on_upcast_values(gen, np_ref, half_dtype, m, d, normalize):
+    x = _randn(gen, m, d).to(half_dtype)
+    got = semantic_scale(x, normalize=normalize)
+    assert got.dtype == torch.float64
+    want = np_ref.semantic_scale(x.double().numpy(), normalize)
+    np.testing.assert_allclose(float(got), want, rtol=RTOL)
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(
+    m=st.integers(0, 12),
+    d=st.integers(1, 9),
+    seed=st.integers(0, 2**31 - 1),
+    exponent=st.integers(-8, 8),
+    normalize=st.booleans(),
+)
+def test_hypothesis_matches_numpy(np_ref, m, d, seed, exponent, normalize):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, d, generator=g, dtype=torch.float64) * (2.0 ** exponent)
+    got = float(semantic_scale(x, normalize=normalize))
+    want = np_ref.semantic_scale(x.numpy(), normalize)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert got >= -1e-12
+
+
+@pytest.mark.parametrize("m,d", [(4, 3), (3, 5)], ids=["m>d", "m<d"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["l2", "raw"])
+def test_gradcheck_float64(gen, m, d, normalize):
+    x = _randn(gen, m, d, torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: semantic_scale(z, normalize=normalize), (x,))
+
+
+def test_gradient_flows_to_input(gen):
+    x = _randn(gen, 5, 3).requires_grad_()
+    semantic_scale(x).backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize(
+    "bad,exc,words",
+    [
+        ([[1.0, 2.0], [3.0, 4.0]], TypeError, ["features", "list"]),
+        (torch.ones(4), ValueError, ["features", "(4,)"]),
+        (torch.ones(3, 2, dtype=torch.long), TypeError, ["features", "int64"]),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), ValueError, ["features", "NaN"]),
+        (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), ValueError, ["features", "Inf"]),
+    ],
+    ids=["list", "1-D", "int", "nan", "inf"],
+)
+def test_bad_features_raise(bad, exc, words):
+    with pytest.raises(exc) as info:
+        semantic_scale(bad)
+    for w in words:
+        assert w in str(info.value)
+
+
+# ------------------------------------------------------ class_semantic_scales
+def _imbalanced_labels(gen, sizes):
+    labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(sizes)])
+    return labels[torch.randperm(len(labels), generator=gen)]
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["l2", "raw"])
+def test_class_scales_equal_per_class_semantic_scale(gen, np_ref, normalize):
+    # sizes spread over several size buckets, with empty and one-sample classes
+    sizes = [2, 3, 5, 9, 20, 0, 1, 33, 6]
+    d = 6
+    labels = _imbalanced_labels(gen, sizes)
+    x = _randn(gen, len(labels), d)
+    got = class_semantic_scales(x, labels, len(sizes), normalize=normalize)
+    assert got.shape == (len(sizes),) and got.dtype == torch.float64
+    per_class = torch.stack([semantic_scale(x[labels == c], normalize=normalize) for c in range(len(sizes))])
+    torch.testing.assert_close(got, per_class, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(got.numpy(), np_ref.class_scales(x.double().numpy(), labels.numpy(), len(sizes), normalize), rtol=RTOL)
+    assert got[5] == 0 and got[6] == 0
+
+
+def test_class_scales_accept_int32_labels_and_extra_classes(gen, np_ref):
+    labels = torch.tensor([0, 0, 0, 2, 2, 1, 2], dtype=torch.int32)
+    x = _randn(gen, 7, 3)
+    got = class_semantic_scales(x, labels, 5)
+    np.testing.assert_allclose(got.numpy(), np_ref.class_scales(x.double().numpy(), labels.numpy(), 5), rtol=RTOL)
+    assert got[3] == 0 and got[4] == 0 and got[1] == 0
+
+
+@pytest.mark.parametrize(
+    "labels,exc,words",
+    [
+        (torch.tensor([0, 1, 3]), ValueError, ["labels", "3"]),
+        (torch.tensor([0, -1, 1]), ValueError, ["labels", "-1"]),
+        (torch.tensor([0.0, 1.0, 1.0]), TypeError, ["labels", "float32"]),
+        (torch.tensor([True, False, True]), TypeError, ["labels", "bool"]),
+        (torch.tensor([0, 1]), ValueError, ["labels", "(2,)"]),
+    ],
+    ids=["too-large", "negative", "float", "bool", "length"],
+)
+def test_class_scales_reject_bad_labels(gen, labels, exc, words):
+    with pytest.raises(exc) as info:
+        class_semantic_scales(_randn(gen, 3, 2), labels, 3)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_padded_class_scales_ignore_masked_rows(gen, np_ref):
+    sizes = [4, 2, 7, 1, 0]
+    n, d = 7, 3
+    block = torch.randn(len(sizes), n, d, generator=gen, dtype=torch.float64) * 100.0  # garbage
+    mask = torch.arange(n).unsqueeze(0) < torch.tensor(sizes).unsqueeze(1)
+    got = padded_class_scales(block, mask)
+    want = [np_ref.semantic_scale(block[i, : sizes[i]].numpy()) for i in range(len(sizes))]
+    np.testing.assert_allclose(got.numpy(), want, rtol=RTOL)
+
+
+# ------------------------------------------------ 2 threads, n >= 256: no hang
+_HANG_SCRIPT = textwrap.dedent(
+    """
+    import json, torch
+    torch.set_num_threads(2)
+    from pml_dsb import SemanticScaleMemory, semantic_scale
+    from pml_dsb.functional import padded_class_scales
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 300, generator=g)
+    y = torch.randn(300, 256, generator=g)
+    labels = torch.zeros(300, dtype=torch.long)
+    # the memory's own paths: class 0 in d x d form (300 > gram_size), class 1 in a 270 x 270 Gram form
+    mem = SemanticScaleMemory(2, 300, 570, gram_size=280)
+    mem.enqueue(x, labels)
+    mem.enqueue(torch.randn(270, 300, generator=g), torch.ones(270, dtype=torch.long))
+    z, zl = mem.contents()
+    out = {
+        "memory": mem.scales().tolist(),
+        "threads": torch.get_num_threads(),
+        "square": float(semantic_scale(x)),
+        "d256": float(semantic_scale(y)),
+        "gram256": float(semantic_scale(x[:256])),
+        "fp32": float(padded_class_scales(x[None], torch.ones(1, 300, dtype=torch.bool), dtype=torch.float32)[0]),
+    }
+    torch.save({"x": x, "y": y, "z": z, "zl": zl}, "inputs.pt")
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.slow
+def test_no_hang_with_two_threads_on_300_by_300(np_ref, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _HANG_SCRIPT],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("semantic_scale on a 300 x 300 class did not finish in 120 s with 2 torch threads (slogdet-style LAPACK hang?)")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["threads"] == 2
+    inputs = torch.load(tmp_path / "inputs.pt")
+    x, y = inputs["x"].double().numpy(), inputs["y"].double().numpy()
+    np.testing.assert_allclose(out["square"], np_ref.semantic_scale(x), rtol=1e-10)
+    np.testing.assert_allclose(out["d256"], np_ref.semantic_scale(y), rtol=1e-10)
+    np.testing.assert_allclose(out["gram256"], np_ref.semantic_scale(x[:256]), rtol=1e-10)
+    np.testing.assert_allclose(out["fp32"], np_ref.semantic_scale(x), rtol=1e-5)
+    z, zl = inputs["z"].double().numpy(), inputs["zl"].numpy()
+    np.testing.assert_allclose(out["memory"], np_ref.class_scales(z, zl, 2, normalize=False), rtol=1e-6)
+    assert "SLASWP" not in proc.stderr
+
+
+# ------------------------------------------------------------------------ CUDA
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize", [True, False], ids=["l2", "raw"])
+def test_cuda_matches_numpy(gen, np_ref, normalize):
+    x = _randn(gen, 9, 5)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 0])
+    got = semantic_scale(x.cuda(), normalize=normalize)
+    assert got.device.type == "cuda"
+    np.testing.assert_allclose(float(got), np_ref.semantic_scale(x.double().numpy(), normalize), rtol=1e-9)
+    per_class = class_semantic_scales(x.cuda(), labels.cuda(), 3, normalize=normalize)
+    assert per_class.device.type == "cuda"
+    np.testing.assert_allclose(
+        per_class.cpu().numpy(), np_ref.class_scales(x.double().numpy(), labels.numpy(), 3, normalize), rtol=1e-9
+    )

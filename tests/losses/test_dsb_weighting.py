@@ -1,0 +1,391 @@
+"""DSBWeightingMixin, weight_losses_by_class, dsb_class_weights, with_dsb_weighting,
+checked on every DSB loss against its PML parent (exact, uniform weights) and a
+hand-written weighted formula mean_i(w[y_i] * parent_element_loss_i) in stage 3,
+with w from float64 numpy over the memory's contents."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from dsb_loss_testlib import CASES, FifoModel, leaf, make_pair, param_grads, unit64, zero_grads
+from pytorch_metric_learning import losses as pml_losses
+from pytorch_metric_learning import reducers, regularizers
+
+from pml_dsb import (
+    DSBWeightingMixin,
+    SemanticScaleMemory,
+    dsb_class_weights,
+    weight_losses_by_class,
+    with_dsb_weighting,
+)
+
+C, D = 4, 8
+RECORDS = [
+    "dsb_stage", "dsb_num_enqueued", "dsb_fill_level", "dsb_mean_scale",
+    "dsb_min_scale", "dsb_max_scale", "dsb_min_weight", "dsb_max_weight",
+]
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+
+
+def _batch(gen, b, d=D, probs=PROBS):
+    return torch.randn(b, d, generator=gen), torch.multinomial(probs, b, replacement=True, generator=gen)
+
+
+# ---------------------------------------------- uniform weights: parent exactly
+@pytest.mark.parametrize("case", list(CASES))
+def test_stages_1_and_2_equal_parent_exactly(case, gen):
+    M, n, B = 16, 3, 6
+    dsb, parent, _ = make_pair(case, gen, C, D, M, n)
+    seen = set()
+    while dsb.memory.num_enqueued + B < n * M:
+        emb, labels = _batch(gen, B)
+        e1, e2 = leaf(emb), leaf(emb)
+        got = dsb(e1, labels)
+        want = parent(e2, labels)
+        seen.add(dsb.memory.stage)
+        assert dsb.memory.stage in (1, 2)
+        assert torch.equal(got, want)
+        got.backward()
+        want.backward()
+        assert torch.equal(e1.grad, e2.grad)
+        for a, b in zip(param_grads(dsb), param_grads(parent)):
+            assert torch.equal(a, b)
+        zero_grads(dsb, parent)
+    assert seen == {1, 2}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_stage_3_with_equal_scales_equals_parent_exactly(case, gen):
+    M = 8
+    dsb, parent, _ = make_pair(case, gen, 2, D, M, 1)
+    v = torch.randn(4, D, generator=gen)
+    emb = torch.cat([v, v])  # both classes hold the same four vectors
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    e1, e2 = leaf(emb), leaf(emb)
+    got = dsb(e1, labels)
+    assert dsb.memory.stage == 3
+    assert torch.equal(dsb.memory.weights(), torch.ones(2, dtype=torch.float64))  # precondition
+    want = parent(e2, labels)
+    assert torch.equal(got, want)
+    got.backward()
+    want.backward()
+    assert torch.equal(e1.grad, e2.grad)
+    for a, b in zip(param_grads(dsb), param_grads(parent)):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------- stage 3: weighted formula
+@pytest.mark.parametrize("normalize", ["mean", None])
+@pytest.mark.parametrize("case", list(CASES))
+def test_stage_3_equals_hand_written_weighted_formula(case, normalize, gen, np_ref):
+    M, n, B = 16, 1, 6
+    dsb, _, element = make_pair(case, gen, C, D, M, n, normalize=normalize)
+    model = FifoModel(M)
+    checked = 0
+    for _ in range(7):
+        emb, labels = _batch(gen, B)
+        e1, e2 = leaf(emb), leaf(emb)
+        got = dsb(e1, labels)
+        model.extend(emb, labels)
+        assert dsb.memory.stage == model.stage(n)
+        if model.stage(n) < 3:
+            continue
+        w = torch.tensor(model.weights(np_ref, C, normalize), dtype=torch.float32)
+        assert w.max() / w.min() > 1.05  # the weights are not uniform: the check has teeth
+        elem = element(e2, labels)["loss"]["losses"]
+        assert elem.shape == (B,)
+        want = (w[labels] * elem).mean()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(e1.grad, e2.grad, rtol=1e-4, atol=1e-6)
+        for a, b in zip(param_grads(dsb), param_grads(element)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        zero_grads(dsb, element)
+        checked += 1
+    assert checked >= 4
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_weight_regularizer_loss_is_not_weighted(case, gen, np_ref):
+    M, B = 12, 12
+    reg_weight = 0.5
+    dsb, _, element = make_pair(
+        case, gen, C, D, M, 1,
+        parent_kwargs=dict(weight_regularizer=regularizers.LpRegularizer(), weight_reg_weight=reg_weight),
+    )
+    emb, labels = _batch(gen, B)
+    got = dsb(emb, labels)
+    assert dsb.memory.stage == 3
+    model = FifoModel(M)
+    model.extend(emb, labels)
+    w = torch.tensor(model.weights(np_ref, C), dtype=torch.float32)
+    assert w.max() / w.min() > 1.05
+    loss_dict = element(emb, labels)
+    assert set(loss_dict) == {"loss", "weight_reg_loss"}
+    (param,) = list(element.parameters())
+    reg = regularizers.LpRegularizer()(param.t()) * reg_weight
+    want = (w[labels] * loss_dict["loss"]["losses"]).mean() + reg
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------- bad input
+NAN = float("nan")
+
+
+def _bad_calls(B=4, M=12):
+    e = torch.randn(B, D, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 1, 2, 3])
+    e_nan = e.clone()
+    e_nan[1, 2] = NAN
+    e_inf = e.clone()
+    e_inf[0, 0] = float("inf")
+    return {
+        "labels-none": ((e,), {}, ValueError, ["labels"]),
+        "label-too-large": ((e, torch.tensor([0, 1, 9, 3])), {}, ValueError, ["labels", "9"]),
+        "label-negative": ((e, torch.tensor([0, -2, 1, 3])), {}, ValueError, ["labels", "-2"]),
+        "label-float": ((e, y.float()), {}, TypeError, ["labels", "float32"]),
+        "label-bool": ((e, y > 1), {}, TypeError, ["labels", "bool"]),
+        "label-length": ((e, y[:3]), {}, ValueError, ["labels", "(3,)"]),
+        "embedding-size": ((torch.randn(B, D + 2), y), {}, ValueError, ["embedding", str(D + 2)]),
+        "embedding-nan": ((e_nan, y), {}, ValueError, ["embeddings", "NaN"]),
+        "embedding-inf": ((e_inf, y), {}, ValueError, ["embeddings", "Inf"]),
+        "empty-batch": ((torch.zeros(0, D), torch.zeros(0, dtype=torch.long)), {}, ValueError, ["embeddings", "empty"]),
+        "batch-larger-than-memory": (
+            (torch.randn(M + 1, D), torch.zeros(M + 1, dtype=torch.long)), {}, ValueError, [str(M + 1), "memory_size"],
+        ),
+        "sample-indices-duplicate": ((e, y), {"sample_indices": torch.tensor([1, 7, 7, 2])}, ValueError, ["indices", "7"]),
+        "sample-indices-out-of-range": ((e, y), {"sample_indices": torch.tensor([1, M, 3, 2])}, ValueError, ["indices", str(M)]),
+    }
+
+
+def _used_loss(case, gen, M=12):
+    """A DSB loss in stage 3 with cached scales and stale classes."""
+    dsb, _, _ = make_pair(case, gen, C, D, M, 1)
+    for _ in range(4):
+        dsb(*_batch(gen, 5))
+    dsb.memory.scales()
+    dsb.memory.enqueue(*_batch(gen, 2))
+    return dsb
+
+
+@pytest.mark.parametrize("bad", list(_bad_calls()))
+@pytest.mark.parametrize("case", ["soft_triple", "norm_softmax", "arcface", "cosface"])
+def test_bad_input_rejected_before_anything_changes(case, bad, gen):
+    args, kwargs, exc, words = _bad_calls()[bad]
+    dsb = _used_loss(case, gen)
+    before = {k: v.clone() for k, v in dsb.state_dict().items()}
+    records = {k: getattr(dsb, k) for k in RECORDS}
+    with pytest.raises(exc) as info:
+        dsb(*args, **kwargs)
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in {str(info.value)!r}"
+    after = dsb.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k].shape == after[k].shape and torch.equal(before[k], after[k]), f"{k} changed"
+    assert {k: getattr(dsb, k) for k in RECORDS} == records
+    assert all(p.grad is None for p in dsb.parameters())
+
+
+# ------------------------------------------------------ recordable attributes
+@pytest.mark.parametrize("case", ["soft_triple", "norm_softmax", "arcface", "cosface"])
+def test_recordable_attributes(case, gen, np_ref):
+    M, B = 16, 6
+    names = RECORDS
+    dsb, _, _ = make_pair(case, gen, C, D, M, 2)
+    assert set(names) <= set(dsb._record_these)
+    assert dsb.embedding_size == D
+    model = FifoModel(M)
+    for _ in range(7):
+        emb, labels = _batch(gen, B)
+        dsb(emb, labels)
+        model.extend(emb, labels)
+        assert dsb.dsb_stage == model.stage(2)
+        assert dsb.dsb_num_enqueued == model.enqueued
+        assert dsb.dsb_fill_level == pytest.approx(len(model.labels) / M)
+        stats = [getattr(dsb, n) for n in names[3:]]
+        if model.stage(2) < 3:
+            assert stats == [None] * 5
+            continue
+        s = model.scales(np_ref, C)
+        w = model.weights(np_ref, C)
+        np.testing.assert_allclose(stats, [s.mean(), s.min(), s.max(), w.min(), w.max()], rtol=1e-6)
+    assert model.stage(2) == 3
+
+
+def test_record_keeper_logs_dsb_stats(gen):
+    record_keeper = pytest.importorskip("record_keeper")
+
+    class Writer:
+        def __init__(self):
+            self.rows = {}
+
+        def append(self, group, series, value, iteration):
+            self.rows[(group, series)] = value
+
+    dsb, _, _ = make_pair("soft_triple", gen, C, D, 8, 1)
+    dsb(*_batch(gen, 8))
+    writer = Writer()
+    keeper = record_keeper.RecordKeeper(record_writer=writer, attributes_to_search_for=["_record_these", "_record_these_stats"])
+    keeper.update_records({"metric_loss": dsb}, 1)
+    logged = {series: value for (_, series), value in writer.rows.items()}
+    assert logged["dsb_stage"] == 3 and logged["dsb_num_enqueued"] == 8
+    assert logged["dsb_max_weight"] == pytest.approx(float(dsb.memory.weights().max()))
+
+
+# ------------------------------------------------------------ mixed precision
+@pytest.mark.parametrize("case", ["soft_triple", "norm_softmax", "arcface", "cosface"])
+def test_autocast_bf16_keeps_float32_parameters_and_scales(case, gen, np_ref):
+    M, B = 12, 6
+    dsb, _, _ = make_pair(case, gen, C, D, M, 1)
+    shadow = SemanticScaleMemory(C, D, M, warmup_epochs=1)
+    lin = torch.nn.Linear(5, D)
+    params = {name: (p.data_ptr(), p.dtype) for name, p in dsb.named_parameters()}
+    model = FifoModel(M)
+    for _ in range(4):
+        x = torch.randn(B, 5, generator=gen)
+        labels = torch.multinomial(PROBS, B, replacement=True, generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            emb = lin(x)
+            assert emb.dtype == torch.bfloat16
+            out = dsb(emb, labels)
+        out.backward()
+        assert torch.isfinite(out)
+        shadow.enqueue(emb.detach().float(), labels)  # the float32 computation, no autocast
+        model.extend(emb.detach().float(), labels)
+        for name, p in dsb.named_parameters():
+            assert (p.data_ptr(), p.dtype) == params[name] and p.dtype == torch.float32
+            assert p.grad is not None and p.grad.dtype == torch.float32
+        assert lin.weight.grad is not None and lin.weight.grad.dtype == torch.float32
+    assert dsb.memory.stage == 3
+    assert dsb.memory.embedding_memory.dtype == torch.float32
+    assert torch.equal(dsb.memory.scales(), shadow.scales())
+    np.testing.assert_allclose(dsb.memory.scales().numpy(), model.scales(np_ref, C), rtol=1e-6)
+
+
+# ------------------------------------------------------ memory construction
+def test_shared_memory_and_update_memory_false(gen, np_ref):
+    mem = SemanticScaleMemory(C, D, 16, warmup_epochs=1)
+    a = CASES["soft_triple"][0](C, D, memory=mem, centers_per_class=2)
+    b = CASES["norm_softmax"][0](C, D, memory=mem, update_memory=False)
+    assert a.memory is mem and b.memory is mem
+    for _ in range(3):
+        emb, labels = _batch(gen, 6)
+        a(emb, labels)
+        b(emb, labels)
+    assert mem.num_enqueued == 18
+    assert b.dsb_stage == 3 and b.dsb_num_enqueued == 18
+
+
+def test_sample_indices_make_the_memory_index_addressed(gen):
+    M = 10
+    dsb = CASES["norm_softmax"][0](C, D, memory_size=M, warmup_epochs=1)
+    latest = {}
+    for _ in range(6):
+        idx = torch.randperm(M, generator=gen)[:4]
+        emb, labels = _batch(gen, 4)
+        dsb(emb, labels, sample_indices=idx)
+        for i, e, l in zip(idx.tolist(), unit64(emb), labels.tolist()):
+            latest[i] = (e, l)
+    stored, stored_labels = dsb.memory.contents()
+    assert len(stored_labels) == len(latest)
+    want = sorted((l, tuple(np.round(e, 5))) for e, l in latest.values())
+    got = sorted((int(l), tuple(np.round(e, 5))) for e, l in zip(stored.double().numpy(), stored_labels))
+    assert got == want
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,words",
+    [
+        (dict(), ValueError, ["memory_size"]),
+        (dict(memory_size=0), ValueError, ["memory_size", "0"]),
+        (dict(memory=object()), TypeError, ["memory", "object"]),
+        (dict(memory=SemanticScaleMemory(C + 1, D, 10)), ValueError, ["num_classes", str(C + 1)]),
+        (dict(memory=SemanticScaleMemory(C, D + 1, 10)), ValueError, ["embedding_size", str(D + 1)]),
+        (dict(memory=SemanticScaleMemory(C, D, 10), memory_size=11), ValueError, ["memory_size", "11"]),
+        (dict(memory_size=10, normalize="median"), ValueError, ["normalize", "median"]),
+    ],
+    ids=["no-memory-size", "M=0", "not-a-memory", "memory-classes", "memory-size-d", "memory-size-conflict", "normalize"],
+)
+def test_bad_constructor_arguments(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        CASES["norm_softmax"][0](C, D, **kwargs)
+    for w in words:
+        assert w in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["soft_triple", "norm_softmax"])
+def test_num_classes_below_two_rejected(case):
+    with pytest.raises(ValueError, match="num_classes"):
+        CASES[case][0](1, D, memory_size=10)
+
+
+# ---------------------------------------------------------- with_dsb_weighting
+def test_with_dsb_weighting_builds_a_subclass():
+    cls = with_dsb_weighting(pml_losses.CosFaceLoss)
+    assert cls.__name__ == "DSBCosFaceLoss"
+    assert issubclass(cls, DSBWeightingMixin) and issubclass(cls, pml_losses.CosFaceLoss)
+    assert cls.__mro__[1] is DSBWeightingMixin
+    with pytest.raises(TypeError, match="loss_class"):
+        with_dsb_weighting(pml_losses.CosFaceLoss(C, D))
+
+
+# ------------------------------------------------------ weight_losses_by_class
+def test_weight_losses_by_class_matches_class_weighted_reducer(gen):
+    labels = torch.tensor([0, 1, 2, 1, 0, 2])
+    w = torch.tensor([0.5, 2.0, 1.25])
+    losses = torch.rand(6, generator=gen)
+    a1, p, a2, n = torch.tensor([0, 1, 3]), torch.tensor([4, 3, 1]), torch.tensor([5, 2, 0]), torch.tensor([1, 0, 3])
+    entries = {
+        "element": (losses, torch.arange(6)),
+        "pos_pair": (losses[:3], (a1, p)),
+        "neg_pair": (losses[3:], (a2, n)),
+        "triplet": (losses[:3], (a1, p, n)),
+    }
+    emb = torch.zeros(6, 2)
+    for kind, (l, idx) in entries.items():
+        entry = {"loss": {"losses": l.clone(), "indices": idx, "reduction_type": kind}}
+        weighted = weight_losses_by_class(entry, labels, w)["loss"]
+        anchor = idx if kind == "element" else idx[0]
+        torch.testing.assert_close(weighted["losses"], l * w[labels[anchor]], rtol=0, atol=0)
+        mean_of_weighted = reducers.MeanReducer()({"loss": weighted}, emb, labels)
+        pml = reducers.ClassWeightedReducer(w)({"loss": {"losses": l, "indices": idx, "reduction_type": kind}}, emb, labels)
+        torch.testing.assert_close(mean_of_weighted, pml)
+
+
+def test_weight_losses_by_class_names_zero_loss_and_already_reduced():
+    labels = torch.tensor([0, 1])
+    d = {
+        "loss": {"losses": torch.ones(2), "indices": torch.arange(2), "reduction_type": "element"},
+        "reg": {"losses": torch.tensor(3.0), "indices": None, "reduction_type": "already_reduced"},
+    }
+    out = weight_losses_by_class(d, labels, torch.tensor([2.0, 4.0]), names=["loss"])
+    assert torch.equal(out["loss"]["losses"], torch.tensor([2.0, 4.0]))
+    assert torch.equal(out["reg"]["losses"], torch.tensor(3.0))
+    with pytest.raises(ValueError, match="already_reduced"):
+        weight_losses_by_class(d, labels, torch.tensor([2.0, 4.0]))
+    zero = {"loss": {"losses": 0, "indices": None, "reduction_type": "element"}}
+    assert weight_losses_by_class(zero, labels, torch.tensor([2.0, 4.0]))["loss"]["losses"] == 0
+
+
+# ------------------------------------------------------------ dsb_class_weights
+def test_dsb_class_weights_for_cross_entropy(gen, np_ref):
+    M, n = 12, 2
+    mem = SemanticScaleMemory(C, D, M, warmup_epochs=n)
+    model = FifoModel(M)
+    for _ in range(5):
+        emb, labels = _batch(gen, 6)
+        mem.enqueue(emb, labels)
+        model.extend(emb, labels)
+        w = dsb_class_weights(mem)
+        assert w.dtype == torch.float32 and w.shape == (C,)
+        if model.stage(n) < 3:
+            assert torch.equal(w, torch.ones(C))
+            continue
+        np.testing.assert_allclose(w.numpy(), model.weights(np_ref, C), rtol=1e-6)
+        logits = torch.randn(6, C, generator=gen)
+        ce = F.cross_entropy(logits, labels, weight=w, reduction="none").mean()
+        manual = (-w[labels] * torch.log_softmax(logits, 1)[torch.arange(6), labels]).mean()
+        torch.testing.assert_close(ce, manual)
+    assert model.stage(n) == 3
+    assert dsb_class_weights(mem, dtype=torch.float64).dtype == torch.float64

@@ -1,0 +1,362 @@
+"""SemanticScaleMemory: stages, FIFO and index-addressed contents, scales and
+weights against from-scratch float64 numpy over the stored samples, checkpoints."""
+import collections
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from pml_dsb import SemanticScaleMemory
+
+
+def _batch(gen, b, d, num_classes, probs=None):
+    emb = torch.randn(b, d, generator=gen)
+    if probs is None:
+        labels = torch.randint(0, num_classes, (b,), generator=gen)
+    else:
+        labels = torch.multinomial(torch.tensor(probs), b, replacement=True, generator=gen)
+    return emb, labels
+
+
+def _label_stream(gen, n, probs, rare_every):
+    """Labels drawn from ``probs`` over classes 0..len(probs)-1, except that every
+    ``rare_every``-th sample is the extra class len(probs), which therefore never
+    holds more than ceil(M / rare_every) samples of a FIFO memory of size M."""
+    labels = torch.multinomial(torch.tensor(probs), n, replacement=True, generator=gen)
+    labels[rare_every - 1 :: rare_every] = len(probs)
+    return labels
+
+
+def _unit64(emb):
+    e = emb.double().numpy()
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def _assert_same_samples(memory, model_emb, model_labels, atol=1e-6):
+    """The memory holds exactly the (embedding, label) pairs of the model, in any order."""
+    emb, labels = memory.contents()
+    assert emb.shape == (len(model_labels), memory.embedding_size)
+    if len(model_labels) == 0:
+        return
+    model_emb = np.asarray(model_emb)
+    dist = np.abs(emb.double().numpy()[:, None, :] - model_emb[None, :, :]).max(-1)
+    match = dist.argmin(1)
+    assert np.all(dist[np.arange(len(match)), match] < atol), "a stored embedding is not in the model"
+    assert sorted(match.tolist()) == list(range(len(model_labels))), "not a one-to-one match"
+    np.testing.assert_array_equal(labels.numpy(), np.asarray(model_labels)[match])
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _assert_state_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def _expected_stage(n_enqueued, memory_size, warmup_epochs):
+    # DEFINITIONS.md: 1 until M enqueued, 2 until n*M, 3 afterwards
+    if n_enqueued < memory_size:
+        return 1
+    if n_enqueued < warmup_epochs * memory_size:
+        return 2
+    return 3
+
+
+# ---------------------------------------------------------------------- stages
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 2, 3])
+def test_stage_changes_exactly_at_m_and_n_times_m(gen, warmup_epochs):
+    M = 10
+    mem = SemanticScaleMemory(3, 4, M, warmup_epochs=warmup_epochs)
+    assert mem.stage == _expected_stage(0, M, warmup_epochs)
+    for k in range(1, 4 * M + 1):  # one sample at a time: every count is visited
+        mem.enqueue(*_batch(gen, 1, 4, 3))
+        assert mem.num_enqueued == k
+        assert mem.stage == _expected_stage(k, M, warmup_epochs), f"after {k} samples"
+
+
+def test_stage_counts_samples_not_batches(gen):
+    M, n = 12, 2
+    mem = SemanticScaleMemory(3, 4, M, warmup_epochs=n)
+    seen = 0
+    for b in [5, 6, 1, 7, 4, 1, 12, 3]:
+        mem.enqueue(*_batch(gen, b, 4, 3))
+        seen += b
+        assert mem.num_enqueued == seen
+        assert mem.stage == _expected_stage(seen, M, n)
+
+
+def test_constructor_arguments_kept(gen):
+    mem = SemanticScaleMemory(4, 3, 7, warmup_epochs=2, normalize=None)
+    assert (mem.num_classes, mem.embedding_size, mem.memory_size, mem.warmup_epochs, mem.normalize) == (
+        4, 3, 7, 2, None,
+    )
+    assert mem.num_enqueued == 0 and mem.fill_level == 0.0
+    assert SemanticScaleMemory(2, 3, 7).warmup_epochs == 5
+
+
+# ------------------------------------------------------- FIFO and wrap-around
+def test_fifo_contents_match_deque_model(gen):
+    M, d, C = 9, 3, 3
+    mem = SemanticScaleMemory(C, d, M)
+    model = collections.deque(maxlen=M)
+    for b in [2, 3, 1, 4, 9, 5, 2, 8, 1, 3, 3]:  # wraps around several times
+        emb, labels = _batch(gen, b, d, C)
+        mem.enqueue(emb, labels)
+        model.extend(zip(_unit64(emb), labels.tolist()))
+        _assert_same_samples(mem, [e for e, _ in model], [l for _, l in model])
+        assert mem.fill_level == pytest.approx(len(model) / M)
+        np.testing.assert_array_equal(
+            mem.class_counts.numpy(), np.bincount([l for _, l in model], minlength=C)
+        )
+
+
+def test_full_memory_is_a_ring_in_arrival_order(gen):
+    M, d = 7, 3
+    mem = SemanticScaleMemory(2, d, M)
+    model = collections.deque(maxlen=M)
+    for b in [3, 3, 3, 2, 5, 4]:
+        emb, labels = _batch(gen, b, d, 2)
+        mem.enqueue(emb, labels)
+        model.extend(_unit64(emb))
+        if len(model) < M:
+            continue
+        stored = mem.contents()[0].double().numpy()  # slot order
+        oldest = np.abs(stored - model[0]).max(1).argmin()
+        rotated = np.roll(stored, -oldest, axis=0)  # oldest first
+        np.testing.assert_allclose(rotated, np.stack(model), atol=1e-6)
+
+
+def test_stored_embeddings_are_detached_unit_float32(gen):
+    mem = SemanticScaleMemory(2, 4, 8)
+    emb = (torch.randn(5, 4, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    mem.enqueue(emb, torch.tensor([0, 1, 0, 1, 1]))
+    stored, _ = mem.contents()
+    assert stored.dtype == torch.float32 and not stored.requires_grad
+    np.testing.assert_allclose(stored.norm(dim=1).numpy(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(stored.double().numpy(), _unit64(emb.detach()), atol=1e-6)
+
+
+def test_tiny_embeddings_are_stored_unit_norm(gen):
+    # a norm below F.normalize's default eps (1e-12) must still be normalised
+    mem = SemanticScaleMemory(2, 4, 8)
+    emb = torch.randn(4, 4, generator=gen) * (2.0 ** -50)
+    mem.enqueue(emb, torch.tensor([0, 0, 1, 1]))
+    np.testing.assert_allclose(mem.contents()[0].norm(dim=1).numpy(), 1.0, rtol=1e-6)
+
+
+# ------------------------------------------------------- index-addressed mode
+def test_index_addressed_memory_keeps_latest_embedding_per_index(gen, np_ref):
+    M, d, C = 12, 3, 3
+    mem = SemanticScaleMemory(C, d, M)
+    model = {}
+    total = 0
+    for step in range(25):
+        b = int(torch.randint(1, 6, (1,), generator=gen))
+        idx = torch.randperm(M, generator=gen)[:b]
+        emb, labels = _batch(gen, b, d, C)
+        mem.enqueue(emb, labels, indices=idx)
+        for i, e, l in zip(idx.tolist(), _unit64(emb), labels.tolist()):
+            model[i] = (e, l)
+        total += b
+        assert mem.num_enqueued == total
+        assert mem.fill_level == pytest.approx(len(model) / M)
+        _assert_same_samples(mem, [e for e, _ in model.values()], [l for _, l in model.values()])
+        z, y = mem.contents()
+        want = np_ref.class_scales(z.double().numpy(), y.numpy(), C, normalize=False)
+        np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-6, atol=1e-12)
+
+
+def test_index_addressed_counts_every_enqueued_sample(gen):
+    mem = SemanticScaleMemory(2, 3, 10, warmup_epochs=2)
+    for _ in range(4):
+        mem.enqueue(torch.randn(5, 3, generator=gen), torch.tensor([0, 1, 0, 1, 0]), indices=torch.arange(5))
+    assert mem.num_enqueued == 20 and mem.num_filled == 5 and mem.stage == 3
+
+
+# ------------------------------------------------------------ scales, weights
+def test_unfilled_slots_never_count(gen, np_ref):
+    M, d, C = 50, 4, 3
+    mem = SemanticScaleMemory(C, d, M, warmup_epochs=1)
+    emb = torch.randn(9, d, generator=gen)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 0])
+    mem.enqueue(emb, labels)
+    assert mem.fill_level == pytest.approx(9 / M) and mem.num_filled == 9
+    want = np_ref.class_scales(emb.double().numpy(), labels.numpy(), C)
+    np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-6)
+    assert float(mem.scales()[2]) == 0.0  # one sample: no scale
+    # the same samples padded with origin points would give a smaller scale
+    zeros = np.zeros((M - 9, d))
+    with_origin = np_ref.semantic_scale(np.concatenate([_unit64(emb[labels == 0]), zeros]), normalize=False)
+    assert abs(with_origin - want[0]) > 0.1
+
+
+@pytest.mark.parametrize("normalize", ["mean", None])
+def test_weights_follow_definitions(gen, np_ref, normalize):
+    C, d, M = 5, 3, 30
+    mem = SemanticScaleMemory(C, d, M, warmup_epochs=1, normalize=normalize)
+    emb, labels = _batch(gen, 20, d, 4, probs=[0.5, 0.3, 0.15, 0.05])  # class 4 never seen
+    labels[0] = 3
+    labels[1:] = torch.where(labels[1:] == 3, torch.zeros_like(labels[1:]), labels[1:])  # class 3 once
+    mem.enqueue(emb, labels)
+    scales = np_ref.class_scales(_unit64(emb), labels.numpy(), C, normalize=False)
+    counts = np.bincount(labels.numpy(), minlength=C)
+    want = np_ref.dsb_weights(scales, counts, normalize)
+    got = mem.weights()
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    assert got[3] == got.max() and got[4] == got.max()
+
+
+def test_weights_are_ones_before_any_class_has_a_scale(gen):
+    mem = SemanticScaleMemory(3, 4, 10)
+    assert torch.equal(mem.weights(), torch.ones(3, dtype=torch.float64))
+    mem.enqueue(torch.randn(3, 4, generator=gen), torch.tensor([0, 1, 2]))
+    assert torch.equal(mem.scales(), torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(mem.weights(), torch.ones(3, dtype=torch.float64))
+
+
+def test_float32_scale_path_within_1e5(gen, np_ref):
+    C, d, M = 3, 16, 120
+    mem = SemanticScaleMemory(C, d, M, scale_dtype=torch.float32)
+    emb, labels = _batch(gen, M, d, C, probs=[0.6, 0.3, 0.1])
+    mem.enqueue(emb, labels)
+    z, y = mem.contents()
+    want = np_ref.class_scales(z.double().numpy(), y.numpy(), C, normalize=False)
+    np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_scales_after_10000_updates_equal_from_scratch_float64(gen, np_ref):
+    # gram_size=4: class 4 (every 20th sample) never holds more than 2 samples,
+    # class 3 hovers around 4, classes 0-2 are large: every per-class form and
+    # the switches between them are exercised.
+    C, d, M, updates, gram_size = 5, 8, 40, 10_000, 4
+    sizes = [1 + step % 3 for step in range(updates)]
+    ends = np.cumsum(sizes)
+    all_emb = torch.randn(int(ends[-1]), d, generator=gen)
+    all_labels = _label_stream(gen, int(ends[-1]), [0.45, 0.3, 0.15, 0.1], rare_every=20)
+    mem = SemanticScaleMemory(C, d, M, warmup_epochs=1, gram_size=gram_size)
+    for step, (b, end) in enumerate(zip(sizes, ends), start=1):
+        mem.enqueue(all_emb[end - b : end], all_labels[end - b : end])
+        if step % 4 == 0:
+            mem.scales()  # the refresh a stage-3 iteration does (refreshes are incremental)
+        if step % 2500 == 0:
+            scales = mem.scales()
+            z, y = mem.contents()
+            want = np_ref.class_scales(z.double().numpy(), y.numpy(), C, normalize=False)
+            assert (want > 0).sum() >= C - 1  # the comparison covers real scales
+            np.testing.assert_allclose(scales.numpy(), want, rtol=1e-9, atol=1e-12)
+            # and the contents are the latest M samples (FIFO model: a slice)
+            latest = slice(end - M, end)
+            _assert_same_samples(mem, _unit64(all_emb[latest]), all_labels[latest].tolist())
+            counts = np.bincount(y.numpy(), minlength=C)
+            np.testing.assert_allclose(mem.weights().numpy(), np_ref.dsb_weights(want, counts), rtol=1e-9)
+    assert mem.num_enqueued == int(ends[-1])
+
+
+@pytest.mark.parametrize("gram_size", [2, 4, 40], ids=lambda v: f"gram_size={v}")
+@pytest.mark.parametrize("indexed", [False, True], ids=["fifo", "indexed"])
+def test_scales_equal_from_scratch_float64_in_every_form(gen, np_ref, gram_size, indexed):
+    C, d, M = 4, 8, 40
+    mem = SemanticScaleMemory(C, d, M, warmup_epochs=1, gram_size=gram_size)
+    for step in range(60):
+        b = 1 + step % 5
+        emb = torch.randn(b, d, generator=gen)
+        labels = _label_stream(gen, b, [0.6, 0.3, 0.1], rare_every=3)
+        idx = torch.randperm(M, generator=gen)[:b] if indexed else None
+        mem.enqueue(emb, labels, indices=idx)
+        if step % 3 == 0:
+            mem.scales()
+    z, y = mem.contents()
+    want = np_ref.class_scales(z.double().numpy(), y.numpy(), C, normalize=False)
+    assert (want > 0).sum() >= C - 1
+    np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-9, atol=1e-12)
+
+
+def test_scales_refresh_only_what_changed_but_stay_exact(gen, np_ref):
+    """Scales requested rarely (after many enqueues) or often agree with scratch."""
+    C, d, M = 3, 4, 20
+    mem = SemanticScaleMemory(C, d, M)
+    for step in range(60):
+        mem.enqueue(*_batch(gen, 3, d, C))
+        if step % 7 == 0:
+            mem.scales()
+    z, y = mem.contents()
+    np.testing.assert_allclose(
+        mem.scales().numpy(), np_ref.class_scales(z.double().numpy(), y.numpy(), C, normalize=False), rtol=1e-9
+    )
+
+
+# ---------------------------------------------------------------- checkpoints
+def _new_memory():
+    return SemanticScaleMemory(4, 8, 64, warmup_epochs=2, gram_size=4)
+
+
+def _grown_memory(gen):
+    mem = _new_memory()
+    initial = {k: v.shape for k, v in mem.state_dict().items()}
+    for _ in range(20):
+        mem.enqueue(torch.randn(5, 8, generator=gen), _label_stream(gen, 5, [0.85, 0.1, 0.05], rare_every=5))
+    mem.scales()
+    mem.enqueue(torch.randn(5, 8, generator=gen), torch.tensor([0, 0, 1, 3, 0]))  # leaves stale classes
+    # precondition: some buffers outgrew their initial shape (the class 0 slot list)
+    assert any(v.shape != initial[k] for k, v in mem.state_dict().items())
+    return mem
+
+
+def test_state_dict_round_trip_is_exact_after_capacity_growth(gen):
+    mem = _grown_memory(gen)
+    buf = io.BytesIO()
+    torch.save(mem.state_dict(), buf)
+    buf.seek(0)
+    fresh = _new_memory()
+    fresh.load_state_dict(torch.load(buf))
+    _assert_state_equal(_state(mem), _state(fresh))
+    assert (fresh.num_enqueued, fresh.stage, fresh.fill_level) == (mem.num_enqueued, mem.stage, mem.fill_level)
+    for _ in range(30):
+        batch = _batch(gen, 5, 8, 4, probs=[0.1, 0.1, 0.1, 0.7])  # class 3 grows past gram_size
+        mem.enqueue(*batch)
+        fresh.enqueue(*batch)
+        assert torch.equal(mem.scales(), fresh.scales())
+        assert torch.equal(mem.weights(), fresh.weights())
+    _assert_state_equal(_state(mem), _state(fresh))
+
+
+def test_every_piece_of_state_is_in_state_dict(gen):
+    mem = _grown_memory(gen)
+    fresh = _new_memory()
+    fresh.load_state_dict(mem.state_dict())
+    for a, b in zip(mem.contents(), fresh.contents()):
+        assert torch.equal(a, b)
+    # the counters live in the state_dict: a load resets them
+    empty = _new_memory()
+    mem.load_state_dict(empty.state_dict())
+    assert mem.num_enqueued == 0 and mem.num_filled == 0 and mem.stage == 1
+    assert mem.contents()[0].shape[0] == 0
+
+
+def test_reset_empties_memory(gen):
+    mem = _grown_memory(gen)
+    mem.reset()
+    fresh = _new_memory()
+    assert mem.num_enqueued == 0 and mem.stage == 1 and mem.fill_level == 0.0
+    assert torch.equal(mem.scales(), fresh.scales())
+    mem.enqueue(*_batch(gen, 5, 8, 4))
+    assert mem.num_enqueued == 5
+
+
+# ------------------------------------------------------------------------ CUDA
+@pytest.mark.gpu
+def test_cuda_memory_matches_cpu(gen):
+    cpu = SemanticScaleMemory(3, 4, 20)
+    gpu = SemanticScaleMemory(3, 4, 20).cuda()
+    for _ in range(8):
+        emb, labels = _batch(gen, 4, 4, 3)
+        cpu.enqueue(emb, labels)
+        gpu.enqueue(emb.cuda(), labels.cuda())
+    assert gpu.scales().device.type == "cuda"
+    torch.testing.assert_close(gpu.scales().cpu(), cpu.scales(), rtol=1e-6, atol=1e-9)

@@ -1,0 +1,114 @@
+"""Issue 2 part 6: every bad input raises a ValueError/TypeError naming the argument
+and the value, before anything changes (state_dict identical, tensor by tensor)."""
+import pytest
+import torch
+
+from pml_dsb import SemanticScaleMemory
+
+C, D, M = 5, 4, 12
+NAN, INF = float("nan"), float("inf")
+
+
+def _emb(b, d=D):
+    return torch.randn(b, d, generator=torch.Generator().manual_seed(b * 31 + d))
+
+
+# (embeddings, labels, indices, exception, words that the message must contain)
+BAD_BATCHES = {
+    "label-too-large": (_emb(3), torch.tensor([0, 7, 1]), None, ValueError, ["labels", "7"]),
+    "label-equal-C": (_emb(3), torch.tensor([0, C, 1]), None, ValueError, ["labels", str(C)]),
+    "label-negative": (_emb(3), torch.tensor([0, -3, 1]), None, ValueError, ["labels", "-3"]),
+    "label-float": (_emb(3), torch.tensor([0.0, 1.0, 2.0]), None, TypeError, ["labels", "float32"]),
+    "label-bool": (_emb(3), torch.tensor([True, False, True]), None, TypeError, ["labels", "bool"]),
+    "label-list": (_emb(3), [0, 1, 2], None, TypeError, ["labels", "list"]),
+    "label-too-short": (_emb(3), torch.tensor([0, 1]), None, ValueError, ["labels", "(2,)"]),
+    "label-too-long": (_emb(3), torch.tensor([0, 1, 2, 3]), None, ValueError, ["labels", "(4,)"]),
+    "label-2d": (_emb(3), torch.tensor([[0], [1], [2]]), None, ValueError, ["labels", "(3, 1)"]),
+    "embedding-size": (_emb(3, D + 3), torch.tensor([0, 1, 2]), None, ValueError, ["embedding", str(D + 3)]),
+    "embedding-1d": (torch.ones(D), torch.tensor([0]), None, ValueError, ["embedding", f"({D},)"]),
+    "embedding-int": (torch.ones(3, D, dtype=torch.long), torch.tensor([0, 1, 2]), None, TypeError, ["embeddings", "int64"]),
+    "embedding-nan": (torch.tensor([[1.0, 0, 0, 0], [NAN, 0, 0, 0]]), torch.tensor([0, 1]), None, ValueError, ["embeddings", "NaN"]),
+    "embedding-inf": (torch.tensor([[1.0, 0, 0, 0], [0, -INF, 0, 0]]), torch.tensor([0, 1]), None, ValueError, ["embeddings", "Inf"]),
+    "empty-batch": (torch.zeros(0, D), torch.zeros(0, dtype=torch.long), None, ValueError, ["embeddings", "empty"]),
+    "batch-larger-than-memory": (_emb(M + 1), torch.zeros(M + 1, dtype=torch.long), None, ValueError, [str(M + 1), "memory_size"]),
+    "indices-duplicate": (_emb(4), torch.tensor([0, 1, 2, 3]), torch.tensor([2, 9, 5, 9]), ValueError, ["indices", "9"]),
+    "indices-too-large": (_emb(3), torch.tensor([0, 1, 2]), torch.tensor([0, M, 1]), ValueError, ["indices", str(M)]),
+    "indices-negative": (_emb(3), torch.tensor([0, 1, 2]), torch.tensor([0, -4, 1]), ValueError, ["indices", "-4"]),
+    "indices-float": (_emb(3), torch.tensor([0, 1, 2]), torch.tensor([0.0, 1.0, 2.0]), TypeError, ["indices", "float32"]),
+    "indices-length": (_emb(3), torch.tensor([0, 1, 2]), torch.tensor([0, 1]), ValueError, ["indices", "(2,)"]),
+}
+
+
+def _used_memory():
+    """A memory mid-way through stage 2 with stale classes, cached scales and wrap-around."""
+    g = torch.Generator().manual_seed(5)
+    mem = SemanticScaleMemory(C, D, M, warmup_epochs=3)
+    for _ in range(4):
+        mem.enqueue(torch.randn(4, D, generator=g), torch.randint(0, C, (4,), generator=g))
+    mem.scales()
+    mem.enqueue(torch.randn(3, D, generator=g), torch.tensor([0, 1, 1]))
+    return mem
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def assert_state_unchanged(before, module):
+    after = module.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k].shape == after[k].shape and torch.equal(before[k], after[k]), f"{k} changed"
+
+
+@pytest.mark.parametrize("case", list(BAD_BATCHES))
+def test_bad_batch_is_rejected_before_anything_changes(case):
+    emb, labels, indices, exc, words = BAD_BATCHES[case]
+    mem = _used_memory()
+    before = _snapshot(mem)
+    with pytest.raises(exc) as info:
+        mem.enqueue(emb, labels, indices=indices)
+    message = str(info.value)
+    for w in words:
+        assert w in message, f"{w!r} not in {message!r}"
+    assert_state_unchanged(before, mem)
+    # and the memory still works
+    mem.enqueue(_emb(2), torch.tensor([2, 3]))
+
+
+def test_rejected_batch_does_not_disturb_later_scales(np_ref):
+    mem, twin = _used_memory(), _used_memory()
+    for emb, labels, indices, exc, _ in BAD_BATCHES.values():
+        with pytest.raises(exc):
+            mem.enqueue(emb, labels, indices=indices)
+    g = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        emb, labels = torch.randn(4, D, generator=g), torch.randint(0, C, (4,), generator=g)
+        mem.enqueue(emb, labels)
+        twin.enqueue(emb, labels)
+    assert torch.equal(mem.scales(), twin.scales())
+    assert mem.num_enqueued == twin.num_enqueued
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,words",
+    [
+        (dict(num_classes=C, embedding_size=D, memory_size=0), ValueError, ["memory_size", "0"]),
+        (dict(num_classes=C, embedding_size=D, memory_size=-5), ValueError, ["memory_size", "-5"]),
+        (dict(num_classes=C, embedding_size=D, memory_size=2.5), (ValueError, TypeError), ["memory_size", "2.5"]),
+        (dict(num_classes=1, embedding_size=D, memory_size=M), ValueError, ["num_classes", "1"]),
+        (dict(num_classes=0, embedding_size=D, memory_size=M), ValueError, ["num_classes", "0"]),
+        (dict(num_classes=C, embedding_size=0, memory_size=M), ValueError, ["embedding_size", "0"]),
+        (dict(num_classes=C, embedding_size=D, memory_size=M, warmup_epochs=-1), ValueError, ["warmup_epochs", "-1"]),
+        (dict(num_classes=C, embedding_size=D, memory_size=M, normalize="max"), ValueError, ["normalize", "max"]),
+        (dict(num_classes=C, embedding_size=D, memory_size=M, scale_dtype=torch.float16), ValueError, ["scale_dtype", "float16"]),
+        (dict(num_classes=C, embedding_size=D, memory_size=M, gram_size=1), ValueError, ["gram_size", "1"]),
+        (dict(num_classes=C, embedding_size=D, memory_size=M, distributed="yes"), ValueError, ["distributed", "yes"]),
+    ],
+    ids=["M=0", "M<0", "M-float", "C=1", "C=0", "d=0", "n<0", "normalize", "scale_dtype", "gram_size", "distributed"],
+)
+def test_bad_constructor_arguments(kwargs, exc, words):
+    with pytest.raises(exc) as info:
+        SemanticScaleMemory(**kwargs)
+    for w in words:
+        assert w in str(info.value)

@@ -1,0 +1,176 @@
+"""End to end: `pml-dsb bench` on digits-LT writes every output; a resumed run equals an uninterrupted one."""
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import torch
+
+from pml_dsb import class_semantic_scales
+from pml_dsb.cli import main
+from pml_dsb.runner import load_run, train_one
+from pml_dsb.runner.checkpoint import load_checkpoint
+from pml_dsb.runner.config import default_config_path, dump_config, load_config
+from pml_dsb.runner.methods import METHODS
+
+RUN_FILES = ("config.toml", "environment.json", "results.json", "table.md", "table.csv", "per_class.csv",
+             "per_class_recall.png")
+
+
+def tiny_config(tmp_path, epochs=3, methods=None, **training):
+    """The built-in digits-LT config, made small: DSB weights from epoch 2 on."""
+    cfg = load_config(default_config_path())
+    cfg = dataclasses.replace(
+        cfg, name="tiny", methods=methods or list(METHODS), seeds=[0],
+        model=dataclasses.replace(cfg.model, width=4, embedding_size=16),
+        training=dataclasses.replace(cfg.training, epochs=epochs, **training),
+        dsb=dataclasses.replace(cfg.dsb, warmup_epochs=1),
+        evaluation=dataclasses.replace(cfg.evaluation, nredo=2),
+    )
+    path = tmp_path / "tiny.toml"
+    path.write_text(dump_config(cfg))
+    return str(path), cfg
+
+
+def bench(config_path, out, *extra):
+    return main(["bench", "--config", config_path, "--out", str(out), "--no-progress", *extra])
+
+
+def test_bench_writes_every_output(tmp_path, capsys):
+    config_path, cfg = tiny_config(tmp_path)
+    out = tmp_path / "results"
+    assert bench(config_path, out, "--seeds", "0") == 0
+    run_dir = out / "tiny"
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), name
+    for method in METHODS:
+        for which in ("last", "best", "result"):
+            ext = "json" if which == "result" else "pt"
+            assert (run_dir / "checkpoints" / method / "seed0" / f"{which}.{ext}").is_file()
+    assert "| 50 | DSB-ST |" in capsys.readouterr().out  # the table is printed
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["dataset"] == "digits_lt" and results["imbalance_factor"] == 50
+    assert results["train_class_counts"] == [124, 80, 52, 34, 22, 14, 9, 6, 4, 2]
+    assert results["methods"] == list(METHODS) and results["seeds"] == [0]
+    for method in METHODS:
+        entry = results["per_method"][method]
+        assert len(entry["runs"]) == 1 and entry["std"]["recall_at_1"] is None  # one seed
+        run = entry["runs"][0]
+        assert 1 <= run["best_epoch"] <= 3 and 0 < run["metrics"]["recall_at_1"] <= 1
+        assert set(run["metrics"]["groups"]) == {"many", "medium", "few"}
+        assert len(run["per_class_recall_at_1"]) == 10
+    assert set(results["paired"]) == {"CB-NSM", "DSB-NSM", "CB-ST", "DSB-ST"}
+    assert results["paired"]["DSB-ST"]["parent"] == "ST"
+    assert results["paired"]["DSB-ST"]["recall_at_1"]["p"] is None  # n/a with one seed
+
+    # DSB reached stage 3 (weighted losses) in this short run
+    for method in ("DSB-NSM", "DSB-ST"):
+        result = json.loads((run_dir / "checkpoints" / method / "seed0" / "result.json").read_text())
+        assert result["history"][0]["epoch"] == 0  # the untrained network
+        assert result["history"][-1]["dsb_stage"] == 3
+
+    table = (run_dir / "table.md").read_text()
+    assert "| IF | Method | R@1 | R@2 | NMI |" in table and "n/a" in table and "few (5 classes)" in table
+    with open(run_dir / "table.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["method"] for r in rows] == list(METHODS) * 2
+    assert rows[0]["epoch_selection"] == "best" and rows[0]["recall_at_1_std"] == ""
+    assert (run_dir / "per_class_recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    env = json.loads((run_dir / "environment.json").read_text())
+    for key in ("torch", "pytorch_metric_learning", "faiss", "numpy", "sklearn", "pml_dsb"):
+        assert env["versions"][key], key
+    assert isinstance(env["git_revision"], str) and env["git_revision"]
+    assert env["seeds"] == [0] and env["config"]["training"]["epochs"] == 3 and env["wall_seconds"] > 0
+
+    # per_class.csv: scales of the train features of the best checkpoint, rebuilt through load_run
+    with open(run_dir / "per_class.csv") as fh:
+        per_class = list(csv.DictReader(fh))
+    assert len(per_class) == 6 * 10
+    assert {r["scale_source"] for r in per_class} == {"train"}
+    loaded = load_run(run_dir)
+    assert loaded.config == cfg and loaded.results == results
+    features, labels = loaded.train_features("DSB-ST", 0)
+    scales = class_semantic_scales(features, labels, 10)
+    expected = [float(r["semantic_scale"]) for r in per_class if r["method"] == "DSB-ST"]
+    np.testing.assert_allclose(scales.numpy(), expected, rtol=1e-6)
+    assert [int(r["train_count"]) for r in per_class if r["method"] == "DSB-ST"] == results["train_class_counts"]
+
+    # a second run into the same folder must not silently overwrite the first
+    assert bench(config_path, out, "--seeds", "0") == 2
+
+
+def _model_state(path):
+    state = load_checkpoint(path)
+    return state["model"], state["loss"], state["optimizers"]
+
+
+def _assert_states_equal(a, b):
+    for x, y in zip(_model_state(a), _model_state(b)):
+        assert x.keys() == y.keys()
+        for k in x:
+            if torch.is_tensor(x[k]):
+                assert torch.equal(x[k], y[k]), k
+            else:
+                assert repr(x[k]) == repr(y[k]), k
+
+
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    config_path, _ = tiny_config(tmp_path, epochs=4, methods=["NSM", "DSB-ST"])
+    whole, killed, extended = tmp_path / "whole", tmp_path / "killed", tmp_path / "extended"
+    assert bench(config_path, whole) == 0
+
+    # killed after epoch 2: checkpoints but no tables; then resumed
+    assert bench(config_path, killed, "--stop-after-epoch", "2") == 0
+    assert not (killed / "tiny" / "results.json").exists()
+    assert load_checkpoint(killed / "tiny" / "checkpoints" / "DSB-ST" / "seed0" / "last.pt")["epoch"] == 2
+    assert bench(config_path, killed, "--resume") == 0
+
+    # run for fewer epochs first, then resumed with more
+    assert bench(config_path, extended, "--epochs", "2") == 0
+    assert bench(config_path, extended, "--resume") == 0
+
+    expected = json.loads((whole / "tiny" / "results.json").read_text())
+    for other in (killed, extended):
+        assert json.loads((other / "tiny" / "results.json").read_text()) == expected
+        assert (other / "tiny" / "per_class.csv").read_text() == (whole / "tiny" / "per_class.csv").read_text()
+        for method in ("NSM", "DSB-ST"):
+            for which in ("last.pt", "best.pt"):
+                if which == "best.pt":
+                    a = load_checkpoint(whole / "tiny" / "checkpoints" / method / "seed0" / which)
+                    b = load_checkpoint(other / "tiny" / "checkpoints" / method / "seed0" / which)
+                    assert a["epoch"] == b["epoch"]
+                    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+                else:
+                    _assert_states_equal(whole / "tiny" / "checkpoints" / method / "seed0" / which,
+                                         other / "tiny" / "checkpoints" / method / "seed0" / which)
+
+    # resuming with other settings is refused
+    (tmp_path / "other").mkdir()
+    other_path, _ = tiny_config(tmp_path / "other", epochs=4, methods=["NSM", "DSB-ST"], lr=0.5)
+    assert bench(other_path, killed, "--resume") == 2
+
+
+def test_resume_with_the_m_per_class_sampler(tmp_path):
+    """PML's MPerClassSampler draws from numpy's global RNG and keeps a shuffled class order."""
+    _, cfg = tiny_config(tmp_path, epochs=3, methods=["DSB-NSM"], sampler="m_per_class", batch_size=40)
+    whole = train_one(cfg, "DSB-NSM", 1, out_dir=tmp_path / "a", progress=False)
+    assert train_one(cfg, "DSB-NSM", 1, out_dir=tmp_path / "b", progress=False, stop_after_epoch=1) is None
+    resumed = train_one(cfg, "DSB-NSM", 1, out_dir=tmp_path / "b", progress=False, resume=True)
+    for r in (whole, resumed):
+        r.pop("train_seconds")
+    assert resumed == whole
+    _assert_states_equal(tmp_path / "a" / "checkpoints" / "DSB-NSM" / "seed1" / "last.pt",
+                         tmp_path / "b" / "checkpoints" / "DSB-NSM" / "seed1" / "last.pt")
+
+
+def test_runs_leave_the_callers_rng_alone(tmp_path):
+    _, cfg = tiny_config(tmp_path, epochs=1, methods=["NSM"])
+    torch.manual_seed(123)
+    np.random.seed(123)
+    expected = (torch.rand(2), np.random.rand(2))
+    torch.manual_seed(123)
+    np.random.seed(123)
+    train_one(cfg, "NSM", 0, out_dir=tmp_path, progress=False)
+    assert torch.equal(torch.rand(2), expected[0]) and np.array_equal(np.random.rand(2), expected[1])

@@ -1,0 +1,188 @@
+"""Checkpoints: atomic writes, refusal of truncated and foreign files, all-or-nothing restore."""
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pml_dsb import DSBSoftTripleLoss
+from pml_dsb.runner.checkpoint import (
+    FORMAT_TAG,
+    FORMAT_VERSION,
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    restore_training_state,
+    save_checkpoint,
+)
+
+
+def make(num_classes=3, dim=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Linear(5, dim)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(dim, 5, generator=g))
+    loss = DSBSoftTripleLoss(num_classes, dim, centers_per_class=2, memory_size=8, warmup_epochs=1)
+    with torch.no_grad():
+        loss.fc.copy_(torch.randn(loss.fc.shape, generator=g))
+    opt = torch.optim.Adam(list(model.parameters()) + list(loss.parameters()), lr=0.1)
+    # one step so that the optimizer and the memory hold state
+    labels = torch.arange(6) % num_classes
+    out = loss(model(torch.randn(6, 5, generator=g)), labels)
+    out.backward()
+    opt.step()
+    return model, loss, opt
+
+
+def state_of(model, loss, opt, epoch=3, kind="last"):
+    state = {
+        "format": FORMAT_TAG, "version": FORMAT_VERSION, "kind": kind, "method": "DSB-ST", "seed": 0,
+        "epoch": epoch, "model": model.state_dict(), "loss": loss.state_dict(), "metrics": {"recall_at_1": 0.5},
+    }
+    if kind == "last":
+        state.update(optimizers={"all": opt.state_dict()}, schedulers={}, rng=capture_rng_state(),
+                     sampler={}, history=[{"epoch": 1}], best={"epoch": 1}, config={"a": 1}, finished=False)
+    return state
+
+
+def snapshot(*objs):
+    return [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in o.state_dict().items()}
+            if isinstance(o, torch.nn.Module) else repr(o.state_dict()) for o in objs]
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        if isinstance(x, dict):
+            assert x.keys() == y.keys()
+            for k in x:
+                assert torch.equal(x[k], y[k]), k
+        else:
+            assert x == y
+
+
+def test_round_trip_restores_everything(tmp_path):
+    model, loss, opt = make()
+    path = tmp_path / "last.pt"
+    save_checkpoint(state_of(model, loss, opt), path)
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left
+    model2, loss2, opt2 = make(seed=1)
+    state = load_checkpoint(path, kind="last", method="DSB-ST", seed=0)
+    restore_training_state(state, model2, loss2, {"all": opt2}, path=str(path))
+    assert_same(snapshot(model, loss), snapshot(model2, loss2))
+    assert loss2.memory.num_enqueued == loss.memory.num_enqueued == 6  # memory counters included
+    assert repr(opt.state_dict()) == repr(opt2.state_dict())
+
+
+def test_truncated_file_is_refused(tmp_path):
+    model, loss, opt = make()
+    path = tmp_path / "last.pt"
+    save_checkpoint(state_of(model, loss, opt), path)
+    data = path.read_bytes()
+    for cut in (len(data) // 2, len(data) - 10, 100, 0):
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="truncated, corrupt or not a pml-dsb checkpoint"):
+            load_checkpoint(path)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_foreign_files_are_refused(tmp_path):
+    model, loss, opt = make()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo should never run",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"format": FORMAT_TAG, "payload": Evil()}, fh)
+    with pytest.raises(CheckpointError, match="cannot read the checkpoint"):
+        load_checkpoint(path)
+
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)  # a valid torch file, but not ours
+    with pytest.raises(CheckpointError, match="format tag None"):
+        load_checkpoint(plain)
+
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(text)
+
+
+def test_version_kind_keys_and_run_are_checked(tmp_path):
+    model, loss, opt = make()
+    path = tmp_path / "x.pt"
+    bad = state_of(model, loss, opt)
+    bad["version"] = 99
+    torch.save(bad, path)
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(path)
+    bad = state_of(model, loss, opt)
+    del bad["optimizers"]
+    torch.save(bad, path)
+    with pytest.raises(CheckpointError, match="missing optimizers"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="missing optimizers"):
+        save_checkpoint(bad, tmp_path / "y.pt")  # checked before writing
+    assert not (tmp_path / "y.pt").exists()
+    save_checkpoint(state_of(model, loss, opt, kind="best"), path)
+    with pytest.raises(CheckpointError, match="a 'best' checkpoint where a 'last' one was expected"):
+        load_checkpoint(path, kind="last")
+    with pytest.raises(CheckpointError, match="of method 'DSB-ST', expected 'ST'"):
+        load_checkpoint(path, method="ST")
+    with pytest.raises(CheckpointError, match="of seed 0, expected 1"):
+        load_checkpoint(path, seed=1)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_restore_of_a_misfitting_checkpoint_applies_nothing(tmp_path):
+    model, loss, opt = make(num_classes=3)
+    path = tmp_path / "last.pt"
+    save_checkpoint(state_of(model, loss, opt), path)
+    state = load_checkpoint(path)
+    # same model shape, a loss with another number of classes: the model loads first, then the loss fails
+    model2, loss2, opt2 = make(num_classes=4, seed=5)
+    before = snapshot(model2, loss2, opt2)
+    torch_rng = torch.get_rng_state()
+    with pytest.raises(CheckpointError, match="(?s)does not fit this run .*nothing was applied"):
+        restore_training_state(state, model2, loss2, {"all": opt2})
+    assert_same(before, snapshot(model2, loss2, opt2))
+    assert torch.equal(torch_rng, torch.get_rng_state())
+    with pytest.raises(CheckpointError, match="optimizers"):
+        restore_training_state(state, model2, loss2, {"model": opt2, "loss": opt2})
+    assert_same(before, snapshot(model2, loss2, opt2))
+
+
+def test_a_crash_during_the_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    model, loss, opt = make()
+    path = tmp_path / "last.pt"
+    save_checkpoint(state_of(model, loss, opt, epoch=1), path)
+    good = path.read_bytes()
+
+    def dying_save(obj, fh):
+        fh.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt("killed during the write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(state_of(model, loss, opt, epoch=2), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["last.pt"]
+    assert load_checkpoint(path)["epoch"] == 1
+    # a temporary file left by a SIGKILL is removed by the next save
+    (tmp_path / ".last.pt.tmp-stale").write_bytes(b"junk")
+    save_checkpoint(state_of(model, loss, opt, epoch=3), path)
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_rng_state_round_trip():
+    saved = capture_rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_state(saved)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
