@@ -410,6 +410,7 @@ class SemanticScaleMemory(torch.nn.Module):
 
     # --------------------------------------------------------- scales/weights
     @torch.no_grad()
+    @_autocast_off
     def scales(self) -> torch.Tensor:
         """(C,) float64 semantic scales of the memory's contents, in bits.
 
