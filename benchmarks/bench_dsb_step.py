@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from pytorch_metric_learning.losses import NormalizedSoftmaxLoss, SoftTripleLoss
 
 from pml_dsb import DSBNormalizedSoftmaxLoss, DSBSoftTripleLoss, SemanticScaleMemory
@@ -159,22 +160,40 @@ def bench_refresh(sizes, iters: int, seed: int, classes: int = 100, batch: int =
     return rows
 
 
-def bench_error(updates: int, seed: int, classes: int = 20, dim: int = 64, memory_size: int = 2000, batch: int = 32) -> float:
-    """Largest relative error of the memory's scales after many updates."""
+def bench_error(updates: int, seed: int, shape: Shape) -> dict:
+    """Largest relative error of the memory's scales (float64 and float32
+    paths) against a float64 from-scratch computation over its contents, on
+    clustered embeddings (class mean + noise, as after training)."""
+    classes, memory_size = len(shape.counts), int(shape.counts.sum())
     gen = torch.Generator().manual_seed(seed)
-    memory = SemanticScaleMemory(classes, dim, memory_size, warmup_epochs=1)
-    worst = 0.0
+    rng = np.random.default_rng(seed)
+    centres = torch.randn(classes, shape.dim, generator=gen)
+    memories = {
+        dtype: SemanticScaleMemory(classes, shape.dim, memory_size, warmup_epochs=1, scale_dtype=dtype)
+        for dtype in (torch.float64, torch.float32)
+    }
+    stream = label_stream(shape.counts, shape.batch, rng)
+    worst = {str(dtype).replace("torch.", ""): 0.0 for dtype in memories}
+    checks = 10
     for i in range(updates):
-        labels = torch.randint(0, classes, (batch,), generator=gen)
-        memory.enqueue(torch.randn(batch, dim, generator=gen) + labels.unsqueeze(1).float() / classes, labels)
-        if (i + 1) % max(1, updates // 10) == 0:
-            emb, lab = memory.contents()
-            ref = class_semantic_scales(emb.double(), lab, classes, normalize=False)
-            got = memory.scales()
-            rel = ((got - ref).abs() / ref.abs().clamp(min=1e-12)).max().item()
-            worst = max(worst, rel)
-    print(f"largest relative scale error after {updates} updates: {worst:.2e}", flush=True)
-    return worst
+        labels = next(stream)
+        emb = centres[labels] + 0.5 * torch.randn(len(labels), shape.dim, generator=gen)
+        for memory in memories.values():
+            memory.enqueue(emb, labels)
+            memory.scales()  # refreshed every iteration, as in training
+        if (i + 1) % max(1, updates // checks) == 0:
+            for dtype, memory in memories.items():
+                stored, lab = memory.contents()
+                ref = class_semantic_scales(stored.double(), lab, classes, normalize=False)
+                rel = ((memory.scales() - ref).abs() / ref.abs().clamp(min=1e-12)).max().item()
+                key = str(dtype).replace("torch.", "")
+                worst[key] = max(worst[key], rel)
+    print(
+        f"largest relative scale error after {updates} updates ({shape.name}): "
+        + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()),
+        flush=True,
+    )
+    return {"updates": updates, "shape": shape.name, **worst}
 
 
 def main() -> None:
@@ -185,7 +204,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/bench_dsb_step.json", help="where to write the figures")
     args = parser.parse_args()
+    # one thread everywhere: torch (MKL) and scipy's LAPACK (OpenBLAS) alike
     torch.set_num_threads(1)
+    threadpool_limits(1)
     torch.manual_seed(args.seed)
     iters = args.iters or (5 if args.quick else 30)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, iterations {iters}")
@@ -194,7 +215,7 @@ def main() -> None:
         results["steps"] += bench_shape(SHAPES[name](), iters, args.seed)
     sizes = (5864, 20000) if args.quick else (5864, 115846, 437513)
     results["refresh"] = bench_refresh(sizes, iters, args.seed)
-    results["error"] = bench_error(2000 if args.quick else 20000, args.seed)
+    results["error"] = bench_error(2000 if args.quick else 20000, args.seed, SHAPES["cub64"]())
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -42,13 +42,23 @@ def gpu_device(cuda_index: int | None) -> int | None:
     return cuda_index
 
 
-def flat_ip_index(d: int, device: int | None):
-    """An exact inner-product index (``IndexFlatIP``) on CPU or on GPU ``device``."""
+def exact_ip_search(reference, device: int | None):
+    """A function ``search(queries, k) -> (similarities, indices)`` that finds
+    the k largest inner products with the rows of ``reference`` exactly.
+
+    On CPU it calls ``faiss.knn`` (the kernel behind ``IndexFlatIP.search``)
+    on ``reference`` in place, so the reference set is not copied; on GPU it
+    copies the reference set into a ``GpuIndexFlatIP`` on ``device``.
+    """
     fa = faiss()
-    index = fa.IndexFlatIP(d)
     if device is None:
-        return index
+        def search(queries, k):
+            return fa.knn(queries, reference, k, metric=fa.METRIC_INNER_PRODUCT)
+
+        return search
     res = _gpu_resources.get(device)
     if res is None:
         res = _gpu_resources[device] = fa.StandardGpuResources()
-    return fa.index_cpu_to_gpu(res, device, index)
+    index = fa.index_cpu_to_gpu(res, device, fa.IndexFlatIP(reference.shape[1]))
+    index.add(reference)
+    return index.search

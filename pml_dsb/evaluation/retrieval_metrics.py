@@ -1,4 +1,4 @@
-r"""Recall@K from one exact k-nearest-neighbour search (faiss ``IndexFlatIP``).
+r"""Recall@K from one exact k-nearest-neighbour search (faiss, inner product).
 
 Definitions (``DEFINITIONS.md``, "Retrieval metrics"):
 
@@ -25,7 +25,9 @@ Definitions (``DEFINITIONS.md``, "Retrieval metrics"):
   few (:math:`n_c < 20`); a group's Recall@K pools the queries of its classes.
 
 One search with :math:`k = \max K` (plus one slot for the query itself when the
-reference set contains the queries) gives every K at once. Queries are searched
+reference set contains the queries) gives every K at once; it is faiss' exact
+inner-product search (``faiss.knn``, the kernel of ``IndexFlatIP``, which
+reads the reference set in place). Queries are searched
 in batches of ``batch_size`` and only each query's rank of the first correct
 neighbour is kept, so memory is :math:`O(N k)` on top of the normalised
 embeddings, never :math:`O(N^2)`. Ties in similarity are broken the way faiss
@@ -95,6 +97,7 @@ def _prepare(
             f"reference has dimension {r_raw.shape[1]} but query has dimension "
             f"{q_raw.shape[1]}; expected equal dimensions"
         )
+    q = _checks.l2_normalize(q_raw)
     if ref_includes_query:
         n = q_raw.shape[0]
         if r_raw.shape[0] < n or not np.allclose(q_raw, r_raw[:n]):
@@ -102,7 +105,9 @@ def _prepare(
                 f"ref_includes_query=True requires the first len(query)={n} rows of "
                 f"reference (which has {r_raw.shape[0]} rows) to equal query"
             )
-    return _checks.l2_normalize(q_raw), _checks.l2_normalize(r_raw), bool(ref_includes_query), device
+        if r_raw.shape[0] == n:  # reference is a copy of query: one normalised copy
+            return q, q, True, device
+    return q, _checks.l2_normalize(r_raw), bool(ref_includes_query), device
 
 
 def _search_batches(
@@ -121,11 +126,10 @@ def _search_batches(
             search_k, _faiss_backend.GPU_MAX_K,
         )
         device = None
-    index = _faiss_backend.flat_ip_index(r.shape[1], device)
-    index.add(r)
+    search = _faiss_backend.exact_ip_search(r, device)
     try:
         for start in range(0, q.shape[0], batch_size):
-            sims, idx = index.search(q[start:start + batch_size], search_k)
+            sims, idx = search(q[start:start + batch_size], search_k)
             if ref_includes_query:
                 rows = idx.shape[0]
                 own = np.arange(start, start + rows)[:, None]
@@ -138,7 +142,7 @@ def _search_batches(
                 idx = idx[keep].reshape(rows, k)
             yield start, sims, idx
     finally:
-        index.reset()
+        del search  # frees a GPU index's copy of the reference set
 
 
 def knn_search(
@@ -170,7 +174,7 @@ def knn_search(
     >>> sims, idx = knn_search(x, k=1)   # row 1 duplicates row 0: still found
     >>> idx[:, 0].tolist()
     [1, 0, 3, 2]
-    >>> np.round(sims[:, 0], 2).tolist()
+    >>> [round(float(s), 2) for s in sims[:, 0]]
     [1.0, 1.0, 0.8, 0.8]
     """
     k = _checks.check_int(k, "k", 1)
@@ -405,10 +409,10 @@ def recall_at_k(
     module docstring for the definition.
 
     >>> import numpy as np
-    >>> angles = np.deg2rad([0, 10, 25, 90])   # points on the unit circle
+    >>> angles = np.deg2rad([0, 20, 30, 90])   # points on the unit circle
     >>> x = np.stack([np.cos(angles), np.sin(angles)], axis=1)
-    >>> recall_at_k(x, [0, 1, 0, 1], ks=(1, 2))
-    {1: 0.25, 2: 1.0}
+    >>> recall_at_k(x, [0, 0, 1, 1], ks=(1, 2, 3))
+    {1: 0.5, 2: 0.75, 3: 1.0}
     """
     ks = _checks.check_ks(ks, "ks")
     ranks = retrieval_ranks(

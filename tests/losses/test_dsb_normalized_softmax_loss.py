@@ -1,10 +1,8 @@
 """DSBNormalizedSoftmaxLoss: a NormalizedSoftmaxLoss subclass; parent arguments, exact parent equality with
-non-default arguments, checkpoint/resume across the stage 2 -> 3 boundary, and PML's
-MetricLossOnly trainer. Generic DSB behaviour is in test_dsb_weighting.py."""
-import numpy as np
-import pytest
+non-default arguments. Generic DSB behaviour (checkpoint/resume, PML trainers,
+weighting) is in test_dsb_weighting.py."""
 import torch
-from dsb_loss_testlib import checkpoint_resume, leaf, make_pair, run_metric_loss_only
+from dsb_loss_testlib import leaf, make_pair
 from pytorch_metric_learning.losses import NormalizedSoftmaxLoss
 
 from pml_dsb import DSBNormalizedSoftmaxLoss, DSBWeightingMixin
@@ -36,23 +34,3 @@ def test_non_default_arguments_equal_parent_before_stage_3(gen):
         want.backward()
         assert torch.equal(e1.grad, e2.grad)
     assert dsb.memory.stage == 2
-
-
-def test_checkpoint_in_stage_2_resumes_with_identical_losses(gen):
-    uninterrupted, resumed, without_memory, stages, loss, loss2 = checkpoint_resume(CASE, gen)
-    assert len(resumed) == 50 and stages[0] == 2 and stages[-1] == 3
-    for i, (a, b) in enumerate(zip(uninterrupted, resumed)):
-        assert torch.equal(a, b), f"iteration {i} after the checkpoint"
-    a, b = loss.state_dict(), loss2.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # control: resuming without the memory changes the stage-3 losses
-    assert not all(torch.equal(a, b) for a, b in zip(uninterrupted, without_memory))
-
-
-@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True:UserWarning")  # PML's progress bar
-def test_metric_loss_only_trainer(gen):
-    loss, stages, values, before = run_metric_loss_only(CASE, gen, iterations=5, batch_size=16)
-    assert loss.memory.num_enqueued == 5 * 16
-    assert stages == [1, 2, 2, 3, 3]  # M = 32, warmup_epochs = 2
-    assert np.all(np.isfinite(values))
-    assert any(not torch.equal(b, p) for b, p in zip(before, loss.parameters()))

@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from dsb_loss_testlib import CASES, FifoModel, leaf, make_pair, param_grads, unit64, zero_grads
+from dsb_loss_testlib import (
+    CASES,
+    FifoModel,
+    checkpoint_resume,
+    leaf,
+    make_pair,
+    param_grads,
+    run_metric_loss_only,
+    unit64,
+    zero_grads,
+)
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import reducers, regularizers
 
@@ -389,3 +399,25 @@ def test_dsb_class_weights_for_cross_entropy(gen, np_ref):
         torch.testing.assert_close(ce, manual)
     assert model.stage(n) == 3
     assert dsb_class_weights(mem, dtype=torch.float64).dtype == torch.float64
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_checkpoint_in_stage_2_resumes_with_identical_losses(case, gen):
+    uninterrupted, resumed, without_memory, stages, loss, loss2 = checkpoint_resume(case, gen)
+    assert len(resumed) == 50 and stages[0] == 2 and stages[-1] == 3
+    for i, (a, b) in enumerate(zip(uninterrupted, resumed)):
+        assert torch.equal(a, b), f"iteration {i} after the checkpoint"
+    a, b = loss.state_dict(), loss2.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # control: resuming without the memory changes the stage-3 losses
+    assert not all(torch.equal(a, b) for a, b in zip(uninterrupted, without_memory))
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True:UserWarning")  # PML's progress bar
+@pytest.mark.parametrize("case", list(CASES))
+def test_metric_loss_only_trainer(case, gen):
+    loss, stages, values, before = run_metric_loss_only(case, gen, iterations=5, batch_size=16)
+    assert loss.memory.num_enqueued == 5 * 16
+    assert stages == [1, 2, 2, 3, 3]  # M = 32, warmup_epochs = 2
+    assert np.all(np.isfinite(values))
+    assert any(not torch.equal(b, p) for b, p in zip(before, loss.parameters()))

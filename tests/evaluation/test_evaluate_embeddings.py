@@ -1,0 +1,78 @@
+"""evaluate_embeddings: the runner's one-call dict."""
+from __future__ import annotations
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation_testlib import brute_force_hits, clustered_data, numpy_nmi
+from pml_dsb.evaluation import evaluate_embeddings, kmeans_cluster_labels
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(11)
+    return clustered_data(rng, [15, 15, 15, 1, 15, 15], dim=12, noise=1.5)
+
+
+def test_contents_against_brute_force_and_numpy_nmi(data):
+    x, y = data
+    counts = [300, 50, 5, 7, 100, 101]
+    out = evaluate_embeddings(x, y, recall_ks=(1, 2, 4, 8), nmi_seed=4, nredo=2, train_counts=counts)
+    lower, upper, lone = brute_force_hits(x, y, ks=(1, 2, 4, 8))
+    assert out["num_queries"] == 76 and out["num_lone_queries"] == 1 == lone.sum()
+    assert out["num_queries_evaluated"] == 75
+    for k in (1, 2, 4, 8):
+        assert np.array_equal(lower[k], upper[k])
+        hits = lower[k][~lone]
+        assert out[f"recall_at_{k}"] == pytest.approx(hits.mean(), abs=1e-12)
+        per_class = out[f"per_class_recall_at_{k}"]
+        assert list(per_class) == [0, 1, 2, 4, 5]  # class 3 is lone
+        for c, v in per_class.items():
+            assert v == pytest.approx(lower[k][y == c].mean(), abs=1e-12)
+    clusters = kmeans_cluster_labels(x, 6, seed=4, nredo=2)
+    assert out["NMI"] == pytest.approx(numpy_nmi(y, clusters), abs=1e-10)
+    assert (out["nmi_seed"], out["nredo"]) == (4, 2)
+    many = np.isin(y, [0, 5]) & ~lone
+    assert out["groups"]["many"]["num_queries_evaluated"] == many.sum()
+    assert out["groups"]["many"]["recall_at_1"] == pytest.approx(lower[1][many].mean(), abs=1e-12)
+    assert out["groups"]["few"]["num_classes"] == 1  # class 2; class 3 has no evaluated query
+    json.dumps(out)  # plain Python types only
+
+
+def test_reference_set_and_no_nmi(data):
+    x, y = data
+    rng = np.random.default_rng(1)
+    r, ry = clustered_data(rng, [10] * 6, dim=12)
+    out = evaluate_embeddings(torch.from_numpy(x), torch.from_numpy(y), r, ry, recall_ks=(1,), nmi=False)
+    lower, upper, lone = brute_force_hits(x, y, r, ry, ks=(1,))
+    assert "NMI" not in out and "groups" not in out and "nredo" not in out
+    assert out["num_lone_queries"] == 0
+    assert out["recall_at_1"] == pytest.approx(lower[1].mean(), abs=1e-12)
+
+
+def test_validation_happens_before_the_search(data, monkeypatch):
+    module = importlib.import_module("pml_dsb.evaluation.evaluate_embeddings")  # the module, not the function
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched before validating")
+
+    monkeypatch.setattr(module, "retrieval_ranks", no_search)
+    x, y = data
+    with pytest.raises(ValueError, match=r"nredo must be an int >= 1, got 0"):
+        evaluate_embeddings(x, y, nredo=0)
+    with pytest.raises(ValueError, match=r"train_counts must hold non-negative integer counts, got -1"):
+        evaluate_embeddings(x, y, train_counts=[-1, 2])
+
+
+def test_errors_name_the_argument(data):
+    x, y = data
+    with pytest.raises(ValueError, match=r"recall_ks asks for k=100 neighbours .* expected k <= 75"):
+        evaluate_embeddings(x, y, recall_ks=(1, 100))
+    with pytest.raises(ValueError, match=r"train_counts has no count for 1 query labels \(5\)"):
+        evaluate_embeddings(x, y, train_counts=[1, 2, 3, 4, 5], nmi=False)
+    with pytest.raises(ValueError, match=r"reference_labels was given without reference"):
+        evaluate_embeddings(x, y, reference_labels=y)

@@ -1,0 +1,126 @@
+"""make_retrieval_hooks in a real (tiny) PML MetricLossOnly run."""
+from __future__ import annotations
+
+import csv
+import glob
+import importlib.util
+import os
+import re
+import sqlite3
+import sys
+
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning import losses, trainers
+
+from evaluation_testlib import clustered_data
+from pml_dsb.evaluation import RetrievalAccuracyCalculator, evaluate_embeddings, make_retrieval_hooks
+
+CPU = torch.device("cpu")
+
+
+def _datasets():
+    rng = np.random.default_rng(5)
+    x, y = clustered_data(rng, [16] * 6, dim=8, noise=2.5)
+    xv, yv = clustered_data(np.random.default_rng(6), [12] * 6, dim=8, noise=2.5)
+    train = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    val = torch.utils.data.TensorDataset(torch.from_numpy(xv), torch.from_numpy(yv))
+    return train, val
+
+
+def _embed(trunk, dataset):
+    with torch.no_grad():
+        x, y = dataset.tensors
+        return torch.nn.functional.normalize(trunk.eval()(x)), y
+
+
+def test_metric_loss_only_run_logs_recall_and_saves_best_model(tmp_path):
+    torch.manual_seed(0)
+    train, val = _datasets()
+    trunk = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    hooks = make_retrieval_hooks(
+        {"val": val}, tmp_path / "run", recall_ks=(1, 2), dataloader_num_workers=0,
+        batch_size=64, data_device=CPU, log_freq=1, tensorboard=False,
+    )
+    trainer = trainers.MetricLossOnly(
+        models={"trunk": trunk},
+        optimizers={"trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.5)},
+        batch_size=32,
+        loss_funcs={"metric_loss": losses.ContrastiveLoss()},
+        dataset=train,
+        data_device=CPU,
+        dataloader_num_workers=0,
+        end_of_iteration_hook=hooks.end_of_iteration_hook,
+        end_of_epoch_hook=hooks.end_of_epoch_hook,
+    )
+    trainer.train(num_epochs=2)
+    hooks.close()
+
+    table = hooks.hook_container.record_group_name(hooks.tester, "val")
+    # SQLite, read with sqlite3 rather than through record-keeper
+    with sqlite3.connect(os.path.join(hooks.log_folder, "logs.db")) as db:
+        rows = db.execute(
+            f"SELECT epoch, recall_at_1_level0, recall_at_2_level0, NMI_level0 FROM {table} ORDER BY epoch"
+        ).fetchall()
+    assert [r[0] for r in rows] == [1, 2]
+    assert all(0.0 <= v <= 1.0 for r in rows for v in r[1:])
+    # CSV, read with csv
+    with open(os.path.join(hooks.log_folder, f"{table}.csv")) as f:
+        csv_rows = [r for r in csv.DictReader(f)]
+    assert [int(r["epoch"]) for r in csv_rows] == [1, 2]
+    assert [float(r["recall_at_1_level0"]) for r in csv_rows] == pytest.approx([r[1] for r in rows])
+    assert hooks.accuracy_history()["recall_at_1_level0"] == pytest.approx([r[1] for r in rows])
+
+    # the last row is the final model's accuracy, recomputed independently
+    final = evaluate_embeddings(*_embed(trunk, val), recall_ks=(1, 2))
+    assert rows[-1][1] == pytest.approx(final["recall_at_1"], abs=1e-9)
+
+    # the best model is saved under the best epoch (the first maximum) and is that model
+    best_epoch = 1 + int(np.argmax([r[1] for r in rows]))
+    assert hooks.best_epoch_and_accuracy()[0] == best_epoch
+    saved = glob.glob(os.path.join(hooks.model_folder, "trunk_best*.pth"))
+    assert [re.search(r"best(\d+)\.pth$", p).group(1) for p in saved] == [str(best_epoch)]
+    assert os.path.exists(os.path.join(hooks.model_folder, "trunk_2.pth"))
+    best_trunk = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    best_trunk.load_state_dict(torch.load(saved[0], map_location=CPU))
+    best = evaluate_embeddings(*_embed(best_trunk, val), recall_ks=(1,), nmi=False)
+    assert best["recall_at_1"] == pytest.approx(rows[best_epoch - 1][1], abs=1e-9)
+
+    # losses were logged by the end-of-iteration hook
+    assert hooks.hook_container.get_loss_history()["metric_loss"]
+
+
+def test_bad_configuration_is_refused(tmp_path):
+    _, val = _datasets()
+    with pytest.raises(ValueError, match=r"validation_split_name='val' is not a key of dataset_dict; expected one of \['test'\]"):
+        make_retrieval_hooks({"test": val}, tmp_path)
+    with pytest.raises(ValueError, match=r"primary_metric='recall_at_1' is not computed"):
+        make_retrieval_hooks({"val": val}, tmp_path,
+                             accuracy_calculator=RetrievalAccuracyCalculator(include=("NMI",)))
+    with pytest.raises(ValueError, match=r"test_interval must be an int >= 1, got 0"):
+        make_retrieval_hooks({"val": val}, tmp_path, test_interval=0)
+
+
+def test_missing_record_keeper_names_the_pip_command(tmp_path, monkeypatch):
+    _, val = _datasets()
+    monkeypatch.setitem(sys.modules, "record_keeper", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install \"pml-dsb\[record\]\""):
+        make_retrieval_hooks({"val": val}, tmp_path)
+
+
+def test_tensorboard_optional(tmp_path, monkeypatch):
+    _, val = _datasets()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    hooks = make_retrieval_hooks({"val": val}, tmp_path)  # default: only when installed
+    assert hooks.tensorboard_writer is None and hooks.tensorboard_folder is None
+    with pytest.raises(ModuleNotFoundError, match=r"pip install \"pml-dsb\[tensorboard\]\""):
+        make_retrieval_hooks({"val": val}, tmp_path, tensorboard=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
+def test_tensorboard_writer_when_installed(tmp_path):
+    _, val = _datasets()
+    hooks = make_retrieval_hooks({"val": val}, tmp_path, tensorboard=True)
+    assert hooks.tensorboard_writer is not None
+    hooks.close()

@@ -1,0 +1,165 @@
+"""RetrievalAccuracyCalculator against PML's AccuracyCalculator and our pure functions."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning import testers
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+from evaluation_testlib import brute_force_hits, clustered_data
+from pml_dsb.evaluation import RetrievalAccuracyCalculator, evaluate_embeddings
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(3)
+
+
+@pytest.fixture
+def data(rng):
+    """Normalised overlapping blobs with two singleton (lone) classes."""
+    x, y = clustered_data(rng, [20, 20, 1, 20, 20, 1, 20, 20], dim=16, noise=1.5)
+    x = torch.nn.functional.normalize(torch.from_numpy(x))
+    return x, torch.from_numpy(y)
+
+
+def pml_p_at_1(x, y, ref=None, ref_y=None, ref_includes_query=False, **kwargs):
+    calc = AccuracyCalculator(include=("precision_at_1",), k=8, device=CPU, **kwargs)
+    return calc.get_accuracy(x, y, ref, ref_y, ref_includes_query)["precision_at_1"]
+
+
+def test_metric_keys_and_defaults(data):
+    x, y = data
+    calc = RetrievalAccuracyCalculator()
+    out = calc.get_accuracy(x, y)
+    assert set(out) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "NMI", "num_lone_queries"}
+    assert out["num_lone_queries"] == 2
+    assert all(isinstance(out[k], float) for k in out if k != "num_lone_queries")
+    assert out["recall_at_1"] <= out["recall_at_2"] <= out["recall_at_4"] <= out["recall_at_8"]
+    assert calc.get_curr_metrics() == sorted(out)
+    assert calc.recall_ks == (1, 2, 4, 8)
+
+
+def test_recall_at_1_equals_pml_precision_at_1_leave_one_out(data):
+    x, y = data
+    ours = RetrievalAccuracyCalculator(recall_ks=(1,)).get_accuracy(x, y)["recall_at_1"]
+    assert 0.2 < ours < 0.95
+    assert ours == pytest.approx(pml_p_at_1(x, y), abs=1e-12)
+
+
+def test_recall_at_1_equals_pml_with_separate_reference(rng, data):
+    x, y = data
+    r, ry = clustered_data(rng, [15] * 8, dim=16, noise=1.5)
+    r = torch.nn.functional.normalize(torch.from_numpy(r))
+    ry = torch.from_numpy(ry)
+    ours = RetrievalAccuracyCalculator(recall_ks=(1,)).get_accuracy(x, y, r, ry)["recall_at_1"]
+    assert ours == pytest.approx(pml_p_at_1(x, y, r, ry), abs=1e-12)
+    # the tester's convention: reference = query followed by another split
+    both, both_y = torch.cat([x, r]), torch.cat([y, ry])
+    ours = RetrievalAccuracyCalculator(recall_ks=(1,)).get_accuracy(x, y, both, both_y, True)["recall_at_1"]
+    assert ours == pytest.approx(pml_p_at_1(x, y, both, both_y, True), abs=1e-12)
+
+
+def test_per_class_and_avg_of_avgs_equal_pml(data):
+    x, y = data
+    ours = RetrievalAccuracyCalculator(recall_ks=(1,), return_per_class=True).get_accuracy(x, y)
+    pml = pml_p_at_1(x, y, return_per_class=True)
+    assert len(ours["recall_at_1"]) == len(pml) == 6  # the two lone classes are left out
+    np.testing.assert_allclose(ours["recall_at_1"], pml, atol=1e-12)
+    assert isinstance(ours["NMI"], float)
+    ours = RetrievalAccuracyCalculator(recall_ks=(1,), avg_of_avgs=True).get_accuracy(x, y)["recall_at_1"]
+    assert ours == pytest.approx(pml_p_at_1(x, y, avg_of_avgs=True), abs=1e-12)
+
+
+def test_matches_brute_force_at_every_k(data):
+    x, y = data
+    lower, upper, lone = brute_force_hits(x.numpy(), y.numpy(), ks=(1, 2, 4, 8))
+    out = RetrievalAccuracyCalculator(include=("recall_at_2", "recall_at_8")).get_accuracy(x, y)
+    assert set(out) == {"recall_at_2", "recall_at_8"}
+    for k in (2, 8):
+        assert np.array_equal(lower[k], upper[k])
+        assert out[f"recall_at_{k}"] == pytest.approx(lower[k][~lone].mean(), abs=1e-12)
+
+
+def test_agrees_with_evaluate_embeddings_including_groups(data):
+    x, y = data
+    counts = {c: n for c, n in zip(range(8), [500, 150, 3, 60, 20, 1, 19, 100])}
+    calc = RetrievalAccuracyCalculator(recall_ks=(1, 4), train_counts=counts, nmi_seed=2, nredo=3)
+    out = calc.get_accuracy(x, y)
+    ref = evaluate_embeddings(x, y, recall_ks=(1, 4), nmi_seed=2, nredo=3, train_counts=counts)
+    for key in ("recall_at_1", "recall_at_4", "NMI", "num_lone_queries"):
+        assert out[key] == ref[key], key
+    for group in ("many", "medium", "few"):
+        for k in (1, 4):
+            assert out[f"recall_at_{k}_{group}"] == pytest.approx(ref["groups"][group][f"recall_at_{k}"], nan_ok=True)
+
+
+def test_nmi_only_skips_the_search(data, monkeypatch):
+    from pml_dsb.evaluation import retrieval_accuracy_calculator as module
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("kNN search run although no recall metric was requested")
+
+    monkeypatch.setattr(module, "retrieval_ranks", no_search)
+    x, y = data
+    out = RetrievalAccuracyCalculator(include=("NMI", "num_lone_queries")).get_accuracy(x, y)
+    assert set(out) == {"NMI", "num_lone_queries"} and out["num_lone_queries"] == 2
+
+
+def test_inside_pml_tester(data):
+    """GlobalEmbeddingSpaceTester uses it unchanged, keys get PML's level suffix."""
+    x, y = data
+    dataset = torch.utils.data.TensorDataset(x * 3.0, y)  # the tester normalises
+    tester = testers.GlobalEmbeddingSpaceTester(
+        accuracy_calculator=RetrievalAccuracyCalculator(recall_ks=(1, 2)),
+        dataloader_num_workers=0, batch_size=64, data_device=CPU,
+    )
+    acc = tester.test({"val": dataset}, 1, torch.nn.Identity())["val"]
+    expected = evaluate_embeddings(x, y, recall_ks=(1, 2))
+    assert acc["recall_at_1_level0"] == pytest.approx(expected["recall_at_1"], abs=1e-12)
+    assert acc["recall_at_2_level0"] == pytest.approx(expected["recall_at_2"], abs=1e-12)
+    assert acc["NMI_level0"] == pytest.approx(expected["NMI"], abs=1e-12)
+    assert acc["num_lone_queries_level0"] == 2
+
+
+def test_unsupported_metrics_are_refused():
+    with pytest.raises(ValueError, match=r"include names unsupported metrics \['mean_average_precision'\]"):
+        RetrievalAccuracyCalculator(include=("mean_average_precision",))
+    with pytest.raises(ValueError, match=r"exclude names unsupported metrics \['recall_at_3'\]"):
+        RetrievalAccuracyCalculator(exclude=("recall_at_3",))
+    with pytest.raises(TypeError, match=r"include must be a tuple or list"):
+        RetrievalAccuracyCalculator(include="NMI")
+    with pytest.raises(ValueError, match=r"recall_ks must hold positive ints, got \(0,\)"):
+        RetrievalAccuracyCalculator(recall_ks=(0,))
+    calc = RetrievalAccuracyCalculator(include=("recall_at_1",))
+    with pytest.raises(ValueError, match=r"include names unsupported metrics \['NMI'\]"):
+        calc.get_accuracy(np.eye(3), [0, 1, 1], include=("NMI",))
+
+
+def test_bad_input_raises(data):
+    x, y = data
+    calc = RetrievalAccuracyCalculator(recall_ks=(1, 200))
+    with pytest.raises(ValueError, match=r"recall_ks asks for k=200 neighbours .* expected k <= 121"):
+        calc.get_accuracy(x, y)
+    calc = RetrievalAccuracyCalculator(recall_ks=(1,))
+    with pytest.raises(ValueError, match=r"query_labels has 121 labels but query has 122 rows"):
+        calc.get_accuracy(x, y[:-1])
+    with pytest.raises(ValueError, match=r"single class"):
+        calc.get_accuracy(x, torch.zeros_like(y))
+    with pytest.raises(ValueError, match=r"query contains 16 NaN or infinite values in 1 rows"):
+        calc.get_accuracy(torch.cat([x, torch.full((1, 16), float("nan"))]), torch.cat([y, y[:1]]))
+    with pytest.raises(ValueError, match=r"query is empty"):
+        calc.get_accuracy(torch.zeros(0, 16), torch.zeros(0))
+    with pytest.raises(ValueError, match=r"query_labels hold a single class .* NMI needs"):
+        RetrievalAccuracyCalculator(include=("NMI",)).get_accuracy(x, torch.zeros_like(y))
+
+
+def test_missing_faiss_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install \"pml-dsb\[cpu\]\""):
+        RetrievalAccuracyCalculator()
