@@ -86,14 +86,15 @@ def step(loss, emb, labels):
     return value
 
 
-def bench_shape(shape: Shape, iters: int, seed: int) -> list[dict]:
+def bench_shape(shape: Shape, iters: int, seed: int, scale_dtype: torch.dtype = torch.float64) -> list[dict]:
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     classes, memory_size = len(shape.counts), int(shape.counts.sum())
     rows = []
     for parent_cls, dsb_cls in ((SoftTripleLoss, DSBSoftTripleLoss), (NormalizedSoftmaxLoss, DSBNormalizedSoftmaxLoss)):
         parent = parent_cls(num_classes=classes, embedding_size=shape.dim)
-        dsb = dsb_cls(num_classes=classes, embedding_size=shape.dim, memory_size=memory_size, warmup_epochs=1)
+        memory = SemanticScaleMemory(classes, shape.dim, memory_size, warmup_epochs=1, scale_dtype=scale_dtype)
+        dsb = dsb_cls(num_classes=classes, embedding_size=shape.dim, memory=memory)
         dsb.load_state_dict(parent.state_dict(), strict=False)
         stream = label_stream(shape.counts, shape.batch, rng)
         # fill the memory (stage 3 from then on) without timing
@@ -115,6 +116,7 @@ def bench_shape(shape: Shape, iters: int, seed: int) -> list[dict]:
             {
                 "shape": shape.name,
                 "loss": parent_cls.__name__,
+                "scale_dtype": str(scale_dtype).replace("torch.", ""),
                 "parent_ms": 1e3 * mp,
                 "dsb_ms": 1e3 * md,
                 "ratio": md / mp,
@@ -202,6 +204,11 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per shape")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--scale-dtype", choices=("float64", "float32"), default="float64",
+        help="precision of the memory's statistics products and factorisations (default float64)",
+    )
+    parser.add_argument("--steps-only", action="store_true", help="skip the refresh and error measurements")
     parser.add_argument("--out", default="results/bench_dsb_step.json", help="where to write the figures")
     args = parser.parse_args()
     # one thread everywhere: torch (MKL) and scipy's LAPACK (OpenBLAS) alike
@@ -212,10 +219,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, iterations {iters}")
     results = {"steps": [], "refresh": [], "error": None}
     for name in args.shapes.split(","):
-        results["steps"] += bench_shape(SHAPES[name](), iters, args.seed)
-    sizes = (5864, 20000) if args.quick else (5864, 115846, 437513)
-    results["refresh"] = bench_refresh(sizes, iters, args.seed)
-    results["error"] = bench_error(2000 if args.quick else 20000, args.seed, SHAPES["cub64"]())
+        results["steps"] += bench_shape(SHAPES[name](), iters, args.seed, getattr(torch, args.scale_dtype))
+    if not args.steps_only:
+        sizes = (5864, 20000) if args.quick else (5864, 115846, 437513)
+        results["refresh"] = bench_refresh(sizes, iters, args.seed)
+        results["error"] = bench_error(2000 if args.quick else 20000, args.seed, SHAPES["cub64"]())
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
