@@ -14,10 +14,11 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from ..distributed.ddp import barrier, current_context
 from .builders import build_embedding_model, build_run_data
 from .config import BenchConfig, ConfigError, RuntimeConfig, dump_config, load_config
 from .results import environment_info, now_iso, summarize, write_environment, write_run_folder
-from .training import compatibility_key, train_one
+from .training import compatibility_key, on_main, train_one
 
 logger = logging.getLogger(__name__)
 
@@ -112,34 +113,40 @@ def run_benchmark(
     ``stop_after_epoch`` stopped the runs early (continue with ``resume=True``).
     See :mod:`pml_dsb.runner.results` for the folder's contents.
 
+    Under torch.distributed (``torchrun``) every rank calls it with the same
+    arguments and trains every run together (see :mod:`pml_dsb.runner.training`);
+    rank 0 alone checks, deletes (``overwrite``) and writes the run folder, the
+    other ranks wait for it, and every rank returns the same value or raises
+    the same error.
+
     Raises:
         RunFolderExistsError: the folder holds a run and neither ``resume`` nor
             ``overwrite`` is set.
         ConfigError: ``resume`` with a config that differs from the folder's.
     """
     device = torch.device(device)
+    ctx = current_context()
     run_dir = os.path.join(os.fspath(out), config.name)
-    _check_run_folder(run_dir, config, resume, overwrite)
+    on_main(_check_run_folder, run_dir, config, resume, overwrite)
     started, t0 = now_iso(), time.perf_counter()
     # missing data or weights fail here, before the run folder is written
     data = build_run_data(config)
     with torch.random.fork_rng(devices=[]):
         build_embedding_model(config.model)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.toml"), "w", encoding="utf-8") as fh:
-        fh.write(dump_config(config, header="Resolved config of this run (pml-dsb bench)."))
-    write_environment(run_dir, environment_info(config, str(device), argv, started=started, finished=None))
+    on_main(_write_start, run_dir, config, device, argv, started)
     logger.info(
-        "%s: %s, %d train / %d test images, %d methods x %d seeds, %d epochs, device %s",
+        "%s: %s, %d train / %d test images, %d methods x %d seeds, %d epochs, device %s%s",
         config.name, config.dataset.name, len(data.train), len(data.test), len(config.methods),
         len(config.seeds), config.training.epochs, device,
+        f", {ctx.world_size} processes" if ctx.enabled else "",
     )
     from tqdm import tqdm
 
     runs: dict[str, list[dict]] = {m: [] for m in config.methods}
     stopped = False
     jobs = [(m, s) for m in config.methods for s in config.seeds]
-    with tqdm(total=len(jobs), desc=config.name, unit="run", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=len(jobs), desc=config.name, unit="run", disable=not progress or not ctx.is_main,
+              dynamic_ncols=True) as bar:
         for method, seed in jobs:
             bar.set_postfix_str(f"{method} seed {seed}")
             result = train_one(config, method, seed, device=device, out_dir=run_dir, progress=progress,
@@ -150,15 +157,29 @@ def run_benchmark(
                 runs[method].append(result)
             bar.update(1)
     if stopped:
+        barrier()
         logger.info("%s: runs stopped after epoch %s; continue with --resume", run_dir, stop_after_epoch)
         return None
 
-    summary = summarize(config, runs, data.train_counts)
+    on_main(_write_end, run_dir, config, runs, data.train_counts, device, argv, started, t0)
+    barrier()
+    logger.info("%s: results written", run_dir)
+    return run_dir
+
+
+def _write_start(run_dir: str, config: BenchConfig, device: torch.device, argv, started: str) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.toml"), "w", encoding="utf-8") as fh:
+        fh.write(dump_config(config, header="Resolved config of this run (pml-dsb bench)."))
+    write_environment(run_dir, environment_info(config, str(device), argv, started=started, finished=None))
+
+
+def _write_end(run_dir: str, config: BenchConfig, runs: dict, train_counts, device: torch.device, argv,
+               started: str, t0: float) -> None:
+    summary = summarize(config, runs, train_counts)
     write_run_folder(run_dir, config, summary)
     write_environment(run_dir, environment_info(
         config, str(device), argv, started=started, finished=now_iso(),
         wall_seconds=round(time.perf_counter() - t0, 3),
         train_seconds={m: [r["train_seconds"] for r in rs] for m, rs in runs.items()},
     ))
-    logger.info("%s: results written", run_dir)
-    return run_dir

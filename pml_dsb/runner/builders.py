@@ -24,6 +24,7 @@ __all__ = [
     "build_run_data",
     "build_embedding_model",
     "build_train_loader",
+    "train_sampler",
     "build_eval_loader",
 ]
 
@@ -136,10 +137,16 @@ def build_train_loader(
     data); it draws from numpy's global RNG, which the run seeds and the
     checkpoint keeps, and its shuffled class order is kept as well.
 
-    A torch.distributed version replaces the sampler by a
-    ``DistributedSampler(seed=...)`` calling ``set_epoch`` each epoch.
+    With more than one torch.distributed process, every rank builds this
+    same one-process loader (same ``generator`` seed, same numpy state) and
+    takes its slice of each batch
+    (:class:`~pml_dsb.distributed.ShardedBatchSampler`): the global batch is
+    the one-process batch, the sampler state is the same on every rank, and
+    :func:`train_sampler` still finds the one-process sampler.
     """
     from pytorch_metric_learning.samplers import MPerClassSampler
+
+    from ..distributed.ddp import ShardedBatchSampler, get_world_size
 
     common = dict(
         batch_size=config.batch_size, drop_last=config.drop_last, num_workers=config.num_workers,
@@ -148,11 +155,30 @@ def build_train_loader(
     )
     indexed = IndexedDataset(dataset)
     if config.sampler == "random":
-        return DataLoader(indexed, shuffle=True, **common)
-    length = max(len(dataset) - len(dataset) % config.batch_size, config.batch_size)
-    sampler = MPerClassSampler(labels, m=config.m_per_class, batch_size=config.batch_size,
-                               length_before_new_iter=length)
-    return DataLoader(indexed, sampler=sampler, **common)
+        loader = DataLoader(indexed, shuffle=True, **common)
+    else:
+        length = max(len(dataset) - len(dataset) % config.batch_size, config.batch_size)
+        sampler = MPerClassSampler(labels, m=config.m_per_class, batch_size=config.batch_size,
+                                   length_before_new_iter=length)
+        loader = DataLoader(indexed, sampler=sampler, **common)
+    if get_world_size() <= 1:
+        return loader
+    # the same batches as one process, each rank its slice; the generator is drawn from in
+    # the same order (the loader's base seed, then the shuffle)
+    return DataLoader(indexed, batch_sampler=ShardedBatchSampler(loader.batch_sampler),
+                      num_workers=config.num_workers, generator=generator, pin_memory=device.type == "cuda",
+                      persistent_workers=False)
+
+
+def train_sampler(loader: DataLoader):
+    """The one-process sampler of a :func:`build_train_loader` loader (under
+    the rank's :class:`~pml_dsb.distributed.ShardedBatchSampler` when sharded)."""
+    from ..distributed.ddp import ShardedBatchSampler
+
+    batches = loader.batch_sampler
+    if isinstance(batches, ShardedBatchSampler):
+        return batches.batch_sampler.sampler
+    return loader.sampler
 
 
 def build_eval_loader(dataset: Dataset, batch_size: int, device: torch.device) -> DataLoader:

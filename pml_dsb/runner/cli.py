@@ -25,6 +25,13 @@ and git revision, and per-run checkpoints (checkpoints/<method>/seed<k>/).
 
 Without arguments: the built-in digits-LT config (imbalance factor 50, five
 seeds, CPU, offline, a few minutes on two cores).
+
+Under torchrun (torchrun --nproc_per_node=N -m pml_dsb.cli bench ...) the N
+processes train every run together with DistributedDataParallel, each on its
+slice of every batch (the global batch is the one-process batch); process 0
+evaluates, writes the checkpoints and the run folder and prints the table.
+Backend: nccl with --device cuda (each process on cuda:LOCAL_RANK), else gloo.
+--resume needs the same number of processes as the interrupted run.
 """
 
 _EPILOG = """\
@@ -33,6 +40,7 @@ examples:
   pml-dsb bench --seeds 0 --epochs 5 --methods NSM,DSB-NSM --no-progress
   pml-dsb bench --config benchmarks/configs/cub200_dim64.toml --data-root ~/data --device cuda
   pml-dsb bench --config benchmarks/configs/cifar100lt_if50.toml --data-root ~/data --resume
+  torchrun --nproc_per_node=2 -m pml_dsb.cli bench --seeds 0 --methods NSM,DSB-NSM --no-progress
 """
 
 
@@ -136,9 +144,16 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run_bench_command(args: argparse.Namespace) -> int:
     """The ``bench`` subcommand: load and override the config, apply the
-    runtime settings, run the benchmark, print the table."""
+    runtime settings, run the benchmark, print the table.
+
+    Under ``torchrun`` it initialises the process group from the environment
+    (:func:`pml_dsb.distributed.init_from_env`) and destroys it at the end;
+    processes other than rank 0 log warnings and errors only, show no
+    progress bars and print nothing."""
     import torch
 
+    from ..distributed.ddp import destroy, init_from_env
+    from ..distributed.gather import is_distributed
     from .bench import RunFolderExistsError, configure_runtime, run_benchmark
     from .checkpoint import CheckpointError
     from .config import ConfigError, apply_overrides, default_config_path, load_config
@@ -164,19 +179,38 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         logger.error("--device %s: CUDA is not available in this torch installation/machine", args.device)
         return 2
-    logger.info("config %s", os.path.abspath(path))
+    own_group = not is_distributed()  # a caller's process group is left alone
     try:
-        with configure_runtime(config.runtime, device):
-            run_dir = run_benchmark(config, out=args.out, device=device, progress=not args.no_progress,
-                                    resume=args.resume, overwrite=args.overwrite,
-                                    stop_after_epoch=args.stop_after_epoch)
-    except (RunFolderExistsError, ConfigError, CheckpointError, FileNotFoundError) as err:
-        logger.error("%s", err)
+        ctx = init_from_env(backend="nccl" if device.type == "cuda" else "gloo")
+    except (ValueError, RuntimeError) as err:
+        logger.error("cannot join the torchrun processes: %s", err)
         return 2
-    if run_dir is None:
+    try:
+        if not ctx.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        if ctx.enabled:
+            if device.type == "cuda" and device != ctx.device:
+                logger.info("--device %s: under torchrun each process uses cuda:LOCAL_RANK", args.device)
+                device = ctx.device
+            logger.info("torchrun: %d processes, backend %s", ctx.world_size,
+                        torch.distributed.get_backend())
+        logger.info("config %s", os.path.abspath(path))
+        try:
+            with configure_runtime(config.runtime, device):
+                run_dir = run_benchmark(config, out=args.out, device=device,
+                                        progress=not args.no_progress and ctx.is_main,
+                                        resume=args.resume, overwrite=args.overwrite,
+                                        stop_after_epoch=args.stop_after_epoch)
+        except (RunFolderExistsError, ConfigError, CheckpointError, FileNotFoundError) as err:
+            logger.error("%s", err)
+            return 2
+        if run_dir is None or not ctx.is_main:
+            return 0
+        with open(os.path.join(run_dir, "table.md"), encoding="utf-8") as fh:
+            sys.stdout.write(fh.read())
+        sys.stdout.write(f"\nRun folder: {run_dir}\n")
+        sys.stdout.flush()
         return 0
-    with open(os.path.join(run_dir, "table.md"), encoding="utf-8") as fh:
-        sys.stdout.write(fh.read())
-    sys.stdout.write(f"\nRun folder: {run_dir}\n")
-    sys.stdout.flush()
-    return 0
+    finally:
+        if own_group:
+            destroy()

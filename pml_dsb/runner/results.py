@@ -4,7 +4,8 @@ Run-folder contract (``pml-dsb analyze`` and any other reader rely on it)::
 
     <out>/<run_name>/              run_name = the config's ``name`` (or --run-name)
         config.toml                the resolved config (overrides applied); load_config() reads it
-        environment.json           config (as a dict), methods, seeds, device, threads, command
+        environment.json           config (as a dict), methods, seeds, device, threads, number of
+                                   processes (world_size) and torch.distributed backend, command
                                    line, package versions (python, torch,
                                    pytorch_metric_learning, faiss, numpy, sklearn, scipy,
                                    pml_dsb), git revision (or "unknown"), start/end time, wall time
@@ -25,7 +26,8 @@ Run-folder contract (``pml-dsb analyze`` and any other reader rely on it)::
         per_class_recall.png       per-class Recall@1 (mean over seeds) against the class's
                                    train count and against its semantic scale, one series per method
         checkpoints/<method>/seed<k>/
-            last.pt                latest epoch: model, loss (DSB memory), optimizers, RNG, history
+            last.pt                latest epoch: model, loss (DSB memory), optimizers, RNG (one
+                                   state per process under torchrun), history
             best.pt                the epoch of best test Recall@1: model and loss state
             result.json            the run's own result (train_one's return value)
 
@@ -474,6 +476,9 @@ def environment_info(config: BenchConfig, device: str, argv: Optional[Sequence[s
     """Everything ``environment.json`` records (see the module docstring)."""
     import torch
 
+    from ..distributed.ddp import get_world_size
+    from ..distributed.gather import is_distributed
+
     return {
         "config": config_to_dict(config),
         "methods": list(config.methods),
@@ -481,6 +486,8 @@ def environment_info(config: BenchConfig, device: str, argv: Optional[Sequence[s
         "device": str(device),
         "cuda_device": torch.cuda.get_device_name(0) if str(device).startswith("cuda") and torch.cuda.is_available() else None,
         "torch_num_threads": torch.get_num_threads(),
+        "world_size": get_world_size(),
+        "distributed_backend": str(torch.distributed.get_backend()) if is_distributed() else None,
         "versions": package_versions(),
         "git_revision": git_revision(),
         "platform": platform.platform(),

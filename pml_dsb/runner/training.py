@@ -23,18 +23,36 @@ The model initialisation, the loss's parameters, the sample order and the
 augmentations all follow from the seed; methods run with the same seed
 share the model initialisation and the sample order (paired comparisons).
 
-Distributed training (torch.distributed) fits in without a rewrite: wrap the
-model in DDP after :func:`build_embedding_model`, give
-:func:`~pml_dsb.runner.builders.build_train_loader` a ``DistributedSampler``,
-and let rank 0 alone run :func:`evaluate_model` and the checkpoint writes.
+Distributed training (``torchrun``; :func:`train_one` under an initialised
+process group): every rank builds the same model, loss and one-process batch
+sampler and trains on its slice of each batch
+(:class:`~pml_dsb.distributed.ShardedBatchSampler`), the model wrapped in
+``DistributedDataParallel`` and the loss's own parameters averaged with
+:func:`~pml_dsb.distributed.average_gradients`. Each rank's loss is scaled by
+its share of the global batch, so the averaged gradients are those of the
+global batch's mean loss (uneven last batches included), and ``train_loss``
+is the global batch's. The DSB memory gathers every rank's part
+(every rank enqueues every iteration), so all ranks hold the same memory.
+Rank 0 alone evaluates (the metrics are broadcast, so every rank takes the
+same best-epoch decision), writes the checkpoints and ``result.json``; an
+exception there is raised on every rank. ``last.pt`` holds the RNG states
+of all ranks (a list, one per rank; a dict on one process) and resumes only
+under the same number of processes. Differences from one process with the
+same global batch: BatchNorm normalises with each rank's own slice (its
+running statistics are rank 0's, which DDP broadcasts), gradients are summed
+in another order, a global batch with fewer samples than ranks is skipped,
+and a sample drawn twice in one global batch (``m_per_class``) on two ranks
+enters the memory with the lower rank's copy (one process keeps the last).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import tempfile
 import time
@@ -43,8 +61,24 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from ..distributed.ddp import (
+    all_gather_objects,
+    average_gradients,
+    broadcast_object,
+    current_context,
+    get_world_size,
+    is_main_process,
+    wrap_model,
+)
 from ..functional import class_semantic_scales
-from .builders import RunData, build_embedding_model, build_eval_loader, build_run_data, build_train_loader
+from .builders import (
+    RunData,
+    build_embedding_model,
+    build_eval_loader,
+    build_run_data,
+    build_train_loader,
+    train_sampler,
+)
 from .checkpoint import (
     FORMAT_TAG,
     FORMAT_VERSION,
@@ -68,6 +102,7 @@ __all__ = [
     "evaluate_model",
     "compatibility_key",
     "write_json_atomic",
+    "on_main",
 ]
 
 
@@ -105,6 +140,41 @@ def compatibility_key(config: BenchConfig) -> dict:
     data["dataset"].pop("root", None)
     data["training"].pop("epochs", None)
     return data
+
+
+def on_main(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on rank 0 alone; its return value on every rank.
+
+    Without a process group (or with one process) it is just the call. Under
+    torch.distributed the other ranks wait for rank 0 (a barrier) and get its
+    return value, or raise its exception (the same exception when it can be
+    pickled, else a ``RuntimeError`` naming it), so that no rank is left
+    waiting in a collective rank 0 never reaches.
+    """
+    if get_world_size() <= 1:
+        return fn(*args, **kwargs)
+    out, error = None, None
+    if is_main_process():
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as err:  # every rank must hear of it
+            error = err
+    sent_out, sent_error = broadcast_object((out, _portable(error)) if is_main_process() else None)
+    if error is not None:
+        raise error
+    if sent_error is not None:
+        raise sent_error
+    return out if is_main_process() else sent_out
+
+
+def _portable(error: Optional[BaseException]) -> Optional[BaseException]:
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
 
 
 def write_json_atomic(data: Any, path: Union[str, os.PathLike]) -> None:
@@ -195,13 +265,15 @@ def _constant(epoch: int) -> float:  # module level: schedulers' state stays pic
 
 
 def _sampler_state(loader) -> dict:
-    labels = getattr(loader.sampler, "labels", None)  # MPerClassSampler's shuffled class order
-    return {"class_order": [int(c) for c in labels] if isinstance(loader.sampler, _mper_class()) else None}
+    sampler = train_sampler(loader)
+    labels = getattr(sampler, "labels", None)  # MPerClassSampler's shuffled class order
+    return {"class_order": [int(c) for c in labels] if isinstance(sampler, _mper_class()) else None}
 
 
 def _set_sampler_state(loader, state: dict) -> None:
-    if state.get("class_order") is not None and isinstance(loader.sampler, _mper_class()):
-        loader.sampler.labels = list(state["class_order"])
+    sampler = train_sampler(loader)
+    if state.get("class_order") is not None and isinstance(sampler, _mper_class()):
+        sampler.labels = list(state["class_order"])
 
 
 def _mper_class():
@@ -223,7 +295,23 @@ def _last_occurrences(indices: torch.Tensor) -> torch.Tensor:
     return last.sort().values.to(indices.device)
 
 
+def _global_batch(value: torch.Tensor, size: int) -> tuple[bool, int, float]:
+    """Whether the loss is finite on every rank, the global batch size and the
+    global batch's mean loss (one all-reduce; collective)."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    local = float(value.detach())
+    finite = math.isfinite(local)
+    stats = torch.tensor([0.0 if finite else 1.0, float(size), local * size if finite else 0.0],
+                         dtype=torch.float64, device=device)
+    dist.all_reduce(stats)
+    bad, total, loss_sum = stats.tolist()
+    return bad == 0, int(total), loss_sum / total
+
+
 def _train_epoch(model, loss_fn, loader, optimizers, device, use_indices: bool, where: str) -> dict:
+    distributed = get_world_size() > 1
     model.train()
     loss_fn.train()
     total, batches = 0.0, 0
@@ -238,14 +326,26 @@ def _train_epoch(model, loss_fn, loader, optimizers, device, use_indices: bool, 
             keep = _last_occurrences(indices)
             loss_fn.memory.enqueue(embeddings.detach()[keep], labels[keep], indices[keep].to(device))
         value = loss_fn(embeddings, labels)
-        if not torch.isfinite(value):
+        if distributed:
+            # every rank takes the same decision; each rank's mean loss weighs by its share
+            # of the global batch, so DDP's average is the global batch's mean-loss gradient
+            finite, global_size, global_loss = _global_batch(value, labels.shape[0])
+            if not finite:
+                raise FloatingPointError(
+                    f"{where}: the loss is not finite on some rank (here {float(value)}) at batch {batches}; "
+                    f"training diverged"
+                )
+            value = value * (labels.shape[0] * get_world_size() / global_size)
+        elif not torch.isfinite(value):
             raise FloatingPointError(f"{where}: the loss is {float(value)} at batch {batches}; training diverged")
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         value.backward()
+        if distributed:
+            average_gradients(loss_fn.parameters())  # outside DDP: class proxies or centres
         for opt in optimizers:
             opt.step()
-        total += float(value.detach())
+        total += global_loss if distributed else float(value.detach())
         batches += 1
     out = {"train_loss": total / max(batches, 1), "iterations": batches}
     memory = getattr(loss_fn, "memory", None)
@@ -296,6 +396,10 @@ def train_one(
     """
     method = canonical_method(method)
     device = torch.device(device)
+    ctx = current_context()
+    if ctx.enabled and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # DDP pins the model to one device
+    ctx = dataclasses.replace(ctx, device=device)
     run_dir = run_dir_for(out_dir, method, seed)
     last_path = os.path.join(run_dir, "last.pt")
     best_path = os.path.join(run_dir, "best.pt")
@@ -304,12 +408,10 @@ def train_one(
     epochs = config.training.epochs
     key = compatibility_key(config)
 
-    if resume and os.path.isfile(result_path):
-        with open(result_path, encoding="utf-8") as fh:
-            done = json.load(fh)
-        if done.get("epochs") == epochs and done.get("compatibility_key") == key:
-            logger.info("%s: finished earlier, result read from %s", where, result_path)
-            return done
+    done = on_main(_finished_result, result_path, epochs, key) if resume else None
+    if done is not None:
+        logger.info("%s: finished earlier, result read from %s", where, result_path)
+        return done
     if data is None:
         data = build_run_data(config)
 
@@ -342,7 +444,8 @@ def train_one(
                 raise CheckpointError(
                     f"{last_path}: already at epoch {state['epoch']}, beyond this config's epochs={epochs}"
                 )
-            restore_training_state(state, model, loss_fn, optimizers, schedulers, path=last_path)
+            restore_training_state(_rank_rng(state, ctx, last_path), model, loss_fn, optimizers, schedulers,
+                                   path=last_path)
             generator.set_state(state["sampler"]["generator"])
             _set_sampler_state(loader, state["sampler"])
             history = list(state["history"])
@@ -352,36 +455,44 @@ def train_one(
             logger.info("%s: resumed from %s after epoch %d", where, last_path, state["epoch"])
         elif resume:
             logger.info("%s: no checkpoint at %s, starting afresh", where, last_path)
+        # model stays the plain module: state_dicts, checkpoints and evaluation use it
+        train_model = wrap_model(model, ctx)
 
         if start == 1:
             # the untrained network: a reference for what training adds (never the best epoch)
-            history.append({"epoch": 0, **_scalar_metrics(evaluate_model(model, data, config, device))})
-        bar = _tqdm(total=epochs, initial=start - 1, desc=where, disable=not progress, leave=False,
-                    unit="epoch", dynamic_ncols=True)
+            history.append({"epoch": 0, **_scalar_metrics(on_main(evaluate_model, model, data, config, device))})
+        bar = _tqdm(total=epochs, initial=start - 1, desc=where, disable=not progress or not ctx.is_main,
+                    leave=False, unit="epoch", dynamic_ncols=True)
         try:
             for epoch in range(start, epochs + 1):
                 t0 = time.perf_counter()
-                stats = _train_epoch(model, loss_fn, loader, list(optimizers.values()), device, use_indices,
+                if ctx.enabled and isinstance(train_sampler(loader), _mper_class()):
+                    # MPerClassSampler draws from numpy's global RNG when the epoch starts:
+                    # rank 0's state everywhere, so that every rank slices the same batches
+                    np.random.set_state(broadcast_object(np.random.get_state()))
+                stats = _train_epoch(train_model, loss_fn, loader, list(optimizers.values()), device, use_indices,
                                      f"{where}, epoch {epoch}")
                 for sched in schedulers.values():
                     sched.step()
-                metrics = evaluate_model(model, data, config, device)
+                # rank 0's metrics on every rank: the same best-epoch decision everywhere
+                metrics = on_main(evaluate_model, model, data, config, device)
                 elapsed += time.perf_counter() - t0
                 entry = {"epoch": epoch, **stats, **_scalar_metrics(metrics)}
                 history.append(entry)
                 if metrics["recall_at_1"] > best["recall_at_1"]:
                     best = {"epoch": epoch, "recall_at_1": metrics["recall_at_1"], "metrics": metrics}
-                    save_checkpoint(_state("best", method, seed, epoch, model, loss_fn, metrics), best_path)
+                    on_main(save_checkpoint, _state("best", method, seed, epoch, model, loss_fn, metrics), best_path)
+                rng = capture_rng_state(device)
                 state = _state("last", method, seed, epoch, model, loss_fn, metrics)
                 state.update(
                     optimizers={k: v.state_dict() for k, v in optimizers.items()},
                     schedulers={k: v.state_dict() for k, v in schedulers.items()},
-                    rng=capture_rng_state(device),
+                    rng=all_gather_objects(rng) if ctx.enabled else rng,
                     sampler={"generator": generator.get_state(), **_sampler_state(loader)},
                     history=history, best=best, config=key, finished=epoch == epochs,
                     train_seconds=elapsed,
                 )
-                save_checkpoint(state, last_path)
+                on_main(save_checkpoint, state, last_path)
                 bar.update(1)
                 bar.set_postfix(R1=f"{metrics['recall_at_1']:.3f}", best=f"{best['recall_at_1']:.3f}")
                 logger.debug("%s epoch %d: %s", where, epoch, entry)
@@ -391,32 +502,67 @@ def train_one(
         finally:
             bar.close()
 
-        # the best epoch's model gives the features of the semantic scales
-        best_state = load_checkpoint(best_path, kind="best", map_location=device, method=method, seed=seed)
-        model.load_state_dict(best_state["model"])
-        features, labels = embed(model, data.train_eval, config.evaluation.batch_size, device)
-        train_scales = class_semantic_scales(features, labels, data.num_classes)
-        result = {
-            "method": method,
-            "seed": seed,
-            "epochs": epochs,
-            "best_epoch": best["epoch"],
-            "metrics": {k: v for k, v in best["metrics"].items() if not k.startswith("per_class_")},
-            "last_metrics": {k: v for k, v in history[-1].items() if k.startswith("recall_at_") or k == "NMI"},
-            "init_metrics": {k: v for k, v in history[0].items() if k.startswith("recall_at_") or k == "NMI"},
-            "per_class_recall_at_1": best["metrics"]["per_class_recall_at_1"],
-            "train_semantic_scales": train_scales.tolist(),
-            "history": history,
-            "train_seconds": elapsed,
-            "compatibility_key": key,
-        }
-        if not config.dataset.closed_set:
-            test_features, test_labels = embed(model, data.test, config.evaluation.batch_size, device)
-            num_test = int(test_labels.max()) + 1
-            result["test_semantic_scales"] = class_semantic_scales(test_features, test_labels, num_test).tolist()
-        write_json_atomic(result, result_path)
+        result = on_main(_final_result, model, data, config, device, method, seed, best, history, elapsed, key,
+                         best_path, result_path)
         logger.info("%s: best epoch %d, R@1 %.4f (%.1f s)", where, best["epoch"], best["recall_at_1"], elapsed)
         return result
+
+
+def _finished_result(result_path: str, epochs: int, key: dict) -> Optional[dict]:
+    """``result.json`` of a run finished earlier with these settings, else None."""
+    if not os.path.isfile(result_path):
+        return None
+    with open(result_path, encoding="utf-8") as fh:
+        done = json.load(fh)
+    if done.get("epochs") == epochs and done.get("compatibility_key") == key:
+        return done
+    return None
+
+
+def _rank_rng(state: dict, ctx, path: str) -> dict:
+    """``state`` with this rank's RNG states: ``last.pt`` holds one dict on one
+    process, a list with one per rank under torch.distributed."""
+    rng = state["rng"]
+    states = rng if isinstance(rng, list) else [rng]
+    if len(states) != ctx.world_size:
+        raise CheckpointError(
+            f"{path}: written by {len(states)} process(es), but {ctx.world_size} run now; resume with "
+            f"the same number of processes (torchrun --nproc_per_node={len(states)}"
+            f"{'' if len(states) > 1 else ', or without torchrun'})"
+        )
+    if states[ctx.rank] is rng:
+        return state
+    return {**state, "rng": states[ctx.rank]}
+
+
+def _final_result(model, data, config, device, method, seed, best, history, elapsed, key, best_path,
+                  result_path) -> dict:
+    """The run's result from the best checkpoint (train-feature scales), written to ``result.json``."""
+    # the best epoch's model gives the features of the semantic scales
+    best_state = load_checkpoint(best_path, kind="best", map_location=device, method=method, seed=seed)
+    model.load_state_dict(best_state["model"])
+    features, labels = embed(model, data.train_eval, config.evaluation.batch_size, device)
+    train_scales = class_semantic_scales(features, labels, data.num_classes)
+    result = {
+        "method": method,
+        "seed": seed,
+        "epochs": config.training.epochs,
+        "best_epoch": best["epoch"],
+        "metrics": {k: v for k, v in best["metrics"].items() if not k.startswith("per_class_")},
+        "last_metrics": {k: v for k, v in history[-1].items() if k.startswith("recall_at_") or k == "NMI"},
+        "init_metrics": {k: v for k, v in history[0].items() if k.startswith("recall_at_") or k == "NMI"},
+        "per_class_recall_at_1": best["metrics"]["per_class_recall_at_1"],
+        "train_semantic_scales": train_scales.tolist(),
+        "history": history,
+        "train_seconds": elapsed,
+        "compatibility_key": key,
+    }
+    if not config.dataset.closed_set:
+        test_features, test_labels = embed(model, data.test, config.evaluation.batch_size, device)
+        num_test = int(test_labels.max()) + 1
+        result["test_semantic_scales"] = class_semantic_scales(test_features, test_labels, num_test).tolist()
+    write_json_atomic(result, result_path)
+    return result
 
 
 def _state(kind, method, seed, epoch, model, loss_fn, metrics) -> dict:
