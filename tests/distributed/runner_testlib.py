@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import NamedTuple, Optional, Sequence
 
 import torch
+from distributed_testlib import free_port
 
 LAUNCH_TIMEOUT_S = 150  # one torchrun launch: startup, 2 methods x 2 tiny epochs, the run folder
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -41,12 +41,6 @@ def tiny_config(path, epochs: int = 2, methods: Sequence[str] = ("NSM", "DSB-NSM
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(dump_config(cfg))
     return str(path), cfg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Launch(NamedTuple):
