@@ -65,11 +65,14 @@ def _logdet_spd_lapack(a: torch.Tensor):
     return torch.from_numpy(out).to(a.dtype).view(a.shape[:-2])
 
 
-def logdet_spd(a: torch.Tensor) -> torch.Tensor:
+def logdet_spd(a: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """log det of a batch of symmetric positive definite matrices (..., n, n).
 
-    On CPU, without autograd, the matrices are factorised in place by LAPACK
-    (``a`` is overwritten); otherwise by ``torch.linalg.cholesky_ex``.
+    On CPU, without autograd, the matrices are factorised by LAPACK, in place
+    when ``overwrite`` is true (``a`` then holds garbage afterwards); otherwise
+    by ``torch.linalg.cholesky_ex``. A matrix that rounding made indefinite in
+    float32 is redone in float64; with ``overwrite`` there is no original left
+    to redo, and ``torch.linalg.LinAlgError`` is raised instead.
     """
     if (
         a.device.type == "cpu"
@@ -78,9 +81,11 @@ def logdet_spd(a: torch.Tensor) -> torch.Tensor:
         and a.is_contiguous()
         and a.numel()
     ):
-        out = _logdet_spd_lapack(a)
+        out = _logdet_spd_lapack(a if overwrite else a.clone())
         if out is not None:
             return out
+        if overwrite or a.dtype == torch.float64:
+            raise torch.linalg.LinAlgError("logdet_spd: a matrix is not positive definite")
         a = a.double()  # rounding broke definiteness: retry below in float64
     n = a.shape[-1]
     pad = _mkl_friendly(n) - n
@@ -144,7 +149,8 @@ def padded_class_scales(
         else:  # covariance (d x d) form
             gram = zc.transpose(1, 2) @ zc
         eye = torch.eye(gram.shape[-1], dtype=dtype, device=gram.device)
-        out[ok] = logdet_spd(eye + alpha * gram) / (2.0 * _LOG2)
+        # in place only in float64: a float32 matrix may need its original for a float64 redo
+        out[ok] = logdet_spd(eye + alpha * gram, overwrite=dtype == torch.float64) / (2.0 * _LOG2)
     return out
 
 

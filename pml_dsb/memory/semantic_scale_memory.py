@@ -584,7 +584,14 @@ class SemanticScaleMemory(torch.nn.Module):
         """S = 0.5*log2 det(I + K/beta) from K (changed in place), beta = m/d."""
         beta = m / self.embedding_size
         matrix.diagonal(dim1=1, dim2=2).add_(beta.unsqueeze(1))
-        logdet = logdet_spd(matrix.to(self.scale_dtype)).to(torch.float64)
+        work = matrix.to(self.scale_dtype)
+        try:
+            logdet = logdet_spd(work, overwrite=True)
+        except torch.linalg.LinAlgError:
+            if work is matrix:  # float64 already: truly not positive definite
+                raise
+            logdet = logdet_spd(matrix, overwrite=True)  # float32 rounding: redo in float64
+        logdet = logdet.to(torch.float64)
         return (logdet - matrix.shape[-1] * torch.log(beta)) / (2.0 * math.log(2.0))
 
 

@@ -309,3 +309,30 @@ def test_cuda_matches_numpy(gen, np_ref, normalize):
     np.testing.assert_allclose(
         per_class.cpu().numpy(), np_ref.class_scales(x.double().numpy(), labels.numpy(), 3, normalize), rtol=1e-9
     )
+
+
+def _float32_only_failure():
+    """A float32 matrix whose float32 Cholesky fails while float64 succeeds on
+    the same values (rank one plus 1e-7 I: rounding decides), found by scanning
+    seeds and checked with LAPACK directly."""
+    from scipy.linalg import lapack
+
+    for seed in range(200):
+        v = torch.randn(6, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        matrix = (v @ v.T + 1e-7 * torch.eye(6, dtype=torch.float64)).float()
+        if lapack.spotrf(matrix.numpy().copy())[1] != 0 and lapack.dpotrf(matrix.double().numpy().copy())[1] == 0:
+            return matrix
+    raise AssertionError("no float32-only Cholesky failure among 200 seeds")
+
+
+def test_logdet_spd_redoes_a_float32_failure_in_float64_from_the_untouched_input():
+    from pml_dsb.functional.semantic_scale import logdet_spd
+
+    batch = torch.stack([2 * torch.eye(6), _float32_only_failure()])
+    before = batch.clone()
+    got = logdet_spd(batch)
+    assert torch.equal(batch, before)  # the input is not factorised in place
+    want = torch.logdet(before.double())  # the first matrix's result is not garbage either
+    assert torch.allclose(got.double(), want, rtol=1e-9)
+    with pytest.raises(torch.linalg.LinAlgError):
+        logdet_spd(batch.clone(), overwrite=True)  # no original left to redo from
