@@ -207,7 +207,7 @@ class DSBWeightingMixin:
         self.dsb_fill_level = self.memory.fill_level
         if self.dsb_stage == 3:
             scales = self.memory.scales()
-            weights = self.memory.weights()
+            weights = self.memory.weights(scales)
             weight_losses_by_class(loss_dict, labels, weights, names=self._sub_loss_names())
             self.dsb_mean_scale = float(scales.mean())
             self.dsb_min_scale = float(scales.min())

@@ -423,9 +423,12 @@ class SemanticScaleMemory(torch.nn.Module):
             self.stale[stale] = False
         return self.cached_scales.clone()
 
-    def weights(self) -> torch.Tensor:
-        """(C,) float64 DSB weights :math:`1/S_c` (see :func:`pml_dsb.functional.dsb_weights`)."""
-        return dsb_weights(self.scales(), self.class_counts, self.normalize, self.eps)
+    def weights(self, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(C,) float64 DSB weights :math:`1/S_c` (see :func:`pml_dsb.functional.dsb_weights`).
+
+        ``scales``: the result of :meth:`scales` if the caller already has it.
+        """
+        return dsb_weights(self.scales() if scales is None else scales, self.class_counts, self.normalize, self.eps)
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored (embeddings, labels), unfilled slots left out."""
