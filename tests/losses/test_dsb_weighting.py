@@ -421,3 +421,26 @@ def test_metric_loss_only_trainer(case, gen):
     assert stages == [1, 2, 2, 3, 3]  # M = 32, warmup_epochs = 2
     assert np.all(np.isfinite(values))
     assert any(not torch.equal(b, p) for b, p in zip(before, loss.parameters()))
+
+
+# non-default parent arguments for each loss (the CASES use the defaults)
+_NON_DEFAULT = {
+    "soft_triple": dict(centers_per_class=2, la=15, gamma=0.2, margin=0.05),
+    "norm_softmax": dict(temperature=0.2),
+    "arcface": dict(margin=20.0, scale=16),
+    "cosface": dict(margin=0.2, scale=16),
+}
+
+
+@pytest.mark.parametrize("case", list(_NON_DEFAULT))
+def test_non_default_arguments_equal_parent_before_stage_3(case, gen):
+    dsb, parent, _ = make_pair(case, gen, 4, 8, 16, 2, parent_kwargs=_NON_DEFAULT[case])
+    for _ in range(4):  # 24 samples: stages 1 and 2
+        emb, labels = torch.randn(6, 8, generator=gen), torch.randint(0, 4, (6,), generator=gen)
+        e1, e2 = leaf(emb), leaf(emb)
+        got, want = dsb(e1, labels), parent(e2, labels)
+        assert torch.equal(got, want)
+        got.backward()
+        want.backward()
+        assert torch.equal(e1.grad, e2.grad)
+    assert dsb.memory.stage == 2
