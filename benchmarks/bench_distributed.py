@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ def _loss(args):
     from pml_dsb import DSBSoftTripleLoss
 
     torch.manual_seed(args.seed)
-    # warm-up 0: weighted (stage 3) from the first step, the costlier path
+    # warm-up 0: weighted (stage 3) as soon as the memory is full (filled below), the costlier path
     return DSBSoftTripleLoss(args.classes, args.dim, memory_size=args.memory, warmup_epochs=0)
 
 
@@ -117,27 +116,14 @@ def _worker(args) -> None:
     destroy()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_world(args, world: int) -> dict:
-    port = _free_port()
+    from pml_dsb.distributed import free_port, local_rank_env
+
+    port = free_port()
     argv = [sys.executable, os.path.abspath(__file__), "--worker"] + _forward(args)
     procs = []
     for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            CUDA_VISIBLE_DEVICES="",
-        )
+        env = local_rank_env(rank, world, port)
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=args.timeout)[0] for p in procs]
     if any(p.returncode for p in procs):

@@ -14,10 +14,12 @@ from .ddp import (
     current_context,
     destroy,
     distributed_sampler,
+    free_port,
     get_rank,
     get_world_size,
     init_from_env,
     is_main_process,
+    local_rank_env,
     wrap_model,
 )
 from .gather import (
@@ -53,4 +55,6 @@ __all__ = [
     "average_gradients",
     "broadcast_object",
     "barrier",
+    "free_port",
+    "local_rank_env",
 ]

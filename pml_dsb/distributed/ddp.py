@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional
 
@@ -38,6 +39,8 @@ import torch.distributed as dist
 from .gather import is_distributed
 
 __all__ = [
+    "free_port",
+    "local_rank_env",
     "DistributedContext",
     "init_from_env",
     "current_context",
@@ -76,6 +79,28 @@ class DistributedContext:
     def enabled(self) -> bool:
         """More than one process."""
         return self.world_size > 1
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a local process group's MASTER_PORT."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def local_rank_env(rank: int, world_size: int, port: int) -> dict:
+    """The environment of rank ``rank`` of a one-machine CPU world (what torchrun
+    would set), one thread per process, CUDA hidden; for tests and benchmarks."""
+    return dict(
+        os.environ,
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
 
 
 def _default_device(local_rank: int) -> torch.device:

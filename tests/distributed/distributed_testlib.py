@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import traceback
 import warnings
 
 import torch
+
+from pml_dsb.distributed import free_port, local_rank_env
 
 C, D, M, WARMUP = 5, 8, 24, 2  # classes, embedding size, memory size, warm-up epochs
 UNEVEN = (5, 7)                 # per-rank batch sizes (global 12; M is no multiple of it)
@@ -439,12 +440,6 @@ SCENARIOS = {
 
 
 # ------------------------------------------------------------------- launcher
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out_dir, scenarios, world=2, timeout_s=150.0, attempts=2):
     """Run this file as ``world`` ranks; return each rank's records. Kills both on timeout."""
     log = ""
@@ -452,16 +447,7 @@ def launch(out_dir, scenarios, world=2, timeout_s=150.0, attempts=2):
         port = free_port()
         procs = []
         for rank in range(world):
-            env = dict(
-                os.environ,
-                RANK=str(rank),
-                LOCAL_RANK=str(rank),
-                WORLD_SIZE=str(world),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                OMP_NUM_THREADS="1",
-                CUDA_VISIBLE_DEVICES="",
-            )
+            env = local_rank_env(rank, world, port)
             procs.append(
                 subprocess.Popen(
                     [sys.executable, __file__, str(out_dir), ",".join(scenarios)],
