@@ -1,15 +1,19 @@
 """DSB overhead: parent PML loss step against the DSB step, side by side.
 
 For SoftTriple and NormSoftmax at the shapes of issue 2, prints the median
-time of the parent loss step (forward + backward) and of the DSB step
-(enqueue + scale refresh + weighted loss, forward + backward), measured in
-alternation in one process with one thread, and their ratio. Then the refresh
-time at d = 512 for growing memory sizes, the largest relative error of the
-memory's scales against a float64 from-scratch computation after many
-updates, and the memory's bytes.
+and mean time of the parent loss step (forward + backward) and of the DSB
+step (enqueue + scale refresh + weighted loss, forward + backward), measured
+in alternation in one process with one thread, and their ratios. Each shape
+runs with both memories: ``fifo`` (the ring buffer a PML trainer gets, which
+passes no dataset indices) and ``index`` (``sample_indices`` passed: one slot
+per training sample, the faithful form, where class counts stay fixed and
+scales are updated in low rank). Then the refresh time at d = 512 for growing
+memory sizes, the largest relative error of the memory's scales against a
+float64 from-scratch computation after many updates, and the memory's bytes.
 
     python benchmarks/bench_dsb_step.py            # all shapes (several minutes)
     python benchmarks/bench_dsb_step.py --quick    # small iteration counts
+    python benchmarks/bench_dsb_step.py --device cuda --steps-only
 """
 from __future__ import annotations
 
@@ -48,12 +52,22 @@ def cifar_lt(imbalance: float) -> np.ndarray:
     return np.array([int(500 * (1 / imbalance) ** (c / 99)) for c in range(100)])
 
 
-def imagenet_lt() -> np.ndarray:
-    # 1,280 down to 5 over 1,000 classes (Pareto-like), scaled to 115,846 in total
-    raw = 1280 * (5 / 1280) ** (np.arange(1000) / 999) ** 0.5
-    counts = np.maximum(5, np.round(raw * 115846 / raw.sum())).astype(int)
-    counts[0] += 115846 - counts.sum()
-    return counts
+def imagenet_lt(total: int = 115846, classes: int = 1000, most: int = 1280, fewest: int = 5) -> np.ndarray:
+    """ImageNet-LT's training counts in form: ``most`` down to ``fewest`` over
+    ``classes`` classes, n_c = most * (fewest/most) ** ((c/(C-1)) ** p), with p
+    chosen (by bisection) so that the counts sum to ``total``."""
+    position = np.arange(classes) / (classes - 1)
+
+    def counts(p: float) -> np.ndarray:
+        return np.round(most * (fewest / most) ** (position**p)).astype(int)
+
+    low, high = 1e-3, 10.0  # a larger p keeps counts high for longer: the sum grows with p
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if counts(mid).sum() < total else (low, mid)
+    out = counts(high)
+    out[classes // 2] += total - out.sum()  # rounding remainder, if any, on a middle class
+    return out
 
 
 SHAPES = {
@@ -66,66 +80,98 @@ SHAPES = {
 
 def label_stream(counts: np.ndarray, batch: int, rng: np.random.Generator):
     """Batches of labels from a random sampler (a fresh permutation each epoch)."""
-    labels = np.repeat(np.arange(len(counts)), counts)
+    for _, labels in index_stream(counts, batch, rng):
+        yield labels
+
+
+def index_stream(counts: np.ndarray, batch: int, rng: np.random.Generator):
+    """(dataset indices, labels) batches from a random sampler over a dataset
+    whose sample i has label ``np.repeat(classes, counts)[i]``."""
+    labels = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))
     while True:
-        perm = rng.permutation(labels)
+        perm = torch.from_numpy(rng.permutation(len(labels)))
         for start in range(0, len(perm) - batch + 1, batch):
-            yield torch.from_numpy(perm[start : start + batch])
+            idx = perm[start : start + batch]
+            yield idx, labels[idx]
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
-def step(loss, emb, labels):
+def step(loss, emb, labels, **kwargs):
     emb = emb.detach().requires_grad_(True)
-    value = loss(emb, labels)
+    value = loss(emb, labels, **kwargs)
     value.backward()
     return value
 
 
-def bench_shape(shape: Shape, iters: int, seed: int, scale_dtype: torch.dtype = torch.float64) -> list[dict]:
+def bench_shape(
+    shape: Shape,
+    iters: int,
+    seed: int,
+    scale_dtype: torch.dtype = torch.float64,
+    addressing: str = "fifo",
+    device: torch.device = torch.device("cpu"),
+) -> list[dict]:
     rng = np.random.default_rng(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     classes, memory_size = len(shape.counts), int(shape.counts.sum())
+    indexed = addressing == "index"
     rows = []
     for parent_cls, dsb_cls in ((SoftTripleLoss, DSBSoftTripleLoss), (NormalizedSoftmaxLoss, DSBNormalizedSoftmaxLoss)):
-        parent = parent_cls(num_classes=classes, embedding_size=shape.dim)
+        parent = parent_cls(num_classes=classes, embedding_size=shape.dim).to(device)
         memory = SemanticScaleMemory(classes, shape.dim, memory_size, warmup_epochs=1, scale_dtype=scale_dtype)
-        dsb = dsb_cls(num_classes=classes, embedding_size=shape.dim, memory=memory)
+        dsb = dsb_cls(num_classes=classes, embedding_size=shape.dim, memory=memory).to(device)
         dsb.load_state_dict(parent.state_dict(), strict=False)
-        stream = label_stream(shape.counts, shape.batch, rng)
-        # fill the memory (stage 3 from then on) without timing
+        stream = index_stream(shape.counts, shape.batch, rng)
+        # fill the memory (stage 3 from then on) without timing: one epoch
         for _ in range(math.ceil(memory_size / shape.batch)):
-            dsb.memory.enqueue(torch.randn(shape.batch, shape.dim, generator=gen), next(stream))
+            idx, labels = next(stream)
+            dsb.memory.enqueue(
+                torch.randn(shape.batch, shape.dim, generator=gen, device=device), labels, idx if indexed else None
+            )
         dsb.memory.scales()
         assert dsb.memory.stage == 3
         t_parent, t_dsb = [], []
         for i in range(iters + 3):
-            labels = next(stream)
-            emb = torch.randn(shape.batch, shape.dim, generator=gen)
-            a = timed(lambda: step(parent, emb, labels))
-            b = timed(lambda: step(dsb, emb, labels))
+            idx, labels = next(stream)
+            idx, labels = idx.to(device), labels.to(device)
+            emb = torch.randn(shape.batch, shape.dim, generator=gen, device=device)
+            extra = {"sample_indices": idx} if indexed else {}
+            a = timed(lambda: step(parent, emb, labels), device)
+            b = timed(lambda: step(dsb, emb, labels, **extra), device)
             if i >= 3:  # warm-up iterations left out
                 t_parent.append(a)
                 t_dsb.append(b)
         mp, md = statistics.median(t_parent), statistics.median(t_dsb)
+        ap, ad = statistics.fmean(t_parent), statistics.fmean(t_dsb)
         rows.append(
             {
                 "shape": shape.name,
+                "addressing": addressing,
                 "loss": parent_cls.__name__,
+                "device": str(device),
                 "scale_dtype": str(scale_dtype).replace("torch.", ""),
                 "parent_ms": 1e3 * mp,
                 "dsb_ms": 1e3 * md,
                 "ratio": md / mp,
+                "parent_mean_ms": 1e3 * ap,
+                "dsb_mean_ms": 1e3 * ad,
+                "mean_ratio": ad / ap,
                 "memory_bytes": memory_bytes(dsb.memory),
             }
         )
         print(
-            f"{shape.name:15s} {parent_cls.__name__:22s} parent {1e3 * mp:8.2f} ms   "
-            f"DSB {1e3 * md:8.2f} ms   ratio {md / mp:5.2f}   memory {memory_bytes(dsb.memory) / 2**20:8.1f} MiB",
+            f"{shape.name:14s} {addressing:5s} {parent_cls.__name__:21s} parent {1e3 * mp:7.2f} ms  "
+            f"DSB {1e3 * md:7.2f} ms  ratio {md / mp:5.2f} (mean {ad / ap:5.2f})  "
+            f"memory {memory_bytes(dsb.memory) / 2**20:7.1f} MiB",
             flush=True,
         )
     return rows
@@ -135,30 +181,48 @@ def memory_bytes(memory: SemanticScaleMemory) -> int:
     return sum(b.numel() * b.element_size() for b in memory.buffers())
 
 
-def bench_refresh(sizes, iters: int, seed: int, classes: int = 100, batch: int = 64, dim: int = 512) -> list[dict]:
+def bench_refresh(
+    sizes, iters: int, seed: int, classes: int = 100, batch: int = 64, dim: int = 512, addressing: str = "fifo"
+) -> list[dict]:
     """enqueue + scales() time at d = 512, equal B and classes, growing M."""
     rows = []
+    cpu = torch.device("cpu")
     for memory_size in sizes:
         gen = torch.Generator().manual_seed(seed)
         rng = np.random.default_rng(seed)
         memory = SemanticScaleMemory(classes, dim, memory_size, warmup_epochs=1)
-        stream = label_stream(balanced(memory_size, classes), batch, rng)
+        counts = balanced(memory_size, classes)
+        indexed = addressing == "index"
+        labels_all = torch.from_numpy(np.repeat(np.arange(classes), counts))
+        fill = torch.from_numpy(rng.permutation(memory_size))
         chunk = 4096  # fill fast with big batches
-        labels_all = torch.from_numpy(rng.permutation(np.repeat(np.arange(classes), balanced(memory_size, classes))))
         for start in range(0, memory_size, chunk):
-            lab = labels_all[start : start + chunk]
-            memory.enqueue(torch.randn(len(lab), dim, generator=gen), lab)
+            idx = fill[start : start + chunk]
+            memory.enqueue(torch.randn(len(idx), dim, generator=gen), labels_all[idx], idx if indexed else None)
         memory.scales()
+        stream = index_stream(counts, batch, rng)
         times = []
-        for i in range(iters + 2):
+        for i in range(iters + 3):
             emb = torch.randn(batch, dim, generator=gen)
-            labels = next(stream)
-            t = timed(lambda: (memory.enqueue(emb, labels), memory.scales()))
-            if i >= 2:
+            idx, labels = next(stream)
+            t = timed(lambda: (memory.enqueue(emb, labels, idx if indexed else None), memory.scales()), cpu)
+            if i >= 3:
                 times.append(t)
-        med = statistics.median(times)
-        rows.append({"memory_size": memory_size, "refresh_ms": 1e3 * med, "memory_bytes": memory_bytes(memory)})
-        print(f"refresh d={dim} M={memory_size:7d}: {1e3 * med:8.2f} ms  ({memory_bytes(memory) / 2**20:.0f} MiB)", flush=True)
+        med, mean = statistics.median(times), statistics.fmean(times)
+        rows.append(
+            {
+                "memory_size": memory_size,
+                "addressing": addressing,
+                "refresh_ms": 1e3 * med,
+                "refresh_mean_ms": 1e3 * mean,
+                "memory_bytes": memory_bytes(memory),
+            }
+        )
+        print(
+            f"refresh d={dim} M={memory_size:7d} {addressing:5s}: {1e3 * med:8.2f} ms median, {1e3 * mean:8.2f} ms mean"
+            f"  ({memory_bytes(memory) / 2**20:.0f} MiB)",
+            flush=True,
+        )
     return rows
 
 
@@ -208,6 +272,11 @@ def main() -> None:
         "--scale-dtype", choices=("float64", "float32"), default="float64",
         help="precision of the memory's statistics products and factorisations (default float64)",
     )
+    parser.add_argument(
+        "--addressing", choices=("fifo", "index", "both"), default="both",
+        help="memory form: ring buffer, index-addressed (sample_indices passed), or both (default)",
+    )
+    parser.add_argument("--device", default="cpu", help="where the losses and memory run (default cpu)")
     parser.add_argument("--steps-only", action="store_true", help="skip the refresh and error measurements")
     parser.add_argument("--out", default="results/bench_dsb_step.json", help="where to write the figures")
     args = parser.parse_args()
@@ -218,11 +287,17 @@ def main() -> None:
     iters = args.iters or (5 if args.quick else 30)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, iterations {iters}")
     results = {"steps": [], "refresh": [], "error": None}
+    device = torch.device(args.device)
+    modes = ("fifo", "index") if args.addressing == "both" else (args.addressing,)
     for name in args.shapes.split(","):
-        results["steps"] += bench_shape(SHAPES[name](), iters, args.seed, getattr(torch, args.scale_dtype))
+        for mode in modes:
+            results["steps"] += bench_shape(
+                SHAPES[name](), iters, args.seed, getattr(torch, args.scale_dtype), mode, device
+            )
     if not args.steps_only:
         sizes = (5864, 20000) if args.quick else (5864, 115846, 437513)
-        results["refresh"] = bench_refresh(sizes, iters, args.seed)
+        for mode in modes:
+            results["refresh"] += bench_refresh(sizes, iters, args.seed, addressing=mode)
         results["error"] = bench_error(2000 if args.quick else 20000, args.seed, SHAPES["cub64"]())
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:

@@ -103,6 +103,39 @@ def logdet_spd(a: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     return 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
 
 
+def logdet_and_inverse_spd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log det and inverse of a batch of symmetric positive definite matrices (..., n, n).
+
+    One Cholesky factorisation per matrix: LAPACK ``potrf`` + ``potri`` on CPU
+    (scipy's, which does not hang with 2 threads), ``cholesky_ex`` +
+    ``cholesky_inverse`` elsewhere. ``a`` is left unchanged. Raises
+    ``torch.linalg.LinAlgError`` if a matrix is not positive definite.
+    """
+    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
+        potrf, potri = (_lapack.dpotrf, _lapack.dpotri) if a.dtype == torch.float64 else (_lapack.spotrf, _lapack.spotri)
+        arrays = a.detach().contiguous().numpy().reshape(-1, a.shape[-2], a.shape[-1])
+        logdet = _np.empty(len(arrays))
+        inverse = _np.empty_like(arrays)
+        for k, matrix in enumerate(arrays):
+            factor, info = potrf(matrix, lower=1, clean=1)
+            if info == 0:
+                inv, info = potri(factor, lower=1)
+            if info != 0:
+                raise torch.linalg.LinAlgError("logdet_and_inverse_spd: a matrix is not positive definite")
+            logdet[k] = 2.0 * _np.log(factor.diagonal()).sum()
+            lower = _np.tril(inv)  # potri fills one triangle only
+            inverse[k] = lower + _np.tril(inv, -1).T
+        return (
+            torch.from_numpy(logdet).to(a.dtype).view(a.shape[:-2]),
+            torch.from_numpy(inverse).view(a.shape),
+        )
+    chol, info = torch.linalg.cholesky_ex(a)
+    if bool((info != 0).any()):
+        raise torch.linalg.LinAlgError("logdet_and_inverse_spd: a matrix is not positive definite")
+    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return logdet, torch.cholesky_inverse(chol)
+
+
 def padded_class_scales(
     features: torch.Tensor,
     mask: torch.Tensor,

@@ -20,6 +20,17 @@ m x m space; a larger class switches for good to running first and second
 moments (d and d x d, float64: each sample adds or removes an outer product)
 and a d x d factorisation. No refresh ever re-reads a class's samples.
 
+Index-addressed memories go further. Once a class's count stops changing
+(each sample overwrites its own slot), its matrix changes by a low-rank term
+per batch: rank 2 per replaced sample in the Gram form, 2r + 2 for r samples
+in the moment form. After one exact refresh at an unchanged count the class
+keeps the inverse and log det of its matrix, and each enqueue updates both
+with the Woodbury identity and the matrix determinant lemma, O(r n^2) for an
+n x n matrix instead of an O(n^3) factorisation; an exact refresh replaces
+them every ``exact_refresh_every`` updates and whenever the count changes.
+(In a first-in-first-out memory the count of a touched class mostly changes,
+which rescales the whole matrix, so no low-rank update exists there.)
+
 Sampling caveat: first in, first out equals "the latest embedding of every
 training sample" only when the sampler visits each sample once per epoch and
 M equals the training-set size. A class-balanced sampler fills the memory with
@@ -41,10 +52,11 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed.gather import check_batch_collectively, gather_batch, should_gather
-from ..functional.semantic_scale import logdet_spd, size_buckets
+from ..functional.semantic_scale import logdet_and_inverse_spd, logdet_spd, size_buckets
 from ..functional.weights import check_normalize, dsb_weights
 
 logger = logging.getLogger(__name__)
+
 
 __all__ = ["SemanticScaleMemory"]
 
@@ -89,6 +101,9 @@ class SemanticScaleMemory(torch.nn.Module):
             larger ones as d x d moments (default ``embedding_size // 2``,
             where both forms cost about the same). Memory: ``num_classes *
             gram_size**2`` plus ``d**2`` per large class, float64.
+        exact_refresh_every: in an index-addressed memory, a class's scale is
+            updated in low rank (exactly up to rounding, see above) at most this
+            many times before an exact refresh (default 64).
         distributed: gather every rank's batch before enqueueing, so that all
             ranks hold the same memory, stage and scales (M counts global
             samples). ``None`` (default): when ``torch.distributed`` is
@@ -110,6 +125,12 @@ class SemanticScaleMemory(torch.nn.Module):
         tensor(True)
     """
 
+    #: Class matrices smaller than this are refactorised at every refresh even
+    #: in an index-addressed memory: there the dozens of small tensor
+    #: operations of a low-rank update cost more than a Cholesky
+    #: factorisation (benchmarks/bench_dsb_step.py). Tests lower it.
+    low_rank_min_size: int = 128
+
     def __init__(
         self,
         num_classes: int,
@@ -122,6 +143,7 @@ class SemanticScaleMemory(torch.nn.Module):
         scale_dtype: torch.dtype = torch.float64,
         gram_size: Optional[int] = None,
         distributed: Optional[bool] = None,
+        exact_refresh_every: int = 64,
     ):
         super().__init__()
         for name, value, low in (
@@ -129,6 +151,7 @@ class SemanticScaleMemory(torch.nn.Module):
             ("embedding_size", embedding_size, 1),
             ("memory_size", memory_size, 1),
             ("warmup_epochs", warmup_epochs, 0),
+            ("exact_refresh_every", exact_refresh_every, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -151,6 +174,7 @@ class SemanticScaleMemory(torch.nn.Module):
         if not (distributed is None or isinstance(distributed, bool)):
             raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
         self.distributed = distributed
+        self.exact_refresh_every = exact_refresh_every
 
         capacity = min(memory_size, max(16, 2 * math.ceil(memory_size / num_classes)))
         self.register_buffer("embedding_memory", torch.zeros(memory_size, embedding_size))
@@ -170,6 +194,16 @@ class SemanticScaleMemory(torch.nn.Module):
         self.register_buffer("moment_index", torch.full((num_classes,), -1, dtype=torch.long))
         self.register_buffer("moment_sum", torch.zeros(0, embedding_size, dtype=torch.float64))
         self.register_buffer("moment_outer", torch.zeros(0, embedding_size, embedding_size, dtype=torch.float64))
+        # low-rank path (index-addressed memories): inverse and log det of each
+        # class's matrix (beta*I + centred Gram or scatter), valid while
+        # cache_valid; inverses are allocated on first use
+        self.register_buffer("gram_inverse", torch.zeros(0, self.gram_size, self.gram_size, dtype=torch.float64))
+        self.register_buffer("moment_inverse", torch.zeros(0, embedding_size, embedding_size, dtype=torch.float64))
+        self.register_buffer("cache_logdet", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("cache_valid", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("cache_updates", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("exact_count", torch.full((num_classes,), -1, dtype=torch.long))
+        self.register_buffer("index_addressed", torch.zeros((), dtype=torch.bool))
         self.register_buffer("queue_idx", torch.zeros((), dtype=torch.long))
         self.register_buffer("enqueued_count", torch.zeros((), dtype=torch.long))
 
@@ -200,14 +234,16 @@ class SemanticScaleMemory(torch.nn.Module):
     def reset(self) -> None:
         """Empty the memory and its counters."""
         self.embedding_memory.zero_()
-        for buf in (self.label_memory, self.slot_position, self.class_slots, self.moment_index):
+        for buf in (self.label_memory, self.slot_position, self.class_slots, self.moment_index, self.exact_count):
             buf.fill_(-1)
         self.gram.zero_()
-        self.moment_sum = self.moment_sum[:0]
-        self.moment_outer = self.moment_outer[:0]
-        for buf in (self.class_counts, self.cached_scales, self.queue_idx, self.enqueued_count):
+        for name in ("moment_sum", "moment_outer", "gram_inverse", "moment_inverse"):
+            setattr(self, name, getattr(self, name)[:0])
+        for buf in (self.class_counts, self.cached_scales, self.queue_idx, self.enqueued_count,
+                    self.cache_logdet, self.cache_updates):
             buf.zero_()
-        self.stale.zero_()
+        for buf in (self.stale, self.cache_valid, self.index_addressed):
+            buf.zero_()
 
     def extra_repr(self) -> str:
         return (
@@ -216,10 +252,25 @@ class SemanticScaleMemory(torch.nn.Module):
             f"normalize={self.normalize!r}"
         )
 
+    # state added after the first release: a checkpoint without it loads with
+    # no low-rank caches (the next refresh is exact and rebuilds them)
+    _CACHE_STATE = ("gram_inverse", "moment_inverse", "cache_logdet", "cache_valid", "cache_updates",
+                    "exact_count", "index_addressed")
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if not any(prefix + name in state_dict for name in self._CACHE_STATE):
+            fresh = {
+                "gram_inverse": self.gram_inverse[:0], "moment_inverse": self.moment_inverse[:0],
+                "cache_logdet": torch.zeros_like(self.cache_logdet), "cache_valid": torch.zeros_like(self.cache_valid),
+                "cache_updates": torch.zeros_like(self.cache_updates),
+                "exact_count": torch.full_like(self.exact_count, -1),
+                "index_addressed": torch.zeros_like(self.index_addressed),
+            }
+            for name, value in fresh.items():
+                state_dict[prefix + name] = value
         # these grow with the largest class and the number of large classes:
         # take the saved sizes (other dimensions must match).
-        for name in ("class_slots", "moment_sum", "moment_outer"):
+        for name in ("class_slots", "moment_sum", "moment_outer", "gram_inverse", "moment_inverse"):
             key, mine = prefix + name, getattr(self, name)
             if key in state_dict and state_dict[key].shape[1:] == mine.shape[1:] and name != "class_slots" \
                     or key in state_dict and name == "class_slots" and state_dict[key].shape[0] == mine.shape[0]:
@@ -357,6 +408,7 @@ class SemanticScaleMemory(torch.nn.Module):
         else:
             slots = indices.detach().to(device=device, dtype=torch.long)
 
+        counts_before, large_before = self.class_counts.clone(), self.moment_index >= 0
         removed = self._remove(slots)
         self._promote_large_classes(labels)
         self.embedding_memory[slots] = emb
@@ -366,9 +418,13 @@ class SemanticScaleMemory(torch.nn.Module):
         self.slot_position[slots] = positions
         self.class_counts.index_add_(0, labels, torch.ones_like(labels))
         self.stale[labels] = True
+        plan = self._plan_low_rank(removed[0], labels, positions, counts_before, large_before)
         self._update_statistics(removed, emb, labels, positions)
+        if plan is not None:
+            self._apply_low_rank(plan, removed, emb, labels, positions)
         if indices is None:
             self.queue_idx.copy_((self.queue_idx + batch) % self.memory_size)
+        self.index_addressed.fill_(indices is not None)
         self.enqueued_count += batch
 
     def _remove(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -550,20 +606,28 @@ class SemanticScaleMemory(torch.nn.Module):
         counts = self.class_counts[classes]
         ready = counts >= 2
         large = ready & (self.moment_index[classes] >= 0)
+        # keep an inverse for the low-rank path where it will pay: index-addressed
+        # enqueues and a count unchanged since this class's last exact refresh
+        build = ready & (counts == self.exact_count[classes]) & self.index_addressed
         if bool(large.any()):
-            out[large] = self._moment_scales(classes[large], counts[large])
+            build_large = build[large] & (self.embedding_size >= self.low_rank_min_size)
+            out[large] = self._moment_scales(classes[large], counts[large], build_large)
+            build[large] = build_large
         small = torch.nonzero(ready & ~large).flatten()
         if small.numel():
             widths = self._class_width(classes[small])
+            build[small] = build[small] & (widths == counts[small]) & (widths >= self.low_rank_min_size)  # the low-rank Gram path needs positions 0..m-1
             for bucket in size_buckets(widths):
                 part = small[bucket]
-                out[part] = self._gram_scales(classes[part], counts[part], int(widths[bucket].max()))
+                out[part] = self._gram_scales(classes[part], counts[part], int(widths[bucket].max()), build[part])
+        self.exact_count[classes] = counts
+        self.cache_valid[classes[~build]] = False
         return out
 
     # Both forms factorise K + beta*I with beta = m/d instead of I + (d/m)*K:
     # log det(I_n + K/beta) = log det(K + beta*I_n) - n*log(beta), and adding
     # beta to a diagonal is cheaper than scaling a whole batch of matrices.
-    def _gram_scales(self, classes: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+    def _gram_scales(self, classes: torch.Tensor, counts: torch.Tensor, width: int, build: torch.Tensor) -> torch.Tensor:
         gram = self.gram[classes, :width, :width]
         valid = (self.class_slots[classes, :width] >= 0).to(torch.float64)
         m = counts.to(torch.float64).unsqueeze(1)
@@ -573,20 +637,51 @@ class SemanticScaleMemory(torch.nn.Module):
         left = torch.stack([rows, valid], 2)
         right = torch.stack([-valid / m, -rows / m + total / m**2 * valid], 2)
         gram.baddbmm_(left, right.transpose(1, 2))
-        return self._logdet_bits(gram, m.squeeze(1))
+        bits, logdet, inverse = self._logdet_bits(gram, m.squeeze(1), build)
+        if inverse is not None:
+            self._ensure_inverse_pool("gram_inverse", self.num_classes)
+            built, beta = classes[build], m.squeeze(1)[build] / self.embedding_size
+            self.gram_inverse[built, :width, :width] = inverse
+            # the identity block of padded positions is not part of the class's matrix
+            self._store_cache(built, logdet[build] - (width - m.squeeze(1)[build]) * torch.log(beta))
+        return bits
 
-    def _moment_scales(self, classes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _moment_scales(self, classes: torch.Tensor, counts: torch.Tensor, build: torch.Tensor) -> torch.Tensor:
         index = self.moment_index[classes]
         m = counts.to(torch.float64)
         scatter = self.moment_outer[index]
         mean_part = (self.moment_sum[index] / m.sqrt().unsqueeze(1)).unsqueeze(2)
         scatter.baddbmm_(mean_part, mean_part.transpose(1, 2), alpha=-1.0)
-        return self._logdet_bits(scatter, m)
+        bits, logdet, inverse = self._logdet_bits(scatter, m, build)
+        if inverse is not None:
+            self._ensure_inverse_pool("moment_inverse", self.moment_sum.shape[0])
+            self.moment_inverse[index[build]] = inverse
+            self._store_cache(classes[build], logdet[build])
+        return bits
 
-    def _logdet_bits(self, matrix: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """S = 0.5*log2 det(I + K/beta) from K (changed in place), beta = m/d."""
+    def _logdet_bits(
+        self, matrix: torch.Tensor, m: torch.Tensor, build: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """S = 0.5*log2 det(I + K/beta) from K (changed in place), beta = m/d.
+
+        Also returns log det(K + beta*I) and, for the rows in ``build``, the
+        float64 inverse of K + beta*I (None if there are none).
+        """
         beta = m / self.embedding_size
         matrix.diagonal(dim1=1, dim2=2).add_(beta.unsqueeze(1))
+        inverse = None
+        if build is not None and bool(build.any()):
+            logdet = torch.empty(len(matrix), dtype=torch.float64, device=matrix.device)
+            logdet[build], inverse = logdet_and_inverse_spd(matrix[build])
+            if not bool(build.all()):
+                logdet[~build] = self._logdet(matrix[~build])
+        else:
+            logdet = self._logdet(matrix)
+        bits = (logdet - matrix.shape[-1] * torch.log(beta)) / (2.0 * math.log(2.0))
+        return bits, logdet, inverse
+
+    def _logdet(self, matrix: torch.Tensor) -> torch.Tensor:
+        """float64 log det of SPD float64 matrices (overwritten), factorised in scale_dtype."""
         work = matrix.to(self.scale_dtype)
         try:
             logdet = logdet_spd(work, overwrite=True)
@@ -594,8 +689,138 @@ class SemanticScaleMemory(torch.nn.Module):
             if work is matrix:  # float64 already: truly not positive definite
                 raise
             logdet = logdet_spd(matrix, overwrite=True)  # float32 rounding: redo in float64
-        logdet = logdet.to(torch.float64)
-        return (logdet - matrix.shape[-1] * torch.log(beta)) / (2.0 * math.log(2.0))
+        return logdet.to(torch.float64)
+
+    # ------------------------------------------------------ low-rank updates
+    def _ensure_inverse_pool(self, name: str, rows: int) -> None:
+        pool = getattr(self, name)
+        if pool.shape[0] < rows:
+            extra = pool.new_zeros(rows - pool.shape[0], *pool.shape[1:])
+            setattr(self, name, torch.cat([pool, extra]))
+
+    def _store_cache(self, classes: torch.Tensor, logdet: torch.Tensor) -> None:
+        self.cache_logdet[classes] = logdet
+        self.cache_valid[classes] = True
+        self.cache_updates[classes] = 0
+
+    def _plan_low_rank(
+        self,
+        old_labels: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor,
+        counts_before: torch.Tensor,
+        large_before: torch.Tensor,
+    ) -> Optional[dict]:
+        """Pick the touched classes whose cached inverse can absorb this enqueue.
+
+        Called after the bookkeeping and before the statistics change: keeps
+        what the update needs from before (moment sums, Gram rows). Classes
+        whose count or form changed, or that are due an exact refresh, lose
+        their cache.
+        """
+        touched = torch.unique(torch.cat([old_labels, labels]))
+        cached = touched[self.cache_valid[touched]]
+        if cached.numel() == 0:
+            return None
+        counts = self.class_counts[cached]
+        large = self.moment_index[cached] >= 0
+        ok = (counts == counts_before[cached]) & (large == large_before[cached])
+        ok &= self.cache_updates[cached] < self.exact_refresh_every
+        if bool((~large).any()):
+            # the Gram path keeps positions 0..m-1: with an unchanged count the
+            # new samples then took exactly the freed positions
+            ok[~large] &= self._class_width(cached[~large]) == counts[~large]
+        self.cache_valid[cached[~ok]] = False
+        cached, large = cached[ok], large[ok]
+        if cached.numel() == 0:
+            return None
+        member = torch.zeros(self.num_classes, dtype=torch.bool, device=cached.device)
+        member[cached[~large]] = True
+        gram_new = member[labels]  # new samples of low-rank Gram classes
+        large_classes = cached[large]
+        return {
+            "small": cached[~large],
+            "large": large_classes,
+            "sum_before": self.moment_sum[self.moment_index[large_classes]].clone(),
+            "gram_new": gram_new,
+            "rows_before": self.gram[labels[gram_new], positions[gram_new]].clone(),
+        }
+
+    def _apply_low_rank(self, plan: dict, removed: tuple, emb: torch.Tensor, labels: torch.Tensor, positions) -> None:
+        """Woodbury + determinant-lemma update of the planned classes' caches."""
+        d = self.embedding_size
+        if plan["large"].numel():
+            classes = plan["large"]
+            index = self.moment_index[classes]
+            m = self.class_counts[classes].to(torch.float64)
+            old_labels, _, old_emb, _ = removed
+            new_z, new_real = _pad_groups(classes, labels, emb.to(torch.float64), self.num_classes)
+            old_z, old_real = _pad_groups(classes, old_labels, old_emb.to(torch.float64), self.num_classes)
+            # beta*I + sum z z^T - s s^T/m changes by +z z^T (new), -z z^T (old), +s s^T/m - s' s'^T/m
+            sums = torch.stack([plan["sum_before"], self.moment_sum[index]], 1)
+            u = torch.cat([new_z, old_z, sums], 1).transpose(1, 2)
+            core = torch.cat(
+                [new_real.to(torch.float64), -old_real.to(torch.float64), 1.0 / m.unsqueeze(1), -1.0 / m.unsqueeze(1)], 1
+            )
+            core = torch.diag_embed(core)
+            if d >= 256:
+                # big d x d inverses: update each pool row in place, no gathered copy
+                parts = [
+                    _low_rank_logdet_update(self.moment_inverse[row].unsqueeze(0), u[i : i + 1], core[i : i + 1])
+                    for i, row in enumerate(index.tolist())
+                ]
+                change, ok = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            else:
+                inverse = self.moment_inverse[index]
+                change, ok = _low_rank_logdet_update(inverse, u, core)
+                self.moment_inverse[index] = inverse
+            self._finish_low_rank(classes, change, ok, torch.full_like(m, float(d)))
+        if plan["small"].numel():
+            sel = plan["gram_new"]
+            delta = self.gram[labels[sel], positions[sel]] - plan["rows_before"]  # (k, gram_size)
+            classes = plan["small"]
+            m_all = self.class_counts[classes]
+            for bucket in size_buckets(m_all):
+                self._gram_low_rank(classes[bucket], m_all[bucket], labels[sel], positions[sel], delta)
+
+    def _gram_low_rank(self, classes, counts, labels, positions, delta) -> None:
+        # positions 0..m-1 hold the class; replacing the rows P of the Gram matrix K
+        # by K + D changes K by E D + D^T E^T - E D_PP E^T, and the centred
+        # H K H by [HE, HD^T] [[-D_PP, I], [I, 0]] [HE, HD^T]^T (rank 2 per sample)
+        width = int(counts.max())
+        member = torch.zeros(self.num_classes, dtype=torch.bool, device=classes.device)
+        member[classes] = True
+        mine = member[labels]
+        deltas, real = _pad_groups(classes, labels[mine], delta[mine, :width], self.num_classes)
+        pos, _ = _pad_groups(classes, labels[mine], positions[mine].unsqueeze(1), self.num_classes)
+        pos = pos.squeeze(2)  # (t, k), 0 where not real
+        t, k = pos.shape
+        m = counts.to(torch.float64)
+        realf = real.to(torch.float64)
+        valid = (torch.arange(width, device=m.device) < counts.unsqueeze(1)).to(torch.float64)  # (t, width)
+        d_pp = torch.gather(deltas, 2, pos.unsqueeze(1).expand(t, k, k)) * realf.unsqueeze(2) * realf.unsqueeze(1)
+        he = F.one_hot(pos, width).to(torch.float64).transpose(1, 2) - (valid / m.unsqueeze(1)).unsqueeze(2)
+        he = he * realf.unsqueeze(1)
+        hd = deltas.transpose(1, 2) - valid.unsqueeze(2) * (deltas.sum(2) / m.unsqueeze(1)).unsqueeze(1)
+        u = torch.cat([he, hd], 2)
+        eye = torch.diag_embed(realf)
+        core = torch.cat([torch.cat([-d_pp, eye], 2), torch.cat([eye, torch.zeros_like(eye)], 2)], 1)
+        inverse = self.gram_inverse[classes, :width, :width] * (valid.unsqueeze(2) * valid.unsqueeze(1))
+        change, ok = _low_rank_logdet_update(inverse, u, core)
+        self.gram_inverse[classes, :width, :width] = inverse
+        self._finish_low_rank(classes, change, ok, m)
+
+    def _finish_low_rank(self, classes, change, ok, n) -> None:
+        """New scales from the updated log dets; classes that failed go back to an exact refresh."""
+        m = self.class_counts[classes].to(torch.float64)
+        logdet = self.cache_logdet[classes] + change
+        bits = (logdet - n * torch.log(m / self.embedding_size)) / (2.0 * math.log(2.0))
+        good, bad = classes[ok], classes[~ok]
+        self.cache_logdet[good] = logdet[ok]
+        self.cached_scales[good] = bits[ok]
+        self.stale[good] = False
+        self.cache_updates[good] += 1
+        self.cache_valid[bad] = False
 
 
 def _rank_within_groups(inverse: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -605,3 +830,42 @@ def _rank_within_groups(inverse: torch.Tensor, counts: torch.Tensor) -> torch.Te
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(inverse), device=inverse.device) - first[inverse[order]]
     return rank
+
+
+def _pad_groups(classes: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_classes: int):
+    """Rows of each class of ``classes`` (by ``labels``) as a zero-padded
+    (len(classes), k, ...) block, with a (len(classes), k) mask of real rows.
+    Rows whose label is not in ``classes`` are left out."""
+    local = torch.full((num_classes,), -1, dtype=torch.long, device=classes.device)
+    local[classes] = torch.arange(len(classes), device=classes.device)
+    where = local[labels]
+    keep = where >= 0
+    where, rows = where[keep], rows[keep]
+    counts = torch.bincount(where, minlength=len(classes))
+    k = max(int(counts.max()), 1) if len(classes) else 1
+    rank = _rank_within_groups(where, counts)
+    out = rows.new_zeros(len(classes), k, *rows.shape[1:])
+    real = torch.zeros(len(classes), k, dtype=torch.bool, device=rows.device)
+    out[where, rank] = rows
+    real[where, rank] = True
+    return out, real
+
+
+def _low_rank_logdet_update(inverse: torch.Tensor, u: torch.Tensor, core: torch.Tensor):
+    """For A' = A + U C U^T with ``inverse`` = A^-1 (t, n, n): replace ``inverse``
+    by A'^-1 in place (Woodbury) and return log det A' - log det A (determinant
+    lemma: det(I + C U^T A^-1 U)) and a mask of the updates that stayed sound."""
+    w = inverse @ u  # (t, n, k)
+    k = u.shape[2]
+    small = torch.eye(k, dtype=u.dtype, device=u.device) + core @ (u.transpose(1, 2) @ w)
+    lu, pivots, info = torch.linalg.lu_factor_ex(small)
+    diag = torch.diagonal(lu, dim1=1, dim2=2)
+    swaps = (pivots != torch.arange(1, k + 1, device=pivots.device, dtype=pivots.dtype)).sum(1)
+    positive = (torch.where(diag < 0, -1, 1).prod(1) * (1 - 2 * (swaps % 2))) > 0
+    change = torch.log(diag.abs()).sum(1)
+    ok = (info == 0) & positive & torch.isfinite(change)
+    # (I + C G)^-1 C = (C^-1 + G)^-1: the Woodbury core, without inverting C
+    x = torch.linalg.lu_solve(lu, pivots, core)
+    x = 0.5 * (x + x.transpose(1, 2))  # symmetric in exact arithmetic: keep the update symmetric
+    inverse.baddbmm_(w @ x, w.transpose(1, 2), alpha=-1.0)
+    return change, ok

@@ -1,0 +1,499 @@
+"""Low-rank (Woodbury + determinant lemma) scale updates of an index-addressed
+SemanticScaleMemory.
+
+Scales are compared against a float64 numpy computation from scratch over the
+stored (already L2-normalised) samples, ``np_ref.class_scales`` of
+tests/conftest.py, which is written from DEFINITIONS.md and not from pml_dsb;
+``_low_rank_logdet_update`` is compared against ``torch.linalg.inv`` and
+``torch.linalg.slogdet`` in float64. Every test that means to exercise the
+low-rank path asserts that it ran (classes updated in low rank are counted
+from ``cache_updates``/``cache_valid`` around each enqueue).
+
+The memory only keeps inverses for matrices of at least
+``low_rank_min_size`` (128) rows; the tests lower it on the instance to reach
+the path with tiny shapes (d = 8, classes of 1 to 14 samples), plus two runs
+at d = 256 and 512 where the class matrices are less well conditioned.
+"""
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pml_dsb import SemanticScaleMemory
+from pml_dsb.memory.semantic_scale_memory import _low_rank_logdet_update
+
+D = 8
+# dataset of 40 samples: class sizes from 14 down to a class with 2 samples
+# and one with a single sample (which never has a scale)
+SIZES = (14, 10, 8, 5, 2, 1)
+N = sum(SIZES)
+C = len(SIZES)
+RTOL = 1e-9
+STEPS = 120  # iterations of the long runs (about 17 epochs of 7 batches)
+# gram_size 9 puts classes 0-1 in the moment form and classes 2-5 in the Gram form
+BOTH_FORMS = 9
+
+
+# ------------------------------------------------------------------- helpers
+def _dataset(gen, sizes=SIZES, d=D):
+    """Labels fixed per dataset index (shuffled) and one unit centre per class."""
+    labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    labels = labels[torch.randperm(len(labels), generator=gen)]
+    centres = F.normalize(torch.randn(len(sizes), d, generator=gen), dim=1)
+    return labels, centres
+
+
+def _sampler(gen, labels, centres, batch, spread=0.3):
+    """Endless (embeddings, labels, indices) batches: a fresh permutation of the
+    dataset indices every epoch, embeddings = class centre + noise."""
+    n, d = len(labels), centres.shape[1]
+    while True:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch):
+            idx = order[start : start + batch]
+            y = labels[idx]
+            yield centres[y] + spread * torch.randn(len(idx), d, generator=gen), y, idx
+
+
+def _memory(gram_size, exact_refresh_every=64, min_size=2, num_classes=C, memory_size=N, d=D):
+    memory = SemanticScaleMemory(
+        num_classes, d, memory_size, warmup_epochs=1, gram_size=gram_size,
+        exact_refresh_every=exact_refresh_every,
+    )
+    if min_size is not None:
+        memory.low_rank_min_size = min_size
+    return memory
+
+
+def _reference(memory, np_ref):
+    z, y = memory.contents()
+    return np_ref.class_scales(z.double().numpy(), y.numpy(), memory.num_classes, normalize=False)
+
+
+def _enqueue(memory, emb, labels, indices=None):
+    """Enqueue; return the mask of classes whose scale this enqueue updated in low rank."""
+    before = memory.cache_updates.clone()
+    memory.enqueue(emb, labels, indices=indices)
+    return memory.cache_valid & (memory.cache_updates == before + 1)
+
+
+def _record_refreshes(memory):
+    """Make ``memory._compute_scales`` record the classes it refactorises."""
+    calls = []
+    original = memory._compute_scales
+
+    def recording(classes):
+        calls.append(classes.clone())
+        return original(classes)
+
+    memory._compute_scales = recording
+    return calls
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _assert_state_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+
+
+def _assert_caches_in_both_forms(memory):
+    """Valid, already updated caches exist for a moment-form and a Gram-form class."""
+    large = memory.moment_index >= 0
+    used = memory.cache_valid & (memory.cache_updates > 0)
+    assert bool(used[large].any()) and bool(used[~large].any()), (used, large)
+
+
+def _warm(memory, batches, steps):
+    """Run ``steps`` index-addressed iterations (enqueue + scales)."""
+    for _ in range(steps):
+        _enqueue(memory, *next(batches))
+        memory.scales()
+
+
+# --------------------------------------------- long index-addressed training
+@pytest.mark.parametrize("exact_refresh_every", [3, 64], ids=lambda v: f"refresh_every={v}")
+@pytest.mark.parametrize("gram_size", [3, 40], ids=["moment-form", "gram-form"])
+def test_index_addressed_scales_stay_exact_over_many_iterations(gen, np_ref, gram_size, exact_refresh_every):
+    labels, centres = _dataset(gen)
+    batches = _sampler(gen, labels, centres, batch=6)
+    memory = _memory(gram_size, exact_refresh_every)
+    refreshed = _record_refreshes(memory)
+    steps_per_class = torch.zeros(C, dtype=torch.long)
+    checked_low_rank = 0  # low-rank scales compared against the reference
+    rebuilt = 0  # exact refreshes of a class whose cache had been used
+    for step in range(STEPS):
+        updates_before = memory.cache_updates.clone()
+        low = _enqueue(memory, *next(batches))
+        steps_per_class += low.long()
+        assert int(memory.cache_updates.max()) <= exact_refresh_every
+        refreshed.clear()
+        scales = memory.scales()
+        # a class updated in low rank is not refactorised by scales()
+        done = torch.cat(refreshed) if refreshed else torch.zeros(0, dtype=torch.long)
+        assert not bool(low[done].any()), f"step {step}: low-rank classes refactorised"
+        rebuilt += int((memory.cache_valid & (memory.cache_updates == 0) & (updates_before > 0)).sum())
+        if step % 10 == 9 or step == STEPS - 1:
+            np.testing.assert_allclose(scales.numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+            checked_low_rank += int(low.sum())
+    big = torch.tensor(SIZES) >= 2
+    # the low-rank path ran for every class with a scale (moment and Gram forms)
+    assert bool((steps_per_class[big] > 0).all()), steps_per_class
+    assert int(steps_per_class.sum()) > STEPS
+    assert checked_low_rank > 0
+    # the single-sample class never has a scale, nor a cache
+    assert int(steps_per_class[~big].sum()) == 0 and not bool(memory.cache_valid[~big].any())
+    assert float(memory.scales()[SIZES.index(1)]) == 0.0
+    if exact_refresh_every == 3:
+        assert rebuilt > 0  # caches were dropped after 3 updates and rebuilt exactly
+    # the form the parametrisation asks for
+    large = memory.moment_index >= 0
+    if gram_size == 3:
+        assert bool(large[torch.tensor(SIZES) > 3].all())
+    else:
+        assert not bool(large.any())
+
+
+def test_gram_classes_rebuilt_together_in_one_padded_bucket(gen, np_ref):
+    """Classes of 10 and 9 samples share a size bucket: the 9 x 9 matrix is
+    factorised padded to 10 x 10 (its diagonal beta = 9/8 there too), and its
+    cached log det must leave the padding out."""
+    sizes = (10, 9, 2)
+    labels, centres = _dataset(gen, sizes)
+    n = len(labels)
+    whole = _sampler(gen, labels, centres, batch=n)
+    parts = _sampler(gen, labels, centres, batch=5)
+    memory = _memory(gram_size=n, exact_refresh_every=2, num_classes=len(sizes), memory_size=n)
+    refreshed = _record_refreshes(memory)
+    low_total, rebuilt_together = torch.zeros(len(sizes), dtype=torch.long), 0
+    for step in range(24):
+        low_total += _enqueue(memory, *next(whole if step % 3 != 2 else parts)).long()
+        refreshed.clear()
+        scales = memory.scales()
+        done = torch.cat(refreshed).tolist() if refreshed else []
+        rebuilt_together += int({0, 1} <= set(done) and bool(memory.cache_valid[:2].all()))
+        np.testing.assert_allclose(scales.numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+    assert not bool((memory.moment_index >= 0).any())
+    assert rebuilt_together > 0 and bool((low_total > 0).all()), (rebuilt_together, low_total)
+
+
+@pytest.mark.parametrize(
+    "d,sizes,gram_size",
+    [(512, (30, 25, 2), 64), (256, (8, 6, 2), 2)],
+    ids=["gram-form-d512", "moment-form-d256"],
+)
+def test_low_rank_scales_stay_exact_in_high_dimension(gen, np_ref, d, sizes, gram_size):
+    """Small classes in a large embedding space: beta = m/d is small, so the
+    class matrices (n = 30 or 256 rows) are less well conditioned (cond ~ 50),
+    and rounding in the updated inverse must not grow from update to update.
+    Dataset samples are their class centre plus a fixed offset along one of
+    three class directions, plus a little noise at every visit."""
+    labels, centres = _dataset(gen, sizes, d)
+    n = len(labels)
+    directions = F.normalize(torch.randn(len(sizes), 3, d, generator=gen), dim=2)
+    offsets = 0.5 * (torch.randn(n, 1, 3, generator=gen) @ directions[labels]).squeeze(1)
+    memory = _memory(gram_size, num_classes=len(sizes), memory_size=n, d=d)
+    low_total = torch.zeros(len(sizes), dtype=torch.long)
+    for step in range(40):
+        idx = torch.randperm(n, generator=gen)[:16]
+        emb = centres[labels[idx]] + offsets[idx] + 0.02 * torch.randn(len(idx), d, generator=gen)
+        low_total += _enqueue(memory, emb, labels[idx], idx).long()
+        scales = memory.scales()
+        z, y = memory.contents()
+        z = z.double().numpy()
+        want = [np_ref.semantic_scale(z[y.numpy() == c], normalize=False, form="mxm") for c in range(len(sizes))]
+        np.testing.assert_allclose(scales.numpy(), want, rtol=RTOL, atol=1e-12, err_msg=f"step {step}")
+    assert bool((low_total > 10).all()), low_total
+    assert bool((memory.moment_index[:2] >= 0).all()) == (gram_size == 2)
+
+
+def test_default_min_size_builds_no_cache_at_tiny_shapes(gen, np_ref):
+    labels, centres = _dataset(gen)
+    batches = _sampler(gen, labels, centres, batch=6)
+    for gram_size in (3, 40):
+        memory = _memory(gram_size, min_size=None)
+        assert memory.low_rank_min_size == 128
+        for step in range(30):
+            low = _enqueue(memory, *next(batches))
+            assert not bool(low.any())
+            scales = memory.scales()
+            assert not bool(memory.cache_valid.any()) and int(memory.cache_updates.max()) == 0
+            if step % 10 == 9:
+                np.testing.assert_allclose(scales.numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+        assert memory.gram_inverse.shape[0] == 0 and memory.moment_inverse.shape[0] == 0
+
+
+# ---------------------------------------------------------------- mixed usage
+def test_fifo_relabels_and_index_enqueues_mixed(gen, np_ref):
+    """Index-addressed enqueues interleaved with FIFO ones and with relabelled
+    dataset indices: scales stay exact, and every count change drops the cache."""
+    labels, centres = _dataset(gen)
+    batches = _sampler(gen, labels, centres, batch=6)
+    memory = _memory(BOTH_FORMS, exact_refresh_every=8)
+    low_total, fifo_steps, dropped = torch.zeros(C, dtype=torch.long), 0, 0
+    for step in range(90):
+        emb, y, idx = next(batches)
+        valid_before, counts_before = memory.cache_valid.clone(), memory.class_counts.clone()
+        if step % 9 == 8:
+            # FIFO enqueue (no indices): overwrites the slots after queue_idx
+            low_total += _enqueue(memory, emb, y).long()
+            fifo_steps += 1
+        else:
+            if step % 7 == 6:
+                # relabel: a dataset index comes back with another class, for good
+                slot = int(idx[0])
+                y = y.clone()
+                y[0] = (int(memory.label_memory[slot]) + 1) % C
+                labels[slot] = y[0]
+            low_total += _enqueue(memory, emb, y, idx).long()
+        changed = memory.class_counts != counts_before
+        assert not bool(memory.cache_valid[changed].any()), f"step {step}: a cache survived a count change"
+        dropped += int((valid_before & changed).sum())
+        scales = memory.scales()
+        if step % 5 == 4:
+            np.testing.assert_allclose(scales.numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+    np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+    assert fifo_steps > 0 and dropped > 0
+    large = memory.moment_index >= 0
+    assert bool(large.any()) and bool((~large).any())
+    # the low-rank path ran in both forms
+    assert int(low_total[large].sum()) > 0 and int(low_total[~large].sum()) > 0, low_total
+
+
+def test_relabel_drops_both_caches_then_rebuilds(gen, np_ref):
+    """One sample moves from class 0 to class 1: both caches go, and come back
+    after an exact refresh at the new, again unchanging, counts."""
+    labels, centres = _dataset(gen)
+    batches = _sampler(gen, labels, centres, batch=6)
+    memory = _memory(gram_size=3)
+    _warm(memory, batches, 25)
+    assert bool(memory.cache_valid[:2].all())
+    assert int(memory.cache_updates[:2].min()) > 0
+    slot = int(torch.nonzero(memory.label_memory == 0)[0])
+    emb = centres[1:2] + 0.3 * torch.randn(1, D, generator=gen)
+    counts = memory.class_counts.clone()
+    low = _enqueue(memory, emb, torch.tensor([1]), torch.tensor([slot]))
+    assert memory.class_counts[0] == counts[0] - 1 and memory.class_counts[1] == counts[1] + 1
+    assert not bool(memory.cache_valid[:2].any()) and not bool(low.any())
+    assert bool(memory.stale[:2].all())
+    np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+    # the count is new: no cache yet; a second refresh at the same count builds one
+    assert not bool(memory.cache_valid[:2].any())
+    labels[slot] = 1
+    for _ in range(12):
+        _enqueue(memory, *next(batches))
+        memory.scales()
+    assert bool(memory.cache_valid[:2].all())
+    np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoint_with_valid_caches_resumes_bitwise(gen):
+    labels, centres = _dataset(gen)
+    batches = _sampler(gen, labels, centres, batch=6)
+    memory = _memory(BOTH_FORMS, exact_refresh_every=16)
+    _warm(memory, batches, 20)
+    _assert_caches_in_both_forms(memory)
+    buf = io.BytesIO()
+    torch.save(memory.state_dict(), buf)
+    buf.seek(0)
+    fresh = _memory(BOTH_FORMS, exact_refresh_every=16)
+    fresh.load_state_dict(torch.load(buf))
+    _assert_state_equal(_state(memory), _state(fresh))
+    low_steps = 0
+    for _ in range(30):
+        batch = next(batches)
+        low = _enqueue(memory, *batch)
+        assert torch.equal(low, _enqueue(fresh, *batch))
+        low_steps += int(low.sum())
+        assert torch.equal(memory.scales(), fresh.scales())
+    assert low_steps > 0
+    _assert_state_equal(_state(memory), _state(fresh))
+
+
+def test_checkpoint_without_cache_state_loads_and_stays_exact(gen, np_ref):
+    """A state_dict saved before the low-rank caches existed loads with none;
+    the next refresh is exact, and the caches are rebuilt after it."""
+    labels, centres = _dataset(gen)
+    batches = _sampler(gen, labels, centres, batch=6)
+    memory = _memory(BOTH_FORMS)
+    _warm(memory, batches, 20)
+    old = {k: v for k, v in memory.state_dict().items() if k not in SemanticScaleMemory._CACHE_STATE}
+    fresh = _memory(BOTH_FORMS)
+    fresh.load_state_dict(old)
+    assert not bool(fresh.cache_valid.any()) and fresh.gram_inverse.numel() == 0
+    np.testing.assert_allclose(fresh.scales().numpy(), _reference(fresh, np_ref), rtol=RTOL, atol=1e-12)
+    _warm(fresh, batches, 20)
+    _assert_caches_in_both_forms(fresh)
+    np.testing.assert_allclose(fresh.scales().numpy(), _reference(fresh, np_ref), rtol=RTOL, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_cuda_low_rank_updates_match_cpu(gen, np_ref):
+    """The same index-addressed run on CUDA and on CPU: both take the low-rank
+    path and both equal the float64 reference."""
+    labels, centres = _dataset(gen)
+    batches = list(zip(range(60), _sampler(gen, labels, centres, batch=6)))
+    cpu, cuda = _memory(BOTH_FORMS), _memory(BOTH_FORMS).cuda()
+    low_cpu = low_cuda = 0
+    for _, (emb, y, idx) in batches:
+        low_cpu += int(_enqueue(cpu, emb, y, idx).sum())
+        low_cuda += int(_enqueue(cuda, emb.cuda(), y.cuda(), idx.cuda()).sum())
+        np.testing.assert_allclose(cuda.scales().cpu().numpy(), cpu.scales().numpy(), rtol=1e-9, atol=1e-12)
+    assert low_cpu > 0 and low_cuda > 0
+    np.testing.assert_allclose(cuda.scales().cpu().numpy(), _reference(cpu, np_ref), rtol=RTOL, atol=1e-12)
+
+
+# ------------------------------------------------------------------ bad input
+def _bad_batches(labels, centres):
+    idx = torch.tensor([0, 1, 2])
+    emb = centres[labels[idx]].clone()
+    nan = emb.clone()
+    nan[1, 3] = float("nan")
+    return {
+        "nan-embedding": (nan, labels[idx], idx, ValueError),
+        "label-out-of-range": (emb, torch.tensor([0, C, 1]), idx, ValueError),
+        "duplicate-indices": (emb, labels[idx], torch.tensor([0, 1, 0]), ValueError),
+        "wrong-embedding-size": (torch.ones(3, D + 1), labels[idx], idx, ValueError),
+        "float-indices": (emb, labels[idx], idx.float(), TypeError),
+    }
+
+
+def test_bad_input_with_valid_caches_changes_nothing():
+    def build():
+        g = torch.Generator().manual_seed(77)
+        labels, centres = _dataset(g)
+        batches = _sampler(g, labels, centres, batch=6)
+        memory = _memory(BOTH_FORMS)
+        _warm(memory, batches, 20)
+        _enqueue(memory, *next(batches))  # caches updated, scales not refreshed yet
+        return memory, batches, labels, centres
+
+    memory, batches, labels, centres = build()
+    twin, twin_batches, _, _ = build()
+    _assert_caches_in_both_forms(memory)
+    before = _state(memory)
+    for name, (emb, y, idx, exc) in _bad_batches(labels, centres).items():
+        with pytest.raises(exc, match="embedding|labels|indices"):
+            memory.enqueue(emb, y, indices=idx)
+        _assert_state_equal(before, _state(memory))
+    low_steps = 0
+    for _ in range(3):
+        batch, twin_batch = next(batches), next(twin_batches)
+        for a, b in zip(batch, twin_batch):
+            assert torch.equal(a, b)
+        low = _enqueue(memory, *batch)
+        assert torch.equal(low, _enqueue(twin, *twin_batch))
+        low_steps += int(low.sum())
+        assert torch.equal(memory.scales(), twin.scales())
+    assert low_steps > 0
+    _assert_state_equal(_state(memory), _state(twin))
+
+
+# -------------------------------------------------- _low_rank_logdet_update
+def _spd(gen, t, n, shift=0.5):
+    x = torch.randn(t, n, n, generator=gen, dtype=torch.float64)
+    return x @ x.transpose(1, 2) / n + shift * torch.eye(n, dtype=torch.float64)
+
+
+def _logdet(a):
+    sign, value = torch.linalg.slogdet(a)
+    assert bool((sign > 0).all())
+    return value
+
+
+def _indefinite_update(gen, t, n, k):
+    """A, U and a core C = diag(+1, ..., -small) such that A + U C U^T is SPD."""
+    a = _spd(gen, t, n)
+    u = torch.randn(t, n, k, generator=gen, dtype=torch.float64)
+    signs = torch.where(torch.arange(k) % 2 == 0, 1.0, -0.01).to(torch.float64)
+    core = torch.diag_embed(signs.expand(t, k).clone())
+    # a symmetric off-diagonal coupling too (C need not be diagonal)
+    core[:, 0, 1] = core[:, 1, 0] = 0.05
+    return a, u, core
+
+
+def test_low_rank_logdet_update_matches_inverse_and_slogdet(gen):
+    t, n, k = 4, 7, 4
+    a, u, core = _indefinite_update(gen, t, n, k)
+    updated = a + u @ core @ u.transpose(1, 2)
+    assert bool((torch.linalg.eigvalsh(updated)[:, 0] > 1e-3).all())  # precondition: SPD
+    inverse = torch.linalg.inv(a)
+    change, ok = _low_rank_logdet_update(inverse, u, core)  # replaces ``inverse`` in place
+    torch.testing.assert_close(inverse, torch.linalg.inv(updated), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(change, _logdet(updated) - _logdet(a), rtol=1e-10, atol=1e-10)
+    assert change.shape == (t,) and ok.dtype == torch.bool and bool(ok.all())
+
+
+def test_low_rank_logdet_update_with_a_rank_larger_than_n(gen):
+    # the moment form updates a d x d inverse by rank 2r + 2, which may exceed d
+    t, n, k = 2, 3, 6
+    a, u, core = _indefinite_update(gen, t, n, k)
+    updated = a + u @ core @ u.transpose(1, 2)
+    assert bool((torch.linalg.eigvalsh(updated)[:, 0] > 0).all())
+    inverse = torch.linalg.inv(a)
+    change, ok = _low_rank_logdet_update(inverse, u, core)
+    torch.testing.assert_close(inverse, torch.linalg.inv(updated), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(change, _logdet(updated) - _logdet(a), rtol=1e-10, atol=1e-10)
+    assert bool(ok.all())
+
+
+def test_low_rank_logdet_update_ignores_zero_padding(gen):
+    t, n, k, pad = 3, 6, 3, 2
+    a, u, core = _indefinite_update(gen, t, n, k)
+    padded_u = torch.cat([u, torch.zeros(t, n, pad, dtype=torch.float64)], 2)
+    padded_core = torch.zeros(t, k + pad, k + pad, dtype=torch.float64)
+    padded_core[:, :k, :k] = core
+    # and padding between real columns, as _pad_groups leaves it for short groups
+    perm = torch.tensor([0, 3, 1, 4, 2])
+    padded_u, padded_core = padded_u[:, :, perm], padded_core[:, perm][:, :, perm]
+    plain, padded = torch.linalg.inv(a), torch.linalg.inv(a)
+    change, ok = _low_rank_logdet_update(plain, u, core)
+    change_p, ok_p = _low_rank_logdet_update(padded, padded_u, padded_core)
+    torch.testing.assert_close(padded, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(change_p, change, rtol=1e-12, atol=1e-12)
+    assert bool(ok.all()) and bool(ok_p.all())
+    # all-padding (a class with nothing to update) changes nothing at all
+    untouched = torch.linalg.inv(a)
+    zero_change, zero_ok = _low_rank_logdet_update(
+        untouched, torch.zeros(t, n, 2, dtype=torch.float64), torch.zeros(t, 2, 2, dtype=torch.float64)
+    )
+    torch.testing.assert_close(untouched, torch.linalg.inv(a), rtol=1e-14, atol=1e-14)
+    assert torch.equal(zero_change, torch.zeros(t, dtype=torch.float64)) and bool(zero_ok.all())
+
+
+def test_low_rank_logdet_update_flags_a_non_positive_definite_result(gen):
+    t, n = 3, 5
+    a = _spd(gen, t, n)
+    u = torch.randn(t, n, 2, generator=gen, dtype=torch.float64)
+    core = torch.diag_embed(torch.tensor([[1.0, -0.01]] * t, dtype=torch.float64))
+    # matrix 1: take away along one direction far more than A holds there
+    v = u[1, :, 1]
+    core[1, 1, 1] = -10.0 * float(torch.linalg.eigvalsh(a[1])[-1]) / float(v @ v)
+    updated = a + u @ core @ u.transpose(1, 2)
+    eig = torch.linalg.eigvalsh(updated)[:, 0]
+    assert float(eig[1]) < 0 and bool((eig[[0, 2]] > 0).all())  # precondition
+    inverse = torch.linalg.inv(a)
+    change, ok = _low_rank_logdet_update(inverse, u, core)
+    assert ok.tolist() == [True, False, True]
+    keep = torch.tensor([0, 2])
+    torch.testing.assert_close(change[keep], _logdet(updated[keep]) - _logdet(a[keep]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(inverse[keep], torch.linalg.inv(updated[keep]), rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- arguments
+@pytest.mark.parametrize("value", [0, -1, 2.5, "4", True, None], ids=repr)
+def test_bad_exact_refresh_every(value):
+    with pytest.raises(ValueError) as info:
+        SemanticScaleMemory(3, 4, 10, exact_refresh_every=value)
+    assert "exact_refresh_every" in str(info.value) and repr(value) in str(info.value)
+
+
+def test_exact_refresh_every_is_kept():
+    assert SemanticScaleMemory(3, 4, 10).exact_refresh_every == 64
+    assert SemanticScaleMemory(3, 4, 10, exact_refresh_every=1).exact_refresh_every == 1
