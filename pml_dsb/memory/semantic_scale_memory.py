@@ -125,11 +125,18 @@ class SemanticScaleMemory(torch.nn.Module):
         tensor(True)
     """
 
-    #: Class matrices smaller than this are refactorised at every refresh even
-    #: in an index-addressed memory: there the dozens of small tensor
-    #: operations of a low-rank update cost more than a Cholesky
-    #: factorisation (benchmarks/bench_dsb_step.py). Tests lower it.
-    low_rank_min_size: int = 128
+    #: Smallest class matrix kept for low-rank updates; smaller ones are
+    #: refactorised at every refresh even in an index-addressed memory. None
+    #: (default): 128 on CPU, where below that the dozens of small tensor
+    #: operations of a low-rank update cost more than a Cholesky factorisation;
+    #: never on other devices, where the batched factorisation measured faster
+    #: at every benchmark shape (benchmarks/bench_dsb_step.py). Tests set it.
+    low_rank_min_size: Optional[int] = None
+
+    def _low_rank_min_size(self) -> float:
+        if self.low_rank_min_size is not None:
+            return self.low_rank_min_size
+        return 128 if self.gram.device.type == "cpu" else math.inf
 
     def __init__(
         self,
@@ -610,13 +617,14 @@ class SemanticScaleMemory(torch.nn.Module):
         # enqueues and a count unchanged since this class's last exact refresh
         build = ready & (counts == self.exact_count[classes]) & self.index_addressed
         if bool(large.any()):
-            build_large = build[large] & (self.embedding_size >= self.low_rank_min_size)
+            build_large = build[large] & (self.embedding_size >= self._low_rank_min_size())
             out[large] = self._moment_scales(classes[large], counts[large], build_large)
             build[large] = build_large
         small = torch.nonzero(ready & ~large).flatten()
         if small.numel():
             widths = self._class_width(classes[small])
-            build[small] = build[small] & (widths == counts[small]) & (widths >= self.low_rank_min_size)  # the low-rank Gram path needs positions 0..m-1
+            # the low-rank Gram path needs positions 0..m-1
+            build[small] = build[small] & (widths == counts[small]) & (widths >= self._low_rank_min_size())
             for bucket in size_buckets(widths):
                 part = small[bucket]
                 out[part] = self._gram_scales(classes[part], counts[part], int(widths[bucket].max()), build[part])

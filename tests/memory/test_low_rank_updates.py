@@ -10,7 +10,7 @@ low-rank path asserts that it ran (classes updated in low rank are counted
 from ``cache_updates``/``cache_valid`` around each enqueue).
 
 The memory only keeps inverses for matrices of at least
-``low_rank_min_size`` (128) rows; the tests lower it on the instance to reach
+``low_rank_min_size`` rows (128 on CPU by default, none on GPUs); the tests lower it on the instance to reach
 the path with tiny shapes (d = 8, classes of 1 to 14 samples), plus two runs
 at d = 256 and 512 where the class matrices are less well conditioned.
 """
@@ -217,7 +217,7 @@ def test_default_min_size_builds_no_cache_at_tiny_shapes(gen, np_ref):
     batches = _sampler(gen, labels, centres, batch=6)
     for gram_size in (3, 40):
         memory = _memory(gram_size, min_size=None)
-        assert memory.low_rank_min_size == 128
+        assert memory.low_rank_min_size is None and memory._low_rank_min_size() == 128  # CPU default
         for step in range(30):
             low = _enqueue(memory, *next(batches))
             assert not bool(low.any())
@@ -226,6 +226,19 @@ def test_default_min_size_builds_no_cache_at_tiny_shapes(gen, np_ref):
             if step % 10 == 9:
                 np.testing.assert_allclose(scales.numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
         assert memory.gram_inverse.shape[0] == 0 and memory.moment_inverse.shape[0] == 0
+
+
+def test_default_min_size_builds_caches_for_large_matrices_on_cpu(gen, np_ref):
+    """With the defaults, d = 128 classes in the moment form (128 x 128) do take the low-rank path."""
+    labels, centres = _dataset(gen, sizes=(70, 66), d=128)
+    batches = _sampler(gen, labels, centres, batch=16)
+    memory = _memory(gram_size=None, min_size=None, num_classes=2, memory_size=len(labels), d=128)
+    low = 0
+    for _ in range(30):
+        low += int(_enqueue(memory, *next(batches)).sum())
+        scales = memory.scales()
+    assert low > 0 and bool((memory.moment_index >= 0).all())
+    np.testing.assert_allclose(scales.numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
 
 
 # ---------------------------------------------------------------- mixed usage
