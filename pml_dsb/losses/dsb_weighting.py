@@ -201,7 +201,8 @@ class DSBWeightingMixin:
         # the parent's losses first: if it rejects the input, the memory is untouched
         loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if self.update_memory:
-            self.memory.enqueue(embeddings, labels, self._sample_indices)
+            # forward() validated this batch before the parent saw it
+            self.memory._enqueue(embeddings, labels, self._sample_indices, validated=True)
         self.dsb_stage = self.memory.stage
         self.dsb_num_enqueued = self.memory.num_enqueued
         self.dsb_fill_level = self.memory.fill_level

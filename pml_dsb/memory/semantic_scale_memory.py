@@ -369,8 +369,6 @@ class SemanticScaleMemory(torch.nn.Module):
                 )
 
     # ---------------------------------------------------------------- enqueue
-    @torch.no_grad()
-    @_autocast_off
     def enqueue(
         self,
         embeddings: torch.Tensor,
@@ -393,13 +391,23 @@ class SemanticScaleMemory(torch.nn.Module):
         repeated across ranks kept once) is enqueued on every rank, and a batch
         rejected on any rank raises on every rank.
         """
+        self._enqueue(embeddings, labels, indices, validated=False)
+
+    @torch.no_grad()
+    @_autocast_off
+    def _enqueue(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, indices: Optional[torch.Tensor], validated: bool
+    ) -> None:
+        """:meth:`enqueue`; ``validated``: the caller has just passed this very
+        batch through :meth:`validate_batch` (as the DSB losses do), so a
+        single process skips the second check."""
         if should_gather(self.distributed):
             # collective: the ranks agree on the verdict, then each gets the global batch
             embeddings, labels, indices, _, _ = gather_batch(
                 embeddings, labels, indices, check=self._validate_local_batch
             )
             self._validate_local_batch(embeddings, labels, indices)  # same global batch, same verdict everywhere
-        else:
+        elif not validated:
             self.validate_batch(embeddings, labels, indices)
         device = self.embedding_memory.device
         emb = embeddings.detach().to(device=device)
