@@ -762,8 +762,11 @@ class SemanticScaleMemory(torch.nn.Module):
             "rows_before": self.gram[labels[gram_new], positions[gram_new]].clone(),
         }
 
-    def _apply_low_rank(self, plan: dict, removed: tuple, emb: torch.Tensor, labels: torch.Tensor, positions) -> None:
-        """Woodbury + determinant-lemma update of the planned classes' caches."""
+    def _apply_low_rank(
+        self, plan: dict, removed: tuple, emb: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        """Woodbury + determinant-lemma update of the planned classes' caches,
+        after the statistics took this enqueue's samples."""
         d = self.embedding_size
         if plan["large"].numel():
             classes = plan["large"]
@@ -799,7 +802,16 @@ class SemanticScaleMemory(torch.nn.Module):
             for bucket in size_buckets(m_all):
                 self._gram_low_rank(classes[bucket], m_all[bucket], labels[sel], positions[sel], delta)
 
-    def _gram_low_rank(self, classes, counts, labels, positions, delta) -> None:
+    def _gram_low_rank(
+        self,
+        classes: torch.Tensor,
+        counts: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor,
+        delta: torch.Tensor,
+    ) -> None:
+        """Low-rank update of Gram-form classes of similar size, from the
+        changes ``delta`` of the Gram rows at the new samples' ``positions``."""
         # positions 0..m-1 hold the class; replacing the rows P of the Gram matrix K
         # by K + D changes K by E D + D^T E^T - E D_PP E^T, and the centred
         # H K H by [HE, HD^T] [[-D_PP, I], [I, 0]] [HE, HD^T]^T (rank 2 per sample)
@@ -826,7 +838,9 @@ class SemanticScaleMemory(torch.nn.Module):
         self.gram_inverse[classes, :width, :width] = inverse
         self._finish_low_rank(classes, change, ok, m)
 
-    def _finish_low_rank(self, classes, change, ok, n) -> None:
+    def _finish_low_rank(
+        self, classes: torch.Tensor, change: torch.Tensor, ok: torch.Tensor, n: torch.Tensor
+    ) -> None:
         """New scales from the updated log dets; classes that failed go back to an exact refresh."""
         m = self.class_counts[classes].to(torch.float64)
         logdet = self.cache_logdet[classes] + change
