@@ -162,6 +162,7 @@ class DSBWeightingMixin:
         self.memory = memory
         self.update_memory = update_memory
         self._sample_indices = None
+        self._validated = None  # the embeddings forward() checked, while it runs
         for name in self._DSB_RECORDS:
             setattr(self, name, None)
         self.add_to_recordable_attributes(list_of_names=list(self._DSB_RECORDS), is_stat=False)
@@ -177,16 +178,19 @@ class DSBWeightingMixin:
     ):
         if labels is None:
             raise ValueError(f"{type(self).__name__} needs labels: DSB weights losses by class")
-        # every check runs before anything changes
-        self.memory.validate_batch(embeddings, labels, sample_indices if self.update_memory else None)
         params = [p for p in self.parameters(recurse=False)]
         if params and embeddings.dtype != params[0].dtype:
             embeddings = embeddings.to(params[0].dtype)
+        # every check runs before anything changes, on the tensor that will be
+        # stored (a cast can overflow finite values to inf)
+        self.memory.validate_batch(embeddings, labels, sample_indices if self.update_memory else None)
         self._sample_indices = sample_indices
+        self._validated = embeddings
         try:
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         finally:
             self._sample_indices = None
+            self._validated = None
 
     def cast_types(self, dtype, device):
         """Check instead of re-typing parameters' ``.data`` as PML does."""
@@ -201,8 +205,9 @@ class DSBWeightingMixin:
         # the parent's losses first: if it rejects the input, the memory is untouched
         loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if self.update_memory:
-            # forward() validated this batch before the parent saw it
-            self.memory._enqueue(embeddings, labels, self._sample_indices, validated=True)
+            # forward() validated this very batch before the parent saw it
+            validated = embeddings is getattr(self, "_validated", None)
+            self.memory._enqueue(embeddings, labels, self._sample_indices, validated=validated)
         self.dsb_stage = self.memory.stage
         self.dsb_num_enqueued = self.memory.num_enqueued
         self.dsb_fill_level = self.memory.fill_level

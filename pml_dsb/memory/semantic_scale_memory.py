@@ -22,7 +22,7 @@ and a d x d factorisation. No refresh ever re-reads a class's samples.
 
 Index-addressed memories go further. Once a class's count stops changing
 (each sample overwrites its own slot), its matrix changes by a low-rank term
-per batch: rank 2 per replaced sample in the Gram form, 2r + 2 for r samples
+per batch: rank 2 per replaced sample in the Gram form, 2r + 1 for r samples
 in the moment form. After one exact refresh at an unchanged count the class
 keeps the inverse and log det of its matrix, and each enqueue updates both
 with the Woodbury identity and the matrix determinant lemma, O(r n^2) for an
@@ -775,13 +775,16 @@ class SemanticScaleMemory(torch.nn.Module):
             old_labels, _, old_emb, _ = removed
             new_z, new_real = _pad_groups(classes, labels, emb.to(torch.float64), self.num_classes)
             old_z, old_real = _pad_groups(classes, old_labels, old_emb.to(torch.float64), self.num_classes)
-            # beta*I + sum z z^T - s s^T/m changes by +z z^T (new), -z z^T (old), +s s^T/m - s' s'^T/m
-            sums = torch.stack([plan["sum_before"], self.moment_sum[index]], 1)
-            u = torch.cat([new_z, old_z, sums], 1).transpose(1, 2)
-            core = torch.cat(
-                [new_real.to(torch.float64), -old_real.to(torch.float64), 1.0 / m.unsqueeze(1), -1.0 / m.unsqueeze(1)], 1
+            # about the old mean mu = s/m (no terms of size m that cancel): the scatter
+            # S changes by sum_new (z-mu)(z-mu)^T - sum_old (z-mu)(z-mu)^T - m dmu dmu^T
+            mean = (plan["sum_before"] / m.unsqueeze(1)).unsqueeze(1)
+            shift = (self.moment_sum[index] - plan["sum_before"]) / m.unsqueeze(1)
+            new_z = (new_z - mean) * new_real.unsqueeze(2)
+            old_z = (old_z - mean) * old_real.unsqueeze(2)
+            u = torch.cat([new_z, old_z, shift.unsqueeze(1)], 1).transpose(1, 2)
+            core = torch.diag_embed(
+                torch.cat([new_real.to(torch.float64), -old_real.to(torch.float64), -m.unsqueeze(1)], 1)
             )
-            core = torch.diag_embed(core)
             if d >= 256:
                 # big d x d inverses: update each pool row in place, no gathered copy
                 parts = [

@@ -142,6 +142,12 @@ def test_weight_regularizer_loss_is_not_weighted(case, gen, np_ref):
 NAN = float("nan")
 
 
+def _overflowing(e):
+    e64 = e.double()
+    e64[2, 1] = 1e39
+    return e64
+
+
 def _bad_calls(B=4, M=12):
     e = torch.randn(B, D, generator=torch.Generator().manual_seed(3))
     y = torch.tensor([0, 1, 2, 3])
@@ -159,6 +165,8 @@ def _bad_calls(B=4, M=12):
         "embedding-size": ((torch.randn(B, D + 2), y), {}, ValueError, ["embedding", str(D + 2)]),
         "embedding-nan": ((e_nan, y), {}, ValueError, ["embeddings", "NaN"]),
         "embedding-inf": ((e_inf, y), {}, ValueError, ["embeddings", "Inf"]),
+        # finite in float64, inf once cast to the loss's float32 parameters
+        "embedding-overflows-float32": ((_overflowing(e), y), {}, ValueError, ["embeddings", "Inf"]),
         "empty-batch": ((torch.zeros(0, D), torch.zeros(0, dtype=torch.long)), {}, ValueError, ["embeddings", "empty"]),
         "batch-larger-than-memory": (
             (torch.randn(M + 1, D), torch.zeros(M + 1, dtype=torch.long)), {}, ValueError, [str(M + 1), "memory_size"],

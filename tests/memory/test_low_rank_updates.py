@@ -241,6 +241,21 @@ def test_default_min_size_builds_caches_for_large_matrices_on_cpu(gen, np_ref):
     np.testing.assert_allclose(scales.numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
 
 
+def test_moment_form_low_rank_stays_exact_on_tight_clusters(gen, np_ref):
+    """Samples 3e-4 from their class centre: s s^T/m terms of size m cancel, so an
+    update written with them loses ~1e-7 relative; about the old mean it must not."""
+    labels, centres = _dataset(gen, sizes=(150, 140), d=128)
+    batches = _sampler(gen, labels, centres, batch=32, spread=3e-4)
+    memory = _memory(gram_size=None, min_size=None, num_classes=2, memory_size=len(labels), d=128)
+    low = 0
+    for step in range(40):
+        low += int(_enqueue(memory, *next(batches)).sum())
+        scales = memory.scales()
+        if step % 5 == 4:
+            np.testing.assert_allclose(scales.numpy(), _reference(memory, np_ref), rtol=RTOL, err_msg=f"step {step}")
+    assert low > 20 and bool((memory.moment_index >= 0).all())
+
+
 # ---------------------------------------------------------------- mixed usage
 def test_fifo_relabels_and_index_enqueues_mixed(gen, np_ref):
     """Index-addressed enqueues interleaved with FIFO ones and with relabelled
