@@ -3,11 +3,13 @@
 For SoftTriple and NormSoftmax at the shapes of issue 2, prints the median
 and mean time of the parent loss step (forward + backward) and of the DSB
 step (enqueue + scale refresh + weighted loss, forward + backward), measured
-in alternation in one process with one thread, and their ratios. Each shape
-runs with both memories: ``fifo`` (the ring buffer a PML trainer gets, which
-passes no dataset indices) and ``index`` (``sample_indices`` passed: one slot
-per training sample, the faithful form, where class counts stay fixed and
-scales are updated in low rank). Then the refresh time at d = 512 for growing
+in alternation in one process with one thread, and their ratios (the mean is
+the amortised cost). Each shape runs with both memories: ``fifo`` (the ring
+buffer a PML trainer gets, which passes no dataset indices) and ``index``
+(``sample_indices`` passed: one slot per training sample, the faithful form,
+where class counts stay fixed; on CPU, classes whose matrix has at least 128
+rows are then updated in low rank, and "low-rank" gives the share of touched
+classes updated so). Then the refresh time at d = 512 for growing
 memory sizes, the largest relative error of the memory's scales against a
 float64 from-scratch computation after many updates, and the memory's bytes.
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -95,6 +96,20 @@ def index_stream(counts: np.ndarray, batch: int, rng: np.random.Generator):
             yield idx, labels[idx]
 
 
+def fill_memory(memory, counts, batch, indexed, rng, gen, device) -> None:
+    """Fill every slot without timing (stage 3 from then on): index-addressed,
+    one full permutation of the dataset, the last partial batch included."""
+    size = int(counts.sum())
+    labels = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))
+    order = torch.from_numpy(rng.permutation(size))
+    for start in range(0, size, batch):
+        idx = order[start : start + batch]
+        emb = torch.randn(len(idx), memory.embedding_size, generator=gen, device=device)
+        memory.enqueue(emb, labels[idx], idx if indexed else None)
+    memory.scales()
+    assert memory.stage == 3 and memory.num_filled == size
+
+
 def timed(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,26 +145,25 @@ def bench_shape(
         memory = SemanticScaleMemory(classes, shape.dim, memory_size, warmup_epochs=1, scale_dtype=scale_dtype)
         dsb = dsb_cls(num_classes=classes, embedding_size=shape.dim, memory=memory).to(device)
         dsb.load_state_dict(parent.state_dict(), strict=False)
+        fill_memory(dsb.memory, shape.counts, shape.batch, indexed, rng, gen, device)
         stream = index_stream(shape.counts, shape.batch, rng)
-        # fill the memory (stage 3 from then on) without timing: one epoch
-        for _ in range(math.ceil(memory_size / shape.batch)):
-            idx, labels = next(stream)
-            dsb.memory.enqueue(
-                torch.randn(shape.batch, shape.dim, generator=gen, device=device), labels, idx if indexed else None
-            )
-        dsb.memory.scales()
-        assert dsb.memory.stage == 3
-        t_parent, t_dsb = [], []
-        for i in range(iters + 3):
+        # index-addressed: warm up until the caches are built, and time enough steps
+        # that every frequently touched class also does its periodic exact refresh
+        warmup, timed_iters = (10, max(iters, 80)) if indexed else (3, iters)
+        t_parent, t_dsb, low_rank, touched = [], [], 0, 0
+        for i in range(timed_iters + warmup):
             idx, labels = next(stream)
             idx, labels = idx.to(device), labels.to(device)
             emb = torch.randn(shape.batch, shape.dim, generator=gen, device=device)
             extra = {"sample_indices": idx} if indexed else {}
+            updates = dsb.memory.cache_updates.clone()
             a = timed(lambda: step(parent, emb, labels), device)
             b = timed(lambda: step(dsb, emb, labels, **extra), device)
-            if i >= 3:  # warm-up iterations left out
+            if i >= warmup:  # warm-up iterations left out
                 t_parent.append(a)
                 t_dsb.append(b)
+                low_rank += int((dsb.memory.cache_valid & (dsb.memory.cache_updates == updates + 1)).sum())
+                touched += len(torch.unique(labels))
         mp, md = statistics.median(t_parent), statistics.median(t_dsb)
         ap, ad = statistics.fmean(t_parent), statistics.fmean(t_dsb)
         rows.append(
@@ -165,13 +179,15 @@ def bench_shape(
                 "parent_mean_ms": 1e3 * ap,
                 "dsb_mean_ms": 1e3 * ad,
                 "mean_ratio": ad / ap,
+                "timed_steps": len(t_dsb),
+                "low_rank_share": low_rank / touched,
                 "memory_bytes": memory_bytes(dsb.memory),
             }
         )
         print(
             f"{shape.name:14s} {addressing:5s} {parent_cls.__name__:21s} parent {1e3 * mp:7.2f} ms  "
             f"DSB {1e3 * md:7.2f} ms  ratio {md / mp:5.2f} (mean {ad / ap:5.2f})  "
-            f"memory {memory_bytes(dsb.memory) / 2**20:7.1f} MiB",
+            f"low-rank {100 * low_rank / touched:3.0f}%  memory {memory_bytes(dsb.memory) / 2**20:7.1f} MiB",
             flush=True,
         )
     return rows
@@ -202,11 +218,12 @@ def bench_refresh(
         memory.scales()
         stream = index_stream(counts, batch, rng)
         times = []
-        for i in range(iters + 3):
+        warmup, timed_iters = (10, max(iters, 80)) if indexed else (3, iters)  # as in bench_shape
+        for i in range(timed_iters + warmup):
             emb = torch.randn(batch, dim, generator=gen)
             idx, labels = next(stream)
             t = timed(lambda: (memory.enqueue(emb, labels, idx if indexed else None), memory.scales()), cpu)
-            if i >= 3:
+            if i >= warmup:
                 times.append(t)
         med, mean = statistics.median(times), statistics.fmean(times)
         rows.append(

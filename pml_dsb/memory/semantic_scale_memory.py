@@ -20,7 +20,8 @@ m x m space; a larger class switches for good to running first and second
 moments (d and d x d, float64: each sample adds or removes an outer product)
 and a d x d factorisation. No refresh ever re-reads a class's samples.
 
-Index-addressed memories go further. Once a class's count stops changing
+Index-addressed memories go further, on CPU and for class matrices of at
+least ``low_rank_min_size`` (128) rows. Once a class's count stops changing
 (each sample overwrites its own slot), its matrix changes by a low-rank term
 per batch: rank 2 per replaced sample in the Gram form, 2r + 1 for r samples
 in the moment form. After one exact refresh at an unchanged count the class
@@ -100,7 +101,8 @@ class SemanticScaleMemory(torch.nn.Module):
         gram_size: classes up to this many samples are kept in Gram form,
             larger ones as d x d moments (default ``embedding_size // 2``,
             where both forms cost about the same). Memory: ``num_classes *
-            gram_size**2`` plus ``d**2`` per large class, float64.
+            gram_size**2`` plus ``d**2`` per large class, float64, and as much
+            again for the inverses once an index-addressed memory keeps them.
         exact_refresh_every: in an index-addressed memory, a class's scale is
             updated in low rank (exactly up to rounding, see above) at most this
             many times before an exact refresh (default 64).
@@ -245,7 +247,8 @@ class SemanticScaleMemory(torch.nn.Module):
             buf.fill_(-1)
         self.gram.zero_()
         for name in ("moment_sum", "moment_outer", "gram_inverse", "moment_inverse"):
-            setattr(self, name, getattr(self, name)[:0])
+            pool = getattr(self, name)  # new storage: a [:0] view would keep the old one alive
+            setattr(self, name, pool.new_empty((0, *pool.shape[1:])))
         for buf in (self.class_counts, self.cached_scales, self.queue_idx, self.enqueued_count,
                     self.cache_logdet, self.cache_updates):
             buf.zero_()
@@ -887,7 +890,9 @@ def _pad_groups(classes: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
 def _low_rank_logdet_update(inverse: torch.Tensor, u: torch.Tensor, core: torch.Tensor):
     """For A' = A + U C U^T with ``inverse`` = A^-1 (t, n, n): replace ``inverse``
     by A'^-1 in place (Woodbury) and return log det A' - log det A (determinant
-    lemma: det(I + C U^T A^-1 U)) and a mask of the updates that stayed sound."""
+    lemma: det(I + C U^T A^-1 U)) and a mask of the updates whose determinant
+    ratio came out positive and finite (a necessary condition only: A' with
+    two negative eigenvalues would pass; the periodic exact refresh bounds drift)."""
     w = inverse @ u  # (t, n, k)
     k = u.shape[2]
     small = torch.eye(k, dtype=u.dtype, device=u.device) + core @ (u.transpose(1, 2) @ w)

@@ -495,7 +495,7 @@ def test_low_rank_logdet_update_ignores_zero_padding(gen):
     assert torch.equal(zero_change, torch.zeros(t, dtype=torch.float64)) and bool(zero_ok.all())
 
 
-def test_low_rank_logdet_update_flags_a_non_positive_definite_result(gen):
+def test_low_rank_logdet_update_flags_a_negative_determinant_ratio(gen):
     t, n = 3, 5
     a = _spd(gen, t, n)
     u = torch.randn(t, n, 2, generator=gen, dtype=torch.float64)
