@@ -205,8 +205,11 @@ class SemanticScaleMemory(torch.nn.Module):
         self.register_buffer("moment_outer", torch.zeros(0, embedding_size, embedding_size, dtype=torch.float64))
         # low-rank path (index-addressed memories): inverse and log det of each
         # class's matrix (beta*I + centred Gram or scatter), valid while
-        # cache_valid; inverses are allocated on first use
+        # cache_valid; inverses are allocated on first use, a Gram-form class's
+        # at row gram_inverse_index[c] (-1: none yet), a moment-form class's at
+        # its moment_index
         self.register_buffer("gram_inverse", torch.zeros(0, self.gram_size, self.gram_size, dtype=torch.float64))
+        self.register_buffer("gram_inverse_index", torch.full((num_classes,), -1, dtype=torch.long))
         self.register_buffer("moment_inverse", torch.zeros(0, embedding_size, embedding_size, dtype=torch.float64))
         self.register_buffer("cache_logdet", torch.zeros(num_classes, dtype=torch.float64))
         self.register_buffer("cache_valid", torch.zeros(num_classes, dtype=torch.bool))
@@ -243,7 +246,8 @@ class SemanticScaleMemory(torch.nn.Module):
     def reset(self) -> None:
         """Empty the memory and its counters."""
         self.embedding_memory.zero_()
-        for buf in (self.label_memory, self.slot_position, self.class_slots, self.moment_index, self.exact_count):
+        for buf in (self.label_memory, self.slot_position, self.class_slots, self.moment_index, self.exact_count,
+                    self.gram_inverse_index):
             buf.fill_(-1)
         self.gram.zero_()
         for name in ("moment_sum", "moment_outer", "gram_inverse", "moment_inverse"):
@@ -264,13 +268,14 @@ class SemanticScaleMemory(torch.nn.Module):
 
     # state added after the first release: a checkpoint without it loads with
     # no low-rank caches (the next refresh is exact and rebuilds them)
-    _CACHE_STATE = ("gram_inverse", "moment_inverse", "cache_logdet", "cache_valid", "cache_updates",
-                    "exact_count", "index_addressed")
+    _CACHE_STATE = ("gram_inverse", "gram_inverse_index", "moment_inverse", "cache_logdet", "cache_valid",
+                    "cache_updates", "exact_count", "index_addressed")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if not any(prefix + name in state_dict for name in self._CACHE_STATE):
             fresh = {
                 "gram_inverse": self.gram_inverse[:0], "moment_inverse": self.moment_inverse[:0],
+                "gram_inverse_index": torch.full_like(self.gram_inverse_index, -1),
                 "cache_logdet": torch.zeros_like(self.cache_logdet), "cache_valid": torch.zeros_like(self.cache_valid),
                 "cache_updates": torch.zeros_like(self.cache_updates),
                 "exact_count": torch.full_like(self.exact_count, -1),
@@ -658,9 +663,13 @@ class SemanticScaleMemory(torch.nn.Module):
         gram.baddbmm_(left, right.transpose(1, 2))
         bits, logdet, inverse = self._logdet_bits(gram, m.squeeze(1), build)
         if inverse is not None:
-            self._ensure_inverse_pool("gram_inverse", self.num_classes)
             built, beta = classes[build], m.squeeze(1)[build] / self.embedding_size
-            self.gram_inverse[built, :width, :width] = inverse
+            new = built[self.gram_inverse_index[built] < 0]
+            if new.numel():  # rows for classes cached in the Gram form for the first time
+                start = self.gram_inverse.shape[0]
+                self._ensure_inverse_pool("gram_inverse", start + len(new))
+                self.gram_inverse_index[new] = torch.arange(start, start + len(new), device=new.device)
+            self.gram_inverse[self.gram_inverse_index[built], :width, :width] = inverse
             # the identity block of padded positions is not part of the class's matrix
             self._store_cache(built, logdet[build] - (width - m.squeeze(1)[build]) * torch.log(beta))
         return bits
@@ -839,9 +848,10 @@ class SemanticScaleMemory(torch.nn.Module):
         u = torch.cat([he, hd], 2)
         eye = torch.diag_embed(realf)
         core = torch.cat([torch.cat([-d_pp, eye], 2), torch.cat([eye, torch.zeros_like(eye)], 2)], 1)
-        inverse = self.gram_inverse[classes, :width, :width] * (valid.unsqueeze(2) * valid.unsqueeze(1))
+        rows = self.gram_inverse_index[classes]
+        inverse = self.gram_inverse[rows, :width, :width] * (valid.unsqueeze(2) * valid.unsqueeze(1))
         change, ok = _low_rank_logdet_update(inverse, u, core)
-        self.gram_inverse[classes, :width, :width] = inverse
+        self.gram_inverse[rows, :width, :width] = inverse
         self._finish_low_rank(classes, change, ok, m)
 
     def _finish_low_rank(

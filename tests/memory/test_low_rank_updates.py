@@ -256,6 +256,18 @@ def test_moment_form_low_rank_stays_exact_on_tight_clusters(gen, np_ref):
     assert low > 20 and bool((memory.moment_index >= 0).all())
 
 
+def test_gram_inverses_are_allocated_only_for_cached_classes(gen, np_ref):
+    """Only the Gram-form classes large enough to keep an inverse get a row of the pool."""
+    labels, centres = _dataset(gen)
+    batches = _sampler(gen, labels, centres, batch=6)
+    memory = _memory(gram_size=40, min_size=6)  # classes of 14, 10 and 8 samples qualify
+    _warm(memory, batches, 40)
+    cached = torch.nonzero(memory.gram_inverse_index >= 0).flatten().tolist()
+    assert cached == [0, 1, 2] and memory.gram_inverse.shape[0] == 3
+    assert bool(memory.cache_updates[:3].gt(0).all())
+    np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+
+
 # ---------------------------------------------------------------- mixed usage
 def test_fifo_relabels_and_index_enqueues_mixed(gen, np_ref):
     """Index-addressed enqueues interleaved with FIFO ones and with relabelled
