@@ -746,6 +746,8 @@ class SemanticScaleMemory(torch.nn.Module):
         whose count or form changed, or that are due an exact refresh, lose
         their cache.
         """
+        if not bool(self.cache_valid.any()):  # FIFO memories never keep caches
+            return None
         touched = torch.unique(torch.cat([old_labels, labels]))
         cached = touched[self.cache_valid[touched]]
         if cached.numel() == 0:

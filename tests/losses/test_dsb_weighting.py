@@ -40,6 +40,16 @@ def _batch(gen, b, d=D, probs=PROBS):
     return torch.randn(b, d, generator=gen), torch.multinomial(probs, b, replacement=True, generator=gen)
 
 
+def _assert_same_loss_and_grads(dsb, parent, got, want, e1, e2):
+    """Loss, embedding gradients and parameter gradients of ``dsb`` equal ``parent``'s exactly."""
+    assert torch.equal(got, want)
+    got.backward()
+    want.backward()
+    assert torch.equal(e1.grad, e2.grad)
+    for a, b in zip(param_grads(dsb), param_grads(parent)):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------- uniform weights: parent exactly
 @pytest.mark.parametrize("case", list(CASES))
 def test_stages_1_and_2_equal_parent_exactly(case, gen):
@@ -53,12 +63,7 @@ def test_stages_1_and_2_equal_parent_exactly(case, gen):
         want = parent(e2, labels)
         seen.add(dsb.memory.stage)
         assert dsb.memory.stage in (1, 2)
-        assert torch.equal(got, want)
-        got.backward()
-        want.backward()
-        assert torch.equal(e1.grad, e2.grad)
-        for a, b in zip(param_grads(dsb), param_grads(parent)):
-            assert torch.equal(a, b)
+        _assert_same_loss_and_grads(dsb, parent, got, want, e1, e2)
         zero_grads(dsb, parent)
     assert seen == {1, 2}
 
@@ -75,12 +80,7 @@ def test_stage_3_with_equal_scales_equals_parent_exactly(case, gen):
     assert dsb.memory.stage == 3
     assert torch.equal(dsb.memory.weights(), torch.ones(2, dtype=torch.float64))  # precondition
     want = parent(e2, labels)
-    assert torch.equal(got, want)
-    got.backward()
-    want.backward()
-    assert torch.equal(e1.grad, e2.grad)
-    for a, b in zip(param_grads(dsb), param_grads(parent)):
-        assert torch.equal(a, b)
+    _assert_same_loss_and_grads(dsb, parent, got, want, e1, e2)
 
 
 # ------------------------------------------------- stage 3: weighted formula
@@ -447,8 +447,5 @@ def test_non_default_arguments_equal_parent_before_stage_3(case, gen):
         emb, labels = torch.randn(6, 8, generator=gen), torch.randint(0, 4, (6,), generator=gen)
         e1, e2 = leaf(emb), leaf(emb)
         got, want = dsb(e1, labels), parent(e2, labels)
-        assert torch.equal(got, want)
-        got.backward()
-        want.backward()
-        assert torch.equal(e1.grad, e2.grad)
+        _assert_same_loss_and_grads(dsb, parent, got, want, e1, e2)
     assert dsb.memory.stage == 2
