@@ -9,7 +9,9 @@ buffer a PML trainer gets, which passes no dataset indices) and ``index``
 (``sample_indices`` passed: one slot per training sample, the faithful form,
 where class counts stay fixed; on CPU, classes whose matrix has at least 128
 rows are then updated in low rank, and "low-rank" gives the share of touched
-classes updated so). Then the refresh time at d = 512 for growing
+classes updated so). Then the DSB step during warm-up (stage 2: the memory
+only stores the batch) and the one-time cost of building the statistics at the
+first weighted iteration. Then the refresh time at d = 512 for growing
 memory sizes, the largest relative error of the memory's scales against a
 float64 from-scratch computation after many updates, and the memory's bytes.
 
@@ -106,8 +108,9 @@ def fill_memory(memory, counts, batch, indexed, rng, gen, device) -> None:
         idx = order[start : start + batch]
         emb = torch.randn(len(idx), memory.embedding_size, generator=gen, device=device)
         memory.enqueue(emb, labels[idx], idx if indexed else None)
-    memory.scales()
-    assert memory.stage == 3 and memory.num_filled == size
+    if memory.stage == 3:
+        memory.scales()
+    assert memory.num_filled == size
 
 
 def timed(fn, device: torch.device) -> float:
@@ -188,6 +191,66 @@ def bench_shape(
             f"{shape.name:14s} {addressing:5s} {parent_cls.__name__:21s} parent {1e3 * mp:7.2f} ms  "
             f"DSB {1e3 * md:7.2f} ms  ratio {md / mp:5.2f} (mean {ad / ap:5.2f})  "
             f"low-rank {100 * low_rank / touched:3.0f}%  memory {memory_bytes(dsb.memory) / 2**20:7.1f} MiB",
+            flush=True,
+        )
+    return rows
+
+
+def bench_warmup_stage(shape: Shape, iters: int, seed: int, device: torch.device = torch.device("cpu")) -> list[dict]:
+    """The DSB step during warm-up (stage 2, FIFO, as under a PML trainer). The
+    memory then only stores the batch; for comparison, a memory whose
+    statistics were built before filling (a scales() call on the empty memory)
+    keeps them up to date at every enqueue, as all memories did before the
+    build was deferred. Also the one-time cost of the build at the first
+    weighted iteration."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    classes, memory_size = len(shape.counts), int(shape.counts.sum())
+    rows = []
+    for parent_cls, dsb_cls in ((SoftTripleLoss, DSBSoftTripleLoss), (NormalizedSoftmaxLoss, DSBNormalizedSoftmaxLoss)):
+        parent = parent_cls(num_classes=classes, embedding_size=shape.dim).to(device)
+        losses = {}
+        for kind in ("deferred", "eager"):
+            memory = SemanticScaleMemory(classes, shape.dim, memory_size, warmup_epochs=2).to(device)
+            if kind == "eager":
+                memory.scales()  # statistics built now, then kept at every enqueue
+            losses[kind] = dsb_cls(num_classes=classes, embedding_size=shape.dim, memory=memory).to(device)
+            losses[kind].load_state_dict(parent.state_dict(), strict=False)
+            fill_memory(memory, shape.counts, shape.batch, False, rng, gen, device)
+        stream = index_stream(shape.counts, shape.batch, rng)
+        times = {"parent": [], "deferred": [], "eager": []}
+        for i in range(iters + 3):
+            _, labels = next(stream)
+            labels = labels.to(device)
+            emb = torch.randn(shape.batch, shape.dim, generator=gen, device=device)
+            sample = {"parent": timed(lambda: step(parent, emb, labels), device)}
+            for kind, loss in losses.items():
+                sample[kind] = timed(lambda: step(loss, emb, labels), device)
+            if i >= 3:
+                for kind, t in sample.items():
+                    times[kind].append(t)
+        memory = losses["deferred"].memory
+        assert memory.stage == 2 and not bool(memory.statistics_built)
+        build = timed(memory.scales, device)  # what the first weighted iteration adds, once
+        med = {kind: statistics.median(t) for kind, t in times.items()}
+        rows.append(
+            {
+                "shape": shape.name,
+                "loss": parent_cls.__name__,
+                "device": str(device),
+                "parent_ms": 1e3 * med["parent"],
+                "dsb_stage2_ms": 1e3 * med["deferred"],
+                "ratio": med["deferred"] / med["parent"],
+                "dsb_stage2_statistics_kept_ms": 1e3 * med["eager"],
+                "ratio_statistics_kept": med["eager"] / med["parent"],
+                "first_refresh_ms": 1e3 * build,
+            }
+        )
+        print(
+            f"{shape.name:14s} stage 2 {parent_cls.__name__:21s} parent {1e3 * med['parent']:7.2f} ms  "
+            f"DSB {1e3 * med['deferred']:7.2f} ms  ratio {med['deferred'] / med['parent']:5.2f}  "
+            f"(statistics kept: {med['eager'] / med['parent']:5.2f})  "
+            f"first refresh {1e3 * build:7.1f} ms once",
             flush=True,
         )
     return rows
@@ -304,7 +367,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     iters = args.iters or (5 if args.quick else 30)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, iterations {iters}")
-    results = {"steps": [], "refresh": [], "error": []}
+    results = {"steps": [], "warmup_stage": [], "refresh": [], "error": []}
     device = torch.device(args.device)
     modes = ("fifo", "index") if args.addressing == "both" else (args.addressing,)
     for name in args.shapes.split(","):
@@ -312,6 +375,8 @@ def main() -> None:
             results["steps"] += bench_shape(
                 SHAPES[name](), iters, args.seed, getattr(torch, args.scale_dtype), mode, device
             )
+    for name in args.shapes.split(","):
+        results["warmup_stage"] += bench_warmup_stage(SHAPES[name](), iters, args.seed, device)
     if not args.steps_only:
         sizes = (5864, 20000) if args.quick else (5864, 115846, 437513)
         for mode in modes:

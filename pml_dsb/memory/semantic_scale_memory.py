@@ -13,7 +13,10 @@ Its stage follows the number of samples enqueued (DEFINITIONS.md):
 Cost: a refresh recomputes only the classes whose samples were enqueued or
 dequeued since the last one (they are marked stale), from per-class float64
 statistics kept up to date at each enqueue; nothing scans the whole memory,
-so the cost does not grow with M. A class that has never held more than
+so the cost does not grow with M. The statistics are built, in one pass over
+the memory, at the first :meth:`scales` call (in DSB training: the first
+weighted iteration) and kept up to date from then on; before that, in the
+unweighted stages 1 and 2, an enqueue only writes the ring buffer. A class that has never held more than
 ``gram_size`` samples keeps the Gram matrix of its samples (each new sample
 adds one row, m*d work) and its scale is a Cholesky factorisation in the
 m x m space; a larger class switches for good to running first and second
@@ -60,6 +63,10 @@ logger = logging.getLogger(__name__)
 
 
 __all__ = ["SemanticScaleMemory"]
+
+#: Most stored values gathered at once when the statistics are built
+#: (bounds the temporary of a large memory's build: 4M values, 32 MiB in float64).
+_BUILD_GATHER_VALUES = 1 << 22
 
 
 def _is_integer_tensor(x: torch.Tensor) -> bool:
@@ -216,6 +223,9 @@ class SemanticScaleMemory(torch.nn.Module):
         self.register_buffer("cache_updates", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("exact_count", torch.full((num_classes,), -1, dtype=torch.long))
         self.register_buffer("index_addressed", torch.zeros((), dtype=torch.bool))
+        # False until the first scales() call: enqueues until then write only the
+        # ring buffer and the class counts (see _build_statistics)
+        self.register_buffer("statistics_built", torch.zeros((), dtype=torch.bool))
         self.register_buffer("queue_idx", torch.zeros((), dtype=torch.long))
         self.register_buffer("enqueued_count", torch.zeros((), dtype=torch.long))
 
@@ -256,7 +266,7 @@ class SemanticScaleMemory(torch.nn.Module):
         for buf in (self.class_counts, self.cached_scales, self.queue_idx, self.enqueued_count,
                     self.cache_logdet, self.cache_updates):
             buf.zero_()
-        for buf in (self.stale, self.cache_valid, self.index_addressed):
+        for buf in (self.stale, self.cache_valid, self.index_addressed, self.statistics_built):
             buf.zero_()
 
     def extra_repr(self) -> str:
@@ -272,6 +282,10 @@ class SemanticScaleMemory(torch.nn.Module):
                     "cache_updates", "exact_count", "index_addressed")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "embedding_memory" not in state_dict:
+            # not this memory's checkpoint (e.g. a parent loss's, loaded with
+            # strict=False): nothing to fill in, the missing keys are reported
+            return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if not any(prefix + name in state_dict for name in self._CACHE_STATE):
             fresh = {
                 "gram_inverse": self.gram_inverse[:0], "moment_inverse": self.moment_inverse[:0],
@@ -283,6 +297,9 @@ class SemanticScaleMemory(torch.nn.Module):
             }
             for name, value in fresh.items():
                 state_dict[prefix + name] = value
+        if prefix + "statistics_built" not in state_dict:
+            # saved before statistics were deferred: they were kept at every enqueue
+            state_dict[prefix + "statistics_built"] = torch.ones_like(self.statistics_built)
         # these grow with the largest class and the number of large classes:
         # take the saved sizes (other dimensions must match).
         for name in ("class_slots", "moment_sum", "moment_outer", "gram_inverse", "moment_inverse"):
@@ -431,6 +448,26 @@ class SemanticScaleMemory(torch.nn.Module):
         else:
             slots = indices.detach().to(device=device, dtype=torch.long)
 
+        if not bool(self.statistics_built):
+            self._store(slots, emb, labels)
+        else:
+            self._store_and_update(slots, emb, labels)
+        if indices is None:
+            self.queue_idx.copy_((self.queue_idx + batch) % self.memory_size)
+        self.index_addressed.fill_(indices is not None)
+        self.enqueued_count += batch
+
+    def _store(self, slots: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write the batch into its slots and count it; no statistics yet."""
+        old = self.label_memory[slots]
+        old = old[old >= 0]
+        self.class_counts.index_add_(0, old, -torch.ones_like(old))
+        self.embedding_memory[slots] = emb
+        self.label_memory[slots] = labels
+        self.class_counts.index_add_(0, labels, torch.ones_like(labels))
+
+    def _store_and_update(self, slots: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write the batch and update the class statistics and low-rank caches."""
         counts_before, large_before = self.class_counts.clone(), self.moment_index >= 0
         removed = self._remove(slots)
         self._promote_large_classes(labels)
@@ -445,10 +482,6 @@ class SemanticScaleMemory(torch.nn.Module):
         self._update_statistics(removed, emb, labels, positions)
         if plan is not None:
             self._apply_low_rank(plan, removed, emb, labels, positions)
-        if indices is None:
-            self.queue_idx.copy_((self.queue_idx + batch) % self.memory_size)
-        self.index_addressed.fill_(indices is not None)
-        self.enqueued_count += batch
 
     def _remove(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Free the filled ``slots``; return their labels, positions, embeddings and form."""
@@ -496,6 +529,8 @@ class SemanticScaleMemory(torch.nn.Module):
         Recomputes only the classes touched since the last call; 0 for a class
         with fewer than two samples.
         """
+        if not bool(self.statistics_built):
+            self._build_statistics()
         stale = torch.nonzero(self.stale).flatten()
         if stale.numel():
             self.cached_scales[stale] = self._compute_scales(stale).to(torch.float64)
@@ -519,6 +554,64 @@ class SemanticScaleMemory(torch.nn.Module):
     # i, j of class c's slot list; rows and columns of free positions are zero.
     # Moment form: moment_sum[k] = sum z and moment_outer[k] = sum z z^T over
     # the samples of the class with moment_index == k.
+
+    def _build_statistics(self) -> None:
+        """Build every class's statistics from the stored samples, in one pass.
+
+        Enqueues before the first :meth:`scales` call only fill the ring buffer:
+        the unweighted stages need no scales. Positions follow slot order,
+        classes of more than ``gram_size`` samples take the moment form, every
+        class is marked stale, and no low-rank cache is kept yet.
+        """
+        dev, d = self.label_memory.device, self.embedding_size
+        filled = torch.nonzero(self.label_memory >= 0).flatten()
+        labels = self.label_memory[filled]
+        order = torch.argsort(labels, stable=True)
+        slots, labels = filled[order], labels[order]
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        if len(labels) and int(counts.max()) > self.class_slots.shape[1]:
+            self._grow_capacity(int(counts.max()))
+        positions = torch.arange(len(slots), device=dev) - (torch.cumsum(counts, 0) - counts)[labels]
+        self.class_slots.fill_(-1)
+        self.slot_position.fill_(-1)
+        self.class_slots[labels, positions] = slots
+        self.slot_position[slots] = positions
+
+        large = torch.nonzero(counts > self.gram_size).flatten()
+        self.moment_index.fill_(-1)
+        self.moment_index[large] = torch.arange(len(large), device=dev)
+        self.moment_sum = torch.zeros(len(large), d, dtype=torch.float64, device=dev)
+        self.moment_outer = torch.zeros(len(large), d, d, dtype=torch.float64, device=dev)
+        for row, c in enumerate(large.tolist()):  # one d x d product per large class
+            z = self.embedding_memory[self.class_slots[c, : int(counts[c])]].to(torch.float64)
+            self.moment_sum[row] = z.sum(0)
+            self.moment_outer[row] = z.T @ z
+
+        self.gram.zero_()
+        small = torch.nonzero((counts > 0) & (counts <= self.gram_size)).flatten()
+        # batches of classes with similar counts, a bounded number of values gathered at once
+        for bucket in size_buckets(counts[small]):
+            classes = small[bucket]
+            width = int(counts[classes].max())
+            step = max(1, _BUILD_GATHER_VALUES // (width * d))
+            for start in range(0, len(classes), step):
+                part = classes[start : start + step]
+                rows = self.class_slots[part, :width]
+                valid = (rows >= 0).to(self.scale_dtype).unsqueeze(2)
+                z = self.embedding_memory[rows.clamp(min=0)].to(self.scale_dtype) * valid
+                # products in scale_dtype, as _add_gram_rows computes them
+                self.gram[part, :width, :width] = (z @ z.transpose(1, 2)).to(torch.float64)
+
+        for name in ("gram_inverse", "moment_inverse"):
+            pool = getattr(self, name)
+            setattr(self, name, pool.new_empty((0, *pool.shape[1:])))
+        self.gram_inverse_index.fill_(-1)
+        self.exact_count.fill_(-1)
+        self.cache_valid.zero_()
+        self.cache_updates.zero_()
+        self.cache_logdet.zero_()
+        self.stale.fill_(True)
+        self.statistics_built.fill_(True)
 
     def _promote_large_classes(self, labels: torch.Tensor) -> None:
         """Switch classes that would outgrow the Gram form to moments, for good."""

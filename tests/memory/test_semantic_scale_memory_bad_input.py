@@ -39,13 +39,15 @@ BAD_BATCHES = {
 }
 
 
-def _used_memory():
-    """A memory mid-way through stage 2 with stale classes, cached scales and wrap-around."""
+def _used_memory(built=True):
+    """A memory mid-way through stage 2 with wrap-around; ``built``: its statistics
+    built by a scales() call (stale classes, cached scales), else still deferred."""
     g = torch.Generator().manual_seed(5)
     mem = SemanticScaleMemory(C, D, M, warmup_epochs=3)
     for _ in range(4):
         mem.enqueue(torch.randn(4, D, generator=g), torch.randint(0, C, (4,), generator=g))
-    mem.scales()
+    if built:
+        mem.scales()
     mem.enqueue(torch.randn(3, D, generator=g), torch.tensor([0, 1, 1]))
     return mem
 
@@ -61,10 +63,12 @@ def assert_state_unchanged(before, module):
         assert before[k].shape == after[k].shape and torch.equal(before[k], after[k]), f"{k} changed"
 
 
+@pytest.mark.parametrize("built", [True, False], ids=["built", "deferred"])
 @pytest.mark.parametrize("case", list(BAD_BATCHES))
-def test_bad_batch_is_rejected_before_anything_changes(case):
+def test_bad_batch_is_rejected_before_anything_changes(case, built):
     emb, labels, indices, exc, words = BAD_BATCHES[case]
-    mem = _used_memory()
+    mem = _used_memory(built)
+    assert bool(mem.statistics_built) == built
     before = _snapshot(mem)
     with pytest.raises(exc) as info:
         mem.enqueue(emb, labels, indices=indices)

@@ -1,0 +1,172 @@
+"""The memory builds its class statistics at the first ``scales()`` call, not
+before: enqueues in the unweighted stages only write the ring buffer. The
+deferred build must give the scales of a memory that kept its statistics all
+along, and both must equal a float64 from-scratch computation."""
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from pml_dsb import SemanticScaleMemory
+
+C, D, M = 6, 8, 40
+STATISTICS = ("gram", "moment_sum", "moment_outer", "moment_index", "class_slots", "slot_position")
+
+
+def _reference(memory, np_ref):
+    z, y = memory.contents()
+    return np_ref.class_scales(z.double().numpy(), y.numpy(), memory.num_classes, normalize=False)
+
+
+def _batches(gen, indexed, batch=7):
+    """Labels skewed towards class 0 (so that it outgrows a small Gram form);
+    index-addressed: sample i always has label i % C."""
+    while True:
+        emb = torch.randn(batch, D, generator=gen)
+        if indexed:
+            idx = torch.randperm(M, generator=gen)[:batch]
+            yield emb, idx % C, idx
+        else:
+            labels = torch.randint(0, C, (batch,), generator=gen)
+            labels[: batch // 2] = 0
+            yield emb, labels, None
+
+
+def _run(memory, batches, steps, refresh=False):
+    """``steps`` enqueues, each followed by a refresh if ``refresh``."""
+    for _ in range(steps):
+        memory.enqueue(*next(batches))
+        if refresh:
+            memory.scales()
+
+
+def _memory(gram_size, warmup_epochs=3):
+    memory = SemanticScaleMemory(C, D, M, warmup_epochs=warmup_epochs, gram_size=gram_size)
+    memory.low_rank_min_size = 2  # exercise the low-rank caches at this tiny shape
+    return memory
+
+
+def test_enqueues_before_the_first_refresh_write_only_the_ring_buffer(gen):
+    memory = _memory(gram_size=3)
+    empty = {k: v.clone() for k, v in memory.state_dict().items() if k in STATISTICS}
+    _run(memory, _batches(gen, indexed=False), 12)  # wraps around: stage 2
+    assert memory.stage == 2 and not bool(memory.statistics_built)
+    state = memory.state_dict()
+    for k in STATISTICS:
+        assert torch.equal(state[k], empty[k]), k
+    # the ring buffer and the counts are kept all the same
+    _, labels = memory.contents()
+    assert torch.equal(memory.class_counts, torch.bincount(labels, minlength=C))
+    assert memory.num_filled == M and memory.num_enqueued == 12 * 7
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["fifo", "index"])
+@pytest.mark.parametrize("gram_size", [3, None], ids=["both-forms", "gram-only"])
+def test_deferred_build_matches_statistics_kept_all_along(gen, np_ref, indexed, gram_size):
+    eager, lazy = _memory(gram_size), _memory(gram_size)
+    batches = _batches(gen, indexed)
+    for _ in range(15):
+        batch = next(batches)
+        eager.enqueue(*batch)
+        eager.scales()
+        lazy.enqueue(*batch)
+    assert not bool(lazy.statistics_built)
+    if gram_size == 3:
+        assert bool((eager.moment_index >= 0).any())  # both forms really occur
+    reference = _reference(lazy, np_ref)
+    np.testing.assert_allclose(lazy.scales().numpy(), reference, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(eager.scales().numpy(), reference, rtol=1e-12, atol=1e-12)
+    assert bool(lazy.statistics_built)
+    # from then on both are kept up to date at every enqueue
+    for _ in range(25):
+        batch = next(batches)
+        eager.enqueue(*batch)
+        lazy.enqueue(*batch)
+        np.testing.assert_allclose(lazy.scales().numpy(), eager.scales().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lazy.scales().numpy(), _reference(lazy, np_ref), rtol=1e-12, atol=1e-12)
+    if indexed:  # the build leaves positions 0..m-1, so the low-rank caches follow
+        assert bool((lazy.cache_valid & (lazy.cache_updates > 0)).any())
+
+
+def test_build_in_small_chunks_gives_the_same_statistics(gen, np_ref, monkeypatch):
+    """The build gathers a bounded number of stored values at once: one class
+    per chunk must give the same statistics as one chunk for all."""
+    import pml_dsb.memory.semantic_scale_memory as module
+
+    whole, chunked = _memory(gram_size=5), _memory(gram_size=5)
+    batches = _batches(gen, indexed=False)
+    for _ in range(10):
+        batch = next(batches)
+        whole.enqueue(*batch)
+        chunked.enqueue(*batch)
+    whole.scales()
+    monkeypatch.setattr(module, "_BUILD_GATHER_VALUES", 1)
+    chunked.scales()
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, chunked.state_dict()[k]), k
+    np.testing.assert_allclose(chunked.scales().numpy(), _reference(chunked, np_ref), rtol=1e-12, atol=1e-12)
+
+
+def test_checkpoint_before_the_build_resumes_identically(gen):
+    memory = _memory(gram_size=3)
+    batches = _batches(gen, indexed=False)
+    for _ in range(8):
+        memory.enqueue(*next(batches))
+    buf = io.BytesIO()
+    torch.save(memory.state_dict(), buf)
+    buf.seek(0)
+    fresh = _memory(gram_size=3)
+    fresh.load_state_dict(torch.load(buf))
+    assert not bool(fresh.statistics_built)
+    for _ in range(20):
+        batch = next(batches)
+        memory.enqueue(*batch)
+        fresh.enqueue(*batch)
+        if memory.stage == 3:
+            assert torch.equal(memory.scales(), fresh.scales())
+    assert memory.stage == 3
+    for k, v in memory.state_dict().items():
+        assert torch.equal(v, fresh.state_dict()[k]), k
+
+
+def test_checkpoint_saved_before_deferral_existed_loads_as_built(gen, np_ref):
+    """Older checkpoints kept their statistics at every enqueue: they load as built."""
+    memory, batches = _memory(gram_size=3), _batches(gen, indexed=False)
+    _run(memory, batches, 8, refresh=True)
+    old = {k: v for k, v in memory.state_dict().items() if k != "statistics_built"}
+    fresh = _memory(gram_size=3)
+    fresh.load_state_dict(old)
+    assert bool(fresh.statistics_built)
+    for _ in range(10):
+        batch = next(batches)
+        memory.enqueue(*batch)
+        fresh.enqueue(*batch)
+        assert torch.equal(memory.scales(), fresh.scales())
+    np.testing.assert_allclose(fresh.scales().numpy(), _reference(fresh, np_ref), rtol=1e-12, atol=1e-12)
+
+
+def test_reset_defers_again(gen, np_ref):
+    memory, batches = _memory(gram_size=3), _batches(gen, indexed=False)
+    _run(memory, batches, 4, refresh=True)
+    memory.reset()
+    assert not bool(memory.statistics_built)
+    _run(memory, batches, 4)
+    np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=1e-12, atol=1e-12)
+
+
+def test_partial_state_dict_leaves_the_memory_alone(gen):
+    """Loading a parent loss's state_dict with strict=False (no memory keys) must
+    not fill in compatibility defaults: the memory stays exactly as it was."""
+    from pml_dsb import DSBSoftTripleLoss
+    from pytorch_metric_learning.losses import SoftTripleLoss
+
+    dsb = DSBSoftTripleLoss(num_classes=C, embedding_size=D, memory=_memory(gram_size=3))
+    batches = _batches(gen, indexed=False)
+    for _ in range(3):
+        dsb.memory.enqueue(*next(batches))
+    before = {k: v.clone() for k, v in dsb.memory.state_dict().items()}
+    result = dsb.load_state_dict(SoftTripleLoss(num_classes=C, embedding_size=D).state_dict(), strict=False)
+    assert "memory.statistics_built" in result.missing_keys
+    for k, v in dsb.memory.state_dict().items():
+        assert torch.equal(v, before[k]), k
