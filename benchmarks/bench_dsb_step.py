@@ -35,6 +35,7 @@ from pytorch_metric_learning.losses import NormalizedSoftmaxLoss, SoftTripleLoss
 
 from pml_dsb import DSBNormalizedSoftmaxLoss, DSBSoftTripleLoss, SemanticScaleMemory
 from pml_dsb.functional import class_semantic_scales
+from pml_dsb.memory import semantic_scale_memory as memory_module
 
 
 @dataclass
@@ -123,6 +124,47 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+class PartTimes:
+    """Accumulates, inside the DSB step, the time of the memory's enqueue, of its
+    scale refresh, and of the Cholesky factorisations those run (the part no
+    bookkeeping change can remove: each touched class not updated in low rank
+    is refactorised)."""
+
+    def __init__(self, memory: SemanticScaleMemory, device: torch.device):
+        self.totals = {"enqueue": 0.0, "refresh": 0.0, "factorise": 0.0}
+        self._undo = []
+        self._wrap(memory, "_enqueue", "enqueue", device)
+        self._wrap(memory, "scales", "refresh", device)
+        for name in ("logdet_spd", "logdet_and_inverse_spd"):
+            self._wrap(memory_module, name, "factorise", device)
+
+    def _wrap(self, owner, name: str, key: str, device: torch.device) -> None:
+        original = getattr(owner, name)
+
+        def timed_call(*args, **kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.totals[key] += time.perf_counter() - start
+            return out
+
+        setattr(owner, name, timed_call)
+        self._undo.append((owner, name, original))
+
+    def reset(self) -> None:
+        self.totals = dict.fromkeys(self.totals, 0.0)
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._undo):
+            if owner is memory_module:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)  # back to the class's method
+
+
 def step(loss, emb, labels, **kwargs):
     emb = emb.detach().requires_grad_(True)
     value = loss(emb, labels, **kwargs)
@@ -154,7 +196,10 @@ def bench_shape(
         # that every frequently touched class also does its periodic exact refresh
         warmup, timed_iters = (10, max(iters, 80)) if indexed else (3, iters)
         t_parent, t_dsb, low_rank, touched = [], [], 0, 0
+        parts = PartTimes(dsb.memory, device)
         for i in range(timed_iters + warmup):
+            if i == warmup:
+                parts.reset()
             idx, labels = next(stream)
             idx, labels = idx.to(device), labels.to(device)
             emb = torch.randn(shape.batch, shape.dim, generator=gen, device=device)
@@ -167,6 +212,8 @@ def bench_shape(
                 t_dsb.append(b)
                 low_rank += int((dsb.memory.cache_valid & (dsb.memory.cache_updates == updates + 1)).sum())
                 touched += len(torch.unique(labels))
+        parts.restore()
+        part_ms = {k: 1e3 * v / len(t_dsb) for k, v in parts.totals.items()}  # mean per step
         mp, md = statistics.median(t_parent), statistics.median(t_dsb)
         ap, ad = statistics.fmean(t_parent), statistics.fmean(t_dsb)
         rows.append(
@@ -185,12 +232,17 @@ def bench_shape(
                 "timed_steps": len(t_dsb),
                 "low_rank_share": low_rank / touched,
                 "memory_bytes": memory_bytes(dsb.memory),
+                "mean_enqueue_ms": part_ms["enqueue"],
+                "mean_refresh_ms": part_ms["refresh"],
+                "mean_factorise_ms": part_ms["factorise"],
             }
         )
         print(
             f"{shape.name:14s} {addressing:5s} {parent_cls.__name__:21s} parent {1e3 * mp:7.2f} ms  "
             f"DSB {1e3 * md:7.2f} ms  ratio {md / mp:5.2f} (mean {ad / ap:5.2f})  "
-            f"low-rank {100 * low_rank / touched:3.0f}%  memory {memory_bytes(dsb.memory) / 2**20:7.1f} MiB",
+            f"low-rank {100 * low_rank / touched:3.0f}%  memory {memory_bytes(dsb.memory) / 2**20:7.1f} MiB\n"
+            f"{'':21s}mean per DSB step: enqueue {part_ms['enqueue']:7.2f} ms, refresh {part_ms['refresh']:7.2f} ms, "
+            f"of which factorisations {part_ms['factorise']:7.2f} ms",
             flush=True,
         )
     return rows

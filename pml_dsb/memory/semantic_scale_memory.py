@@ -64,9 +64,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SemanticScaleMemory"]
 
-#: Most stored values gathered at once when the statistics are built
-#: (bounds the temporary of a large memory's build: 4M values, 32 MiB in float64).
-_BUILD_GATHER_VALUES = 1 << 22
+#: Most values gathered or produced at once by a batched statistics update
+#: (bounds its temporaries: 4M values, 32 MiB in float64).
+_CHUNK_VALUES = 1 << 22
 
 
 def _is_integer_tensor(x: torch.Tensor) -> bool:
@@ -146,6 +146,34 @@ class SemanticScaleMemory(torch.nn.Module):
         if self.low_rank_min_size is not None:
             return self.low_rank_min_size
         return 128 if self.gram.device.type == "cpu" else math.inf
+
+    #: Most batches that classes of different sizes are split into for their
+    #: Gram rows and factorisations (each batch padded to its largest class).
+    #: None (default): on CPU, where padding costs arithmetic, sizes within a
+    #: factor 1.5 share a batch however many batches that makes; on other
+    #: devices, where each batch costs kernel launches and host
+    #: synchronisations, the finest of the factors 1.5, 2, 4, 8 that needs at
+    #: most 3 batches (on an H200 this kept the 1.5 of balanced CUB-sized
+    #: classes and took long-tailed ones to 8: benchmarks/bench_dsb_step.py
+    #: --device cuda). Tests set it.
+    max_buckets: Optional[int] = None
+
+    def _buckets(self, sizes: torch.Tensor) -> list[torch.Tensor]:
+        limit = self.max_buckets
+        if limit is None:
+            limit = None if sizes.device.type == "cpu" else 3
+        if limit is None or sizes.numel() == 0:
+            return size_buckets(sizes, 1.5)
+        order = torch.argsort(sizes)
+        logs = torch.log(sizes[order].double().clamp(min=1))
+        ratios = (1.5, 2.0, 4.0, 8.0)
+        keys = torch.floor(logs / torch.tensor([[math.log(r)] for r in ratios], dtype=logs.dtype, device=logs.device))
+        keys = keys.long().cpu()  # one transfer for all candidate factors
+        for row in keys:
+            _, counts = torch.unique_consecutive(row, return_counts=True)
+            if len(counts) <= limit:
+                break
+        return list(torch.split(order, counts.tolist()))
 
     def __init__(
         self,
@@ -590,10 +618,10 @@ class SemanticScaleMemory(torch.nn.Module):
         self.gram.zero_()
         small = torch.nonzero((counts > 0) & (counts <= self.gram_size)).flatten()
         # batches of classes with similar counts, a bounded number of values gathered at once
-        for bucket in size_buckets(counts[small]):
+        for bucket in self._buckets(counts[small]):
             classes = small[bucket]
             width = int(counts[classes].max())
-            step = max(1, _BUILD_GATHER_VALUES // (width * d))
+            step = max(1, _CHUNK_VALUES // (width * d))
             for start in range(0, len(classes), step):
                 part = classes[start : start + step]
                 rows = self.class_slots[part, :width]
@@ -643,18 +671,23 @@ class SemanticScaleMemory(torch.nn.Module):
         signed = z * sign.unsqueeze(1)
         self.moment_sum.index_add_(0, index, signed)
         rows, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)
-        if self.embedding_size >= 256:
-            # big d x d blocks: update each row in place, no (rows, d, d) temporary
+        d = self.embedding_size
+        if d >= 256 and z.device.type == "cpu":
+            # big d x d blocks on CPU: update each row in place, no (rows, d, d)
+            # temporary (elsewhere a kernel launch per class costs more)
             groups = torch.split(torch.argsort(inverse, stable=True), counts.tolist())
             for row, sel in zip(rows.tolist(), groups):
                 self.moment_outer[row].addmm_(signed[sel].T, z[sel])
             return
         width, rank = int(counts.max()), _rank_within_groups(inverse, counts)
-        left = z.new_zeros(len(rows), width, z.shape[1])
+        left = z.new_zeros(len(rows), width, d)
         right = torch.zeros_like(left)
         left[inverse, rank] = signed
         right[inverse, rank] = z
-        self.moment_outer.index_add_(0, rows, left.transpose(1, 2) @ right)
+        step = max(1, _CHUNK_VALUES // (d * max(d, width)))  # bounds the (rows, d, d) products
+        for start in range(0, len(rows), step):
+            part = slice(start, start + step)
+            self.moment_outer.index_add_(0, rows[part], left[part].transpose(1, 2) @ right[part])
 
     def _update_statistics(
         self,
@@ -692,7 +725,7 @@ class SemanticScaleMemory(torch.nn.Module):
         classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         rank = _rank_within_groups(inverse, counts)
         widths = self._class_width(classes)
-        for bucket in size_buckets(widths):
+        for bucket in self._buckets(widths):
             width, kmax = int(widths[bucket].max()), int(counts[bucket].max())
             # new samples of the bucket's classes, as (classes, kmax, d) blocks
             local = torch.full((len(classes),), -1, dtype=torch.long, device=emb.device)
@@ -734,7 +767,7 @@ class SemanticScaleMemory(torch.nn.Module):
             widths = self._class_width(classes[small])
             # the low-rank Gram path needs positions 0..m-1
             build[small] = build[small] & (widths == counts[small]) & (widths >= self._low_rank_min_size())
-            for bucket in size_buckets(widths):
+            for bucket in self._buckets(widths):
                 part = small[bucket]
                 out[part] = self._gram_scales(classes[part], counts[part], int(widths[bucket].max()), build[part])
         self.exact_count[classes] = counts
@@ -909,7 +942,7 @@ class SemanticScaleMemory(torch.nn.Module):
             delta = self.gram[labels[sel], positions[sel]] - plan["rows_before"]  # (k, gram_size)
             classes = plan["small"]
             m_all = self.class_counts[classes]
-            for bucket in size_buckets(m_all):
+            for bucket in self._buckets(m_all):
                 self._gram_low_rank(classes[bucket], m_all[bucket], labels[sel], positions[sel], delta)
 
     def _gram_low_rank(

@@ -89,23 +89,38 @@ def test_deferred_build_matches_statistics_kept_all_along(gen, np_ref, indexed, 
         assert bool((lazy.cache_valid & (lazy.cache_updates > 0)).any())
 
 
-def test_build_in_small_chunks_gives_the_same_statistics(gen, np_ref, monkeypatch):
-    """The build gathers a bounded number of stored values at once: one class
-    per chunk must give the same statistics as one chunk for all."""
+@pytest.mark.parametrize("indexed", [False, True], ids=["fifo", "index"])
+def test_small_chunks_and_coarse_buckets_give_the_same_scales(gen, np_ref, monkeypatch, indexed):
+    """Batched updates gather a bounded number of values at once, and classes of
+    similar size share one padded batch: one class per chunk (the build and the
+    moment updates) and the coarse batches chosen on GPUs (max_buckets) must
+    change nothing but rounding."""
     import pml_dsb.memory.semantic_scale_memory as module
 
-    whole, chunked = _memory(gram_size=5), _memory(gram_size=5)
-    batches = _batches(gen, indexed=False)
-    for _ in range(10):
-        batch = next(batches)
-        whole.enqueue(*batch)
-        chunked.enqueue(*batch)
-    whole.scales()
-    monkeypatch.setattr(module, "_BUILD_GATHER_VALUES", 1)
-    chunked.scales()
-    for k, v in whole.state_dict().items():
-        assert torch.equal(v, chunked.state_dict()[k]), k
-    np.testing.assert_allclose(chunked.scales().numpy(), _reference(chunked, np_ref), rtol=1e-12, atol=1e-12)
+    stream = _batches(gen, indexed)
+    batches = [next(stream) for _ in range(25)]
+    results = {}
+    for variant in ("default", "one-class-chunks", "coarse-buckets", "one-bucket"):
+        memory = _memory(gram_size=6)  # both forms, FIFO and index-addressed
+        if variant == "coarse-buckets":
+            memory.max_buckets = 3
+        elif variant == "one-bucket":
+            memory.max_buckets = 1  # not reachable: the coarsest factor, 8
+        with monkeypatch.context() as patch:
+            if variant == "one-class-chunks":
+                patch.setattr(module, "_CHUNK_VALUES", 1)
+            for i, batch in enumerate(batches):
+                memory.enqueue(*batch)
+                if i >= 8:  # built at the 9th batch, then kept up to date
+                    memory.scales()
+        results[variant] = memory
+    default = results["default"]
+    assert bool((default.moment_index >= 0).any()) and bool((default.moment_index < 0).any())
+    for k, v in default.state_dict().items():  # chunks: the same sums, bit for bit
+        assert torch.equal(v, results["one-class-chunks"].state_dict()[k]), k
+    reference = _reference(default, np_ref)
+    for memory in results.values():
+        np.testing.assert_allclose(memory.scales().numpy(), reference, rtol=1e-12, atol=1e-12)
 
 
 def test_checkpoint_before_the_build_resumes_identically(gen):
@@ -170,3 +185,20 @@ def test_partial_state_dict_leaves_the_memory_alone(gen):
     assert "memory.statistics_built" in result.missing_keys
     for k, v in dsb.memory.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize(
+    "sizes,batches",
+    [
+        (list(range(55, 119)), [(55, 57), (58, 86), (87, 118)]),  # factor 1.5 needs 3 batches: kept
+        (list(range(5, 257)), [(5, 7), (8, 63), (64, 256)]),  # needs factor 8 for 3 batches
+    ],
+    ids=["balanced", "long-tailed"],
+)
+def test_coarse_batches_take_the_finest_factor_within_the_limit(sizes, batches):
+    memory = _memory(gram_size=3)
+    memory.max_buckets = 3
+    sizes = torch.tensor(sizes)[torch.randperm(len(sizes), generator=torch.Generator().manual_seed(0))]
+    buckets = memory._buckets(sizes)
+    assert sorted(torch.cat(buckets).tolist()) == list(range(len(sizes)))  # every class once
+    assert [(int(sizes[b].min()), int(sizes[b].max())) for b in buckets] == batches
