@@ -258,12 +258,14 @@ def bench_warmup_stage(shape: Shape, iters: int, seed: int, device: torch.device
     rng = np.random.default_rng(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
     classes, memory_size = len(shape.counts), int(shape.counts.sum())
+    # enough warm-up epochs that the timed steps all stay in stage 2
+    warmup_epochs = 2 + (iters + 3) * shape.batch // memory_size
     rows = []
     for parent_cls, dsb_cls in ((SoftTripleLoss, DSBSoftTripleLoss), (NormalizedSoftmaxLoss, DSBNormalizedSoftmaxLoss)):
         parent = parent_cls(num_classes=classes, embedding_size=shape.dim).to(device)
         losses = {}
         for kind in ("deferred", "eager"):
-            memory = SemanticScaleMemory(classes, shape.dim, memory_size, warmup_epochs=2).to(device)
+            memory = SemanticScaleMemory(classes, shape.dim, memory_size, warmup_epochs=warmup_epochs).to(device)
             if kind == "eager":
                 memory.scales()  # statistics built now, then kept at every enqueue
             losses[kind] = dsb_cls(num_classes=classes, embedding_size=shape.dim, memory=memory).to(device)

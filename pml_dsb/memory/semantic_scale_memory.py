@@ -73,13 +73,17 @@ def _is_integer_tensor(x: torch.Tensor) -> bool:
     return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
 
 
-def _autocast_off(func):
-    """Run ``func`` with CPU and CUDA autocast disabled: the memory's statistics
-    are computed in float32/float64 whatever the caller's autocast says."""
+def _plain_mode(func):
+    """Run ``func`` with CPU and CUDA autocast disabled and outside inference
+    mode: the memory's statistics are computed in float32/float64 whatever the
+    caller's autocast says, and the buffers it creates (grown pools, the first
+    build) must be ordinary tensors, or every later in-place update outside
+    ``torch.inference_mode`` would fail half-way through an enqueue."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(False))
             for device_type in ("cpu", "cuda"):
                 if torch.is_autocast_enabled(device_type):
                     stack.enter_context(torch.autocast(device_type, enabled=False))
@@ -281,6 +285,7 @@ class SemanticScaleMemory(torch.nn.Module):
             return 3
         return 1 if n < self.memory_size else 2
 
+    @_plain_mode
     def reset(self) -> None:
         """Empty the memory and its counters."""
         self.embedding_memory.zero_()
@@ -309,25 +314,45 @@ class SemanticScaleMemory(torch.nn.Module):
     _CACHE_STATE = ("gram_inverse", "gram_inverse_index", "moment_inverse", "cache_logdet", "cache_valid",
                     "cache_updates", "exact_count", "index_addressed")
 
+    def _late_state_defaults(self) -> dict:
+        """Buffers added after the first release, as a memory saved without
+        them gets them: no low-rank caches, and statistics built (memories kept
+        them at every enqueue then)."""
+        dev, classes = self.embedding_memory.device, self.num_classes
+        f64 = {"dtype": torch.float64, "device": dev}
+        return {
+            "gram_inverse": torch.zeros(0, *self.gram.shape[1:], **f64),
+            "gram_inverse_index": torch.full((classes,), -1, dtype=torch.long, device=dev),
+            "moment_inverse": torch.zeros(0, *self.moment_outer.shape[1:], **f64),
+            "cache_logdet": torch.zeros(classes, **f64),
+            "cache_valid": torch.zeros(classes, dtype=torch.bool, device=dev),
+            "cache_updates": torch.zeros(classes, dtype=torch.long, device=dev),
+            "exact_count": torch.full((classes,), -1, dtype=torch.long, device=dev),
+            "index_addressed": torch.zeros((), dtype=torch.bool, device=dev),
+            "statistics_built": torch.ones((), dtype=torch.bool, device=dev),
+        }
+
+    def __setstate__(self, state):
+        """Whole-module pickles (``torch.save(memory)``) from older releases load too."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("exact_refresh_every", 64)
+        with torch.inference_mode(False):
+            for name, value in self._late_state_defaults().items():
+                if name not in self._buffers:
+                    self.register_buffer(name, value)
+
+    @_plain_mode
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "embedding_memory" not in state_dict:
             # not this memory's checkpoint (e.g. a parent loss's, loaded with
             # strict=False): nothing to fill in, the missing keys are reported
             return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        defaults = self._late_state_defaults()
         if not any(prefix + name in state_dict for name in self._CACHE_STATE):
-            fresh = {
-                "gram_inverse": self.gram_inverse[:0], "moment_inverse": self.moment_inverse[:0],
-                "gram_inverse_index": torch.full_like(self.gram_inverse_index, -1),
-                "cache_logdet": torch.zeros_like(self.cache_logdet), "cache_valid": torch.zeros_like(self.cache_valid),
-                "cache_updates": torch.zeros_like(self.cache_updates),
-                "exact_count": torch.full_like(self.exact_count, -1),
-                "index_addressed": torch.zeros_like(self.index_addressed),
-            }
-            for name, value in fresh.items():
-                state_dict[prefix + name] = value
+            for name in self._CACHE_STATE:
+                state_dict[prefix + name] = defaults[name]
         if prefix + "statistics_built" not in state_dict:
-            # saved before statistics were deferred: they were kept at every enqueue
-            state_dict[prefix + "statistics_built"] = torch.ones_like(self.statistics_built)
+            state_dict[prefix + "statistics_built"] = defaults["statistics_built"]
         # these grow with the largest class and the number of large classes:
         # take the saved sizes (other dimensions must match).
         for name in ("class_slots", "moment_sum", "moment_outer", "gram_inverse", "moment_inverse"):
@@ -447,7 +472,7 @@ class SemanticScaleMemory(torch.nn.Module):
         self._enqueue(embeddings, labels, indices, validated=False)
 
     @torch.no_grad()
-    @_autocast_off
+    @_plain_mode
     def _enqueue(
         self, embeddings: torch.Tensor, labels: torch.Tensor, indices: Optional[torch.Tensor], validated: bool
     ) -> None:
@@ -550,7 +575,7 @@ class SemanticScaleMemory(torch.nn.Module):
 
     # --------------------------------------------------------- scales/weights
     @torch.no_grad()
-    @_autocast_off
+    @_plain_mode
     def scales(self) -> torch.Tensor:
         """(C,) float64 semantic scales of the memory's contents, in bits.
 

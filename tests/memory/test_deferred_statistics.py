@@ -202,3 +202,46 @@ def test_coarse_batches_take_the_finest_factor_within_the_limit(sizes, batches):
     buckets = memory._buckets(sizes)
     assert sorted(torch.cat(buckets).tolist()) == list(range(len(sizes)))  # every class once
     assert [(int(sizes[b].min()), int(sizes[b].max())) for b in buckets] == batches
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["fifo", "index"])
+def test_inference_mode_calls_leave_ordinary_buffers(gen, np_ref, indexed):
+    """scales()/weights() (e.g. for logging) or enqueue under torch.inference_mode
+    create buffers (the first build, grown pools, low-rank inverses): they must
+    be ordinary tensors, or the next enqueue outside inference mode fails
+    half-way and leaves the memory inconsistent."""
+    memory, batches = _memory(gram_size=2), _batches(gen, indexed)
+    _run(memory, batches, 6)
+    with torch.inference_mode():
+        memory.weights()  # the deferred build
+        memory.enqueue(*next(batches))  # classes may grow past gram_size here
+        memory.scales()
+    assert [name for name, b in memory.named_buffers() if b.is_inference()] == []
+    _run(memory, batches, 6, refresh=True)  # in-place updates outside inference mode
+    assert bool((memory.moment_index >= 0).any())
+    if indexed:
+        assert bool((memory.cache_valid & (memory.cache_updates > 0)).any())
+    np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():
+        memory.reset()
+    assert [name for name, b in memory.named_buffers() if b.is_inference()] == []
+
+
+def test_whole_module_pickle_from_an_older_release_loads(gen, np_ref):
+    """torch.save(memory) from before the low-rank caches and the deferred build:
+    the module loads with those buffers at their defaults and keeps working."""
+    memory, batches = _memory(gram_size=3, warmup_epochs=1), _batches(gen, indexed=False)
+    _run(memory, batches, 8, refresh=True)
+    late = list(SemanticScaleMemory._CACHE_STATE) + ["statistics_built"]
+    for name in late:  # what an older release's module lacked
+        del memory._buffers[name]
+    del memory.exact_refresh_every
+    buf = io.BytesIO()
+    torch.save(memory, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert set(late) <= set(dict(loaded.named_buffers())) and bool(loaded.statistics_built)
+    assert loaded.exact_refresh_every == 64
+    _run(loaded, batches, 6, refresh=True)
+    np.testing.assert_allclose(loaded.scales().numpy(), _reference(loaded, np_ref), rtol=1e-12, atol=1e-12)
+    assert set(loaded.state_dict()) == set(_memory(gram_size=3).state_dict())
