@@ -275,13 +275,23 @@ def class_semantic_scales(
     return out
 
 
-def size_buckets(sizes: torch.Tensor, ratio: float = 1.5) -> list[torch.Tensor]:
+def size_buckets(sizes: torch.Tensor, ratio: float = 1.5, max_buckets: int | None = None) -> list[torch.Tensor]:
     """Split positions of ``sizes`` into groups whose sizes differ by at most
-    ``ratio``, so that padding every group to its largest member wastes little."""
+    ``ratio``, so that padding every group to its largest member wastes little.
+
+    ``max_buckets``: take instead the finest of ``ratio``, 2, 4 and 8 that
+    needs at most this many groups (8 if none does), for devices where each
+    group costs more than its padding.
+    """
     if sizes.numel() == 0:
         return []
     order = torch.argsort(sizes)
-    s = sizes[order].double()
-    keys = torch.floor(torch.log(s.clamp(min=1)) / math.log(ratio)).long()
-    _, counts = torch.unique_consecutive(keys, return_counts=True)
+    logs = torch.log(sizes[order].double().clamp(min=1))
+    ratios = [ratio] if max_buckets is None else [ratio] + [r for r in (2.0, 4.0, 8.0) if r > ratio]
+    scale = torch.tensor([[math.log(r)] for r in ratios], dtype=logs.dtype, device=logs.device)
+    keys = torch.floor(logs / scale).long().cpu()  # one transfer for every candidate ratio
+    for row in keys:
+        _, counts = torch.unique_consecutive(row, return_counts=True)
+        if max_buckets is None or len(counts) <= max_buckets:
+            break
     return list(torch.split(order, counts.tolist()))

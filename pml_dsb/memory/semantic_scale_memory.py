@@ -164,20 +164,9 @@ class SemanticScaleMemory(torch.nn.Module):
 
     def _buckets(self, sizes: torch.Tensor) -> list[torch.Tensor]:
         limit = self.max_buckets
-        if limit is None:
-            limit = None if sizes.device.type == "cpu" else 3
-        if limit is None or sizes.numel() == 0:
-            return size_buckets(sizes, 1.5)
-        order = torch.argsort(sizes)
-        logs = torch.log(sizes[order].double().clamp(min=1))
-        ratios = (1.5, 2.0, 4.0, 8.0)
-        keys = torch.floor(logs / torch.tensor([[math.log(r)] for r in ratios], dtype=logs.dtype, device=logs.device))
-        keys = keys.long().cpu()  # one transfer for all candidate factors
-        for row in keys:
-            _, counts = torch.unique_consecutive(row, return_counts=True)
-            if len(counts) <= limit:
-                break
-        return list(torch.split(order, counts.tolist()))
+        if limit is None and sizes.device.type != "cpu":
+            limit = 3
+        return size_buckets(sizes, 1.5, limit)
 
     def __init__(
         self,
@@ -635,25 +624,16 @@ class SemanticScaleMemory(torch.nn.Module):
         self.moment_index[large] = torch.arange(len(large), device=dev)
         self.moment_sum = torch.zeros(len(large), d, dtype=torch.float64, device=dev)
         self.moment_outer = torch.zeros(len(large), d, d, dtype=torch.float64, device=dev)
-        for row, c in enumerate(large.tolist()):  # one d x d product per large class
-            z = self.embedding_memory[self.class_slots[c, : int(counts[c])]].to(torch.float64)
-            self.moment_sum[row] = z.sum(0)
-            self.moment_outer[row] = z.T @ z
+        self._add_stored_moments(large, counts[large])
 
         self.gram.zero_()
         small = torch.nonzero((counts > 0) & (counts <= self.gram_size)).flatten()
-        # batches of classes with similar counts, a bounded number of values gathered at once
-        for bucket in self._buckets(counts[small]):
-            classes = small[bucket]
-            width = int(counts[classes].max())
-            step = max(1, _CHUNK_VALUES // (width * d))
-            for start in range(0, len(classes), step):
-                part = classes[start : start + step]
-                rows = self.class_slots[part, :width]
-                valid = (rows >= 0).to(self.scale_dtype).unsqueeze(2)
-                z = self.embedding_memory[rows.clamp(min=0)].to(self.scale_dtype) * valid
-                # products in scale_dtype, as _add_gram_rows computes them
-                self.gram[part, :width, :width] = (z @ z.transpose(1, 2)).to(torch.float64)
+        for part, width in self._class_chunks(small, counts[small]):
+            rows = self.class_slots[part, :width]
+            valid = (rows >= 0).to(self.scale_dtype).unsqueeze(2)
+            z = self.embedding_memory[rows.clamp(min=0)].to(self.scale_dtype) * valid
+            # products in scale_dtype, as _add_gram_rows computes them
+            self.gram[part, :width, :width] = (z @ z.transpose(1, 2)).to(torch.float64)
 
         for name in ("gram_inverse", "moment_inverse"):
             pool = getattr(self, name)
@@ -681,12 +661,26 @@ class SemanticScaleMemory(torch.nn.Module):
         )
         self.moment_index[promote] = torch.arange(start, start + len(promote), device=dev)
         self.gram[promote] = 0.0
-        rows = self.class_slots[promote]
-        filled = rows >= 0
-        index = self.moment_index[promote].unsqueeze(1).expand_as(rows)[filled]
-        z = self.embedding_memory[rows[filled]]
-        self._accumulate_moments(index, z, torch.ones(len(index), dtype=torch.float64, device=dev))
+        self._add_stored_moments(promote, self._class_width(promote))
         logger.debug("classes %s switched to the moment form", promote.tolist())
+
+    def _class_chunks(self, classes: torch.Tensor, widths: torch.Tensor):
+        """``classes`` in (part, width) batches of similar ``widths`` (the
+        positions their samples occupy), with a bounded number of stored values each."""
+        for bucket in self._buckets(widths):
+            part, width = classes[bucket], int(widths[bucket].max())
+            step = max(1, _CHUNK_VALUES // (width * self.embedding_size))
+            for start in range(0, len(part), step):
+                yield part[start : start + step], width
+
+    def _add_stored_moments(self, classes: torch.Tensor, widths: torch.Tensor) -> None:
+        """Add the stored samples of moment-form ``classes`` to their (zeroed) moments."""
+        for part, width in self._class_chunks(classes, widths):
+            rows = self.class_slots[part, :width]
+            filled = rows >= 0
+            index = self.moment_index[part].unsqueeze(1).expand_as(rows)[filled]
+            z = self.embedding_memory[rows[filled]]
+            self._accumulate_moments(index, z, torch.ones(len(index), dtype=torch.float64, device=z.device))
 
     def _accumulate_moments(self, index: torch.Tensor, z: torch.Tensor, sign: torch.Tensor) -> None:
         """moment_sum[index] += sign * z and moment_outer[index] += sign * z z^T."""
