@@ -151,6 +151,14 @@ class SemanticScaleMemory(torch.nn.Module):
             return self.low_rank_min_size
         return 128 if self.gram.device.type == "cpu" else math.inf
 
+    #: A class's update is applied in low rank only while its rank k (2 per
+    #: replaced sample, +1 in the moment form) stays below this share of its
+    #: matrix size n: a Woodbury update costs about 4*k*n^2 against n^3 for an
+    #: exact refresh (e.g. a batch holding hundreds of one class's samples,
+    #: from a class-sorted sampler, is refreshed exactly). None: no limit.
+    #: Tests set it.
+    low_rank_max_share: Optional[float] = 0.25
+
     #: Most batches that classes of different sizes are split into for their
     #: Gram rows and factorisations (each batch padded to its largest class).
     #: None (default): on CPU, where padding costs arithmetic, sizes within a
@@ -905,6 +913,10 @@ class SemanticScaleMemory(torch.nn.Module):
             # the Gram path keeps positions 0..m-1: with an unchanged count the
             # new samples then took exactly the freed positions
             ok[~large] &= self._class_width(cached[~large]) == counts[~large]
+        if self.low_rank_max_share is not None:
+            replaced = torch.bincount(labels, minlength=self.num_classes)[cached]
+            rank = torch.where(large, 2 * replaced + 1, 2 * replaced)
+            ok &= rank < self.low_rank_max_share * torch.where(large, self.embedding_size, counts)
         self.cache_valid[cached[~ok]] = False
         cached, large = cached[ok], large[ok]
         if cached.numel() == 0:

@@ -44,6 +44,7 @@ def _run(memory, batches, steps, refresh=False):
 def _memory(gram_size, warmup_epochs=3):
     memory = SemanticScaleMemory(C, D, M, warmup_epochs=warmup_epochs, gram_size=gram_size)
     memory.low_rank_min_size = 2  # exercise the low-rank caches at this tiny shape
+    memory.low_rank_max_share = None
     return memory
 
 

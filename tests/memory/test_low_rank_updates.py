@@ -64,6 +64,7 @@ def _memory(gram_size, exact_refresh_every=64, min_size=2, num_classes=C, memory
     )
     if min_size is not None:
         memory.low_rank_min_size = min_size
+        memory.low_rank_max_share = None  # tiny matrices: exercise every update in low rank
     return memory
 
 
@@ -537,3 +538,32 @@ def test_bad_exact_refresh_every(value):
 def test_exact_refresh_every_is_kept():
     assert SemanticScaleMemory(3, 4, 10).exact_refresh_every == 64
     assert SemanticScaleMemory(3, 4, 10, exact_refresh_every=1).exact_refresh_every == 1
+
+
+def test_high_rank_updates_take_the_exact_refresh(gen, np_ref):
+    """An update of rank k >= low_rank_max_share * n (default a quarter) costs more
+    in low rank than a refactorisation: that class is refreshed exactly, and
+    its cache is rebuilt for the next batch."""
+    labels = torch.tensor([0] * 12 + [1] * 6)
+    memory = SemanticScaleMemory(2, D, len(labels), warmup_epochs=1, gram_size=16)
+    memory.low_rank_min_size = 2
+    assert memory.low_rank_max_share == 0.25
+    centres = F.normalize(torch.randn(2, D, generator=gen), dim=1)
+
+    def batch(indices):
+        y = labels[indices]
+        return centres[y] + 0.3 * torch.randn(len(indices), D, generator=gen), y, indices
+
+    _enqueue(memory, *batch(torch.arange(len(labels))))
+    memory.scales()
+    for indices, low_rank in [
+        ([0], None),  # the exact refresh after this enqueue builds class 0's cache
+        ([1], True),  # rank 2 < 12 / 4
+        ([2, 3], False),  # rank 4 >= 3: refreshed exactly (and the cache rebuilt)
+        ([4], True),
+    ]:
+        low = _enqueue(memory, *batch(torch.tensor(indices)))
+        if low_rank is not None:
+            assert bool(low[0]) == low_rank, indices
+        np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+        assert bool(memory.cache_valid[0])
