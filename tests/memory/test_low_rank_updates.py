@@ -541,13 +541,13 @@ def test_exact_refresh_every_is_kept():
 
 
 def test_high_rank_updates_take_the_exact_refresh(gen, np_ref):
-    """An update of rank k >= low_rank_max_share * n (default a quarter) costs more
-    in low rank than a refactorisation: that class is refreshed exactly, and
-    its cache is rebuilt for the next batch."""
+    """An update of rank k >= low_rank_max_share * n (default 0.6) costs more in
+    low rank than a refactorisation: that class is refreshed exactly, and its
+    cache is rebuilt for the next batch."""
     labels = torch.tensor([0] * 12 + [1] * 6)
     memory = SemanticScaleMemory(2, D, len(labels), warmup_epochs=1, gram_size=16)
     memory.low_rank_min_size = 2
-    assert memory.low_rank_max_share == 0.25
+    assert memory.low_rank_max_share == 0.6
     centres = F.normalize(torch.randn(2, D, generator=gen), dim=1)
 
     def batch(indices):
@@ -558,9 +558,10 @@ def test_high_rank_updates_take_the_exact_refresh(gen, np_ref):
     memory.scales()
     for indices, low_rank in [
         ([0], None),  # the exact refresh after this enqueue builds class 0's cache
-        ([1], True),  # rank 2 < 12 / 4
-        ([2, 3], False),  # rank 4 >= 3: refreshed exactly (and the cache rebuilt)
-        ([4], True),
+        ([1], True),  # rank 2 < 0.6 * 12
+        ([2, 3, 4], True),  # rank 6 < 7.2
+        ([5, 6, 7, 8], False),  # rank 8 >= 7.2: refreshed exactly (and the cache rebuilt)
+        ([9], True),
     ]:
         low = _enqueue(memory, *batch(torch.tensor(indices)))
         if low_rank is not None:
