@@ -110,6 +110,23 @@ def _assert_caches_in_both_forms(memory):
     assert bool(used[large].any()) and bool(used[~large].any()), (used, large)
 
 
+def _run_in_lockstep(memory, twin, batch_pairs, steps):
+    """Enqueue equal batches into two memories that must stay identical: the
+    same low-rank updates, bit-equal scales every step, equal state at the end;
+    and some updates really were low-rank."""
+    low_steps = 0
+    for _ in range(steps):
+        batch, twin_batch = next(batch_pairs)
+        for a, b in zip(batch, twin_batch):
+            assert torch.equal(a, b)
+        low = _enqueue(memory, *batch)
+        assert torch.equal(low, _enqueue(twin, *twin_batch))
+        low_steps += int(low.sum())
+        assert torch.equal(memory.scales(), twin.scales())
+    assert low_steps > 0
+    _assert_state_equal(_state(memory), _state(twin))
+
+
 def _warm(memory, batches, steps):
     """Run ``steps`` index-addressed iterations (enqueue + scales)."""
     for _ in range(steps):
@@ -346,15 +363,7 @@ def test_checkpoint_with_valid_caches_resumes_bitwise(gen):
     fresh = _memory(BOTH_FORMS, exact_refresh_every=16)
     fresh.load_state_dict(torch.load(buf))
     _assert_state_equal(_state(memory), _state(fresh))
-    low_steps = 0
-    for _ in range(30):
-        batch = next(batches)
-        low = _enqueue(memory, *batch)
-        assert torch.equal(low, _enqueue(fresh, *batch))
-        low_steps += int(low.sum())
-        assert torch.equal(memory.scales(), fresh.scales())
-    assert low_steps > 0
-    _assert_state_equal(_state(memory), _state(fresh))
+    _run_in_lockstep(memory, fresh, ((b, b) for b in batches), 30)
 
 
 def test_checkpoint_without_cache_state_loads_and_stays_exact(gen, np_ref):
@@ -423,17 +432,7 @@ def test_bad_input_with_valid_caches_changes_nothing():
         with pytest.raises(exc, match="embedding|labels|indices"):
             memory.enqueue(emb, y, indices=idx)
         _assert_state_equal(before, _state(memory))
-    low_steps = 0
-    for _ in range(3):
-        batch, twin_batch = next(batches), next(twin_batches)
-        for a, b in zip(batch, twin_batch):
-            assert torch.equal(a, b)
-        low = _enqueue(memory, *batch)
-        assert torch.equal(low, _enqueue(twin, *twin_batch))
-        low_steps += int(low.sum())
-        assert torch.equal(memory.scales(), twin.scales())
-    assert low_steps > 0
-    _assert_state_equal(_state(memory), _state(twin))
+    _run_in_lockstep(memory, twin, zip(batches, twin_batches), 3)
 
 
 # -------------------------------------------------- _low_rank_logdet_update
