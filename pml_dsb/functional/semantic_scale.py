@@ -18,6 +18,7 @@ than two samples have no spread: their scale is 0.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as _np
 import torch
@@ -46,17 +47,24 @@ def _mkl_friendly(n: int) -> int:
     return n + 8 if n >= 128 and n % 128 == 0 else n
 
 
-def _logdet_spd_lapack(a: torch.Tensor):
+def _logdet_spd_lapack(a: torch.Tensor, sizes: Optional[list[int]] = None):
     """CPU path: LAPACK potrf on each matrix in place (``a`` is overwritten).
 
     torch's batched ``cholesky_ex`` copies the batch and zeroes its upper
     triangles; factorising in place saves both passes over the matrices.
+    ``sizes``: factorise only each matrix's leading block of that size.
     Returns None if a matrix is not positive definite.
     """
     potrf = _lapack.dpotrf if a.dtype == torch.float64 else _lapack.spotrf
     arrays = a.detach().numpy().reshape(-1, a.shape[-2], a.shape[-1])
     out = _np.empty(len(arrays))
     for k, matrix in enumerate(arrays):
+        if sizes is not None and sizes[k] < matrix.shape[0]:
+            if sizes[k] == 0:
+                out[k] = 0.0
+                continue
+            # a leading block is not contiguous: potrf works on a small copy
+            matrix = _np.ascontiguousarray(matrix[: sizes[k], : sizes[k]])
         # a C-ordered symmetric matrix is its own Fortran-ordered transpose
         factor, info = potrf(matrix.T, lower=0, overwrite_a=1, clean=0)
         if info != 0:
@@ -65,7 +73,7 @@ def _logdet_spd_lapack(a: torch.Tensor):
     return torch.from_numpy(out).to(a.dtype).view(a.shape[:-2])
 
 
-def logdet_spd(a: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+def logdet_spd(a: torch.Tensor, overwrite: bool = False, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """log det of a batch of symmetric positive definite matrices (..., n, n).
 
     On CPU, without autograd, the matrices are factorised by LAPACK, in place
@@ -73,7 +81,18 @@ def logdet_spd(a: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     by ``torch.linalg.cholesky_ex``. A matrix that rounding made indefinite in
     float32 is redone in float64; with ``overwrite`` there is no original left
     to redo, and ``torch.linalg.LinAlgError`` is raised instead.
+
+    ``sizes``: optional integer tensor of the batch's shape, at most n: the
+    log det of each matrix's leading ``sizes`` x ``sizes`` block instead (for
+    padded batches of matrices of different sizes; LAPACK then factorises
+    only that block, and a Cholesky factor's leading block is the factor of
+    the leading block).
     """
+    if sizes is not None and (sizes.shape != a.shape[:-2] or bool((sizes < 0).any() | (sizes > a.shape[-1]).any())):
+        raise ValueError(
+            f"sizes must have the batch shape {tuple(a.shape[:-2])} and values in [0, {a.shape[-1]}], "
+            f"got shape {tuple(sizes.shape)}"
+        )
     if (
         a.device.type == "cpu"
         and not a.requires_grad
@@ -81,7 +100,7 @@ def logdet_spd(a: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         and a.is_contiguous()
         and a.numel()
     ):
-        out = _logdet_spd_lapack(a if overwrite else a.clone())
+        out = _logdet_spd_lapack(a if overwrite else a.clone(), None if sizes is None else sizes.flatten().tolist())
         if out is not None:
             return out
         if overwrite or a.dtype == torch.float64:
@@ -100,7 +119,11 @@ def logdet_spd(a: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         bad = info != 0
         chol = chol.clone()
         chol[bad] = torch.linalg.cholesky(a[bad].double()).to(chol.dtype)
-    return 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    logs = torch.log(torch.diagonal(chol, dim1=-2, dim2=-1))
+    if sizes is not None:
+        inside = torch.arange(logs.shape[-1], device=logs.device) < sizes.to(logs.device).unsqueeze(-1)
+        logs = torch.where(inside, logs, 0.0)
+    return 2.0 * logs.sum(-1)
 
 
 def logdet_and_inverse_spd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

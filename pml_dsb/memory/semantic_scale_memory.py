@@ -639,8 +639,7 @@ class SemanticScaleMemory(torch.nn.Module):
         small = torch.nonzero((counts > 0) & (counts <= self.gram_size)).flatten()
         for part, width in self._class_chunks(small, counts[small]):
             rows = self.class_slots[part, :width]
-            valid = (rows >= 0).to(self.scale_dtype).unsqueeze(2)
-            z = self.embedding_memory[rows.clamp(min=0)].to(self.scale_dtype) * valid
+            z = self._gather_rows(rows) * (rows >= 0).to(self.scale_dtype).unsqueeze(2)
             # products in scale_dtype, as _add_gram_rows computes them
             self.gram[part, :width, :width] = (z @ z.transpose(1, 2)).to(torch.float64)
 
@@ -764,13 +763,21 @@ class SemanticScaleMemory(torch.nn.Module):
             new = emb.new_zeros(len(bucket), kmax, emb.shape[1], dtype=self.scale_dtype)
             new[local[inverse[mine]], rank[mine]] = emb[mine].to(self.scale_dtype)
             slots = self.class_slots[classes[bucket], :width]
-            stored = self.embedding_memory[slots.clamp(min=0)].to(self.scale_dtype)
+            stored = self._gather_rows(slots)
             rows = (new @ stored.transpose(1, 2))[local[inverse[mine]], rank[mine]]  # (k, width)
             rows = rows.to(torch.float64) * (slots[local[inverse[mine]]] >= 0)
             c, p = labels[mine].unsqueeze(1), positions[mine].unsqueeze(1)
             cols = torch.arange(width, device=emb.device)
             self.gram[c, p, cols] = rows
             self.gram[c, cols, p] = rows
+
+    def _gather_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Stored embeddings at a (k, width) block of slots (-1: any row, the
+        caller masks it) as a (k, width, d) block in scale_dtype."""
+        # index_select on the flat slots: row copies, ~3x faster on CPU than
+        # advanced indexing with a 2-D index
+        flat = self.embedding_memory.index_select(0, slots.clamp(min=0).flatten())
+        return flat.view(*slots.shape, self.embedding_size).to(self.scale_dtype)
 
     def _class_width(self, classes: torch.Tensor) -> torch.Tensor:
         """1 + the last occupied position of each class's slot list (0 if empty)."""
@@ -797,7 +804,7 @@ class SemanticScaleMemory(torch.nn.Module):
             build[small] = build[small] & (widths == counts[small]) & (widths >= self._low_rank_min_size())
             for bucket in self._buckets(widths):
                 part = small[bucket]
-                out[part] = self._gram_scales(classes[part], counts[part], int(widths[bucket].max()), build[part])
+                out[part] = self._gram_scales(classes[part], counts[part], widths[bucket], build[part])
         self.exact_count[classes] = counts
         self.cache_valid[classes[~build]] = False
         return out
@@ -805,7 +812,10 @@ class SemanticScaleMemory(torch.nn.Module):
     # Both forms factorise K + beta*I with beta = m/d instead of I + (d/m)*K:
     # log det(I_n + K/beta) = log det(K + beta*I_n) - n*log(beta), and adding
     # beta to a diagonal is cheaper than scaling a whole batch of matrices.
-    def _gram_scales(self, classes: torch.Tensor, counts: torch.Tensor, width: int, build: torch.Tensor) -> torch.Tensor:
+    def _gram_scales(
+        self, classes: torch.Tensor, counts: torch.Tensor, widths: torch.Tensor, build: torch.Tensor
+    ) -> torch.Tensor:
+        width = int(widths.max())
         gram = self.gram[classes, :width, :width]
         valid = (self.class_slots[classes, :width] >= 0).to(torch.float64)
         m = counts.to(torch.float64).unsqueeze(1)
@@ -815,7 +825,10 @@ class SemanticScaleMemory(torch.nn.Module):
         left = torch.stack([rows, valid], 2)
         right = torch.stack([-valid / m, -rows / m + total / m**2 * valid], 2)
         gram.baddbmm_(left, right.transpose(1, 2))
-        bits, logdet, inverse = self._logdet_bits(gram, m.squeeze(1), build)
+        # positions past a class's own width are empty (beta*I blocks): LAPACK
+        # factorises each class's own block; batched GPU factorisations gain nothing
+        sizes = widths if gram.device.type == "cpu" else None
+        bits, logdet, inverse = self._logdet_bits(gram, m.squeeze(1), build, sizes)
         if inverse is not None:
             built, beta = classes[build], m.squeeze(1)[build] / self.embedding_size
             new = built[self.gram_inverse_index[built] < 0]
@@ -842,36 +855,48 @@ class SemanticScaleMemory(torch.nn.Module):
         return bits
 
     def _logdet_bits(
-        self, matrix: torch.Tensor, m: torch.Tensor, build: Optional[torch.Tensor] = None
+        self,
+        matrix: torch.Tensor,
+        m: torch.Tensor,
+        build: Optional[torch.Tensor] = None,
+        sizes: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """S = 0.5*log2 det(I + K/beta) from K (changed in place), beta = m/d.
 
         Also returns log det(K + beta*I) and, for the rows in ``build``, the
-        float64 inverse of K + beta*I (None if there are none).
+        float64 inverse of K + beta*I (None if there are none). ``sizes``: K
+        is zero outside each matrix's leading block of that size, whose
+        factorisation then suffices (a padded batch).
         """
         beta = m / self.embedding_size
         matrix.diagonal(dim1=1, dim2=2).add_(beta.unsqueeze(1))
         inverse = None
+        rest = None if build is None else ~build
         if build is not None and bool(build.any()):
             logdet = torch.empty(len(matrix), dtype=torch.float64, device=matrix.device)
             logdet[build], inverse = logdet_and_inverse_spd(matrix[build])
-            if not bool(build.all()):
-                logdet[~build] = self._logdet(matrix[~build])
+            if bool(rest.any()):
+                logdet[rest] = self._logdet(matrix[rest], beta[rest], None if sizes is None else sizes[rest])
         else:
-            logdet = self._logdet(matrix)
+            logdet = self._logdet(matrix, beta, sizes)
         bits = (logdet - matrix.shape[-1] * torch.log(beta)) / (2.0 * math.log(2.0))
         return bits, logdet, inverse
 
-    def _logdet(self, matrix: torch.Tensor) -> torch.Tensor:
-        """float64 log det of SPD float64 matrices (overwritten), factorised in scale_dtype."""
+    def _logdet(self, matrix: torch.Tensor, beta: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """float64 log det of SPD float64 matrices (overwritten), factorised in
+        scale_dtype; ``sizes``: each matrix is beta*I past its leading block of
+        that size, and only that block is factorised."""
         work = matrix.to(self.scale_dtype)
         try:
-            logdet = logdet_spd(work, overwrite=True)
+            logdet = logdet_spd(work, overwrite=True, sizes=sizes)
         except torch.linalg.LinAlgError:
             if work is matrix:  # float64 already: truly not positive definite
                 raise
-            logdet = logdet_spd(matrix, overwrite=True)  # float32 rounding: redo in float64
-        return logdet.to(torch.float64)
+            logdet = logdet_spd(matrix, overwrite=True, sizes=sizes)  # float32 rounding: redo in float64
+        logdet = logdet.to(torch.float64)
+        if sizes is not None:
+            logdet += (matrix.shape[-1] - sizes) * torch.log(beta)
+        return logdet
 
     # ------------------------------------------------------ low-rank updates
     def _ensure_inverse_pool(self, name: str, rows: int) -> None:

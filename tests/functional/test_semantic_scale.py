@@ -322,3 +322,32 @@ def test_logdet_spd_redoes_a_float32_failure_in_float64_from_the_untouched_input
     assert torch.allclose(got.double(), want, rtol=1e-9)
     with pytest.raises(torch.linalg.LinAlgError):
         logdet_spd(batch.clone(), overwrite=True)  # no original left to redo from
+
+
+@pytest.mark.parametrize("path", ["lapack", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logdet_spd_sizes_give_the_leading_blocks_log_det(path, dtype):
+    """``sizes`` asks for each matrix's leading block; the reference is numpy's
+    slogdet of that block, cut out in float64. The trailing parts are not
+    identity blocks here, so a result that factorised the whole matrix differs."""
+    from pml_dsb.functional.semantic_scale import logdet_spd
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 9, 9, generator=g, dtype=torch.float64)
+    batch = (x @ x.transpose(1, 2) + 0.5 * torch.eye(9, dtype=torch.float64)).to(dtype)
+    sizes = torch.tensor([9, 5, 1, 0])
+    if path == "torch":
+        batch.requires_grad_(True)  # autograd inputs take torch's Cholesky path
+    got = logdet_spd(batch, sizes=sizes)
+    want = [np.linalg.slogdet(batch.detach().double()[k, :n, :n].numpy())[1] if n else 0.0 for k, n in enumerate(sizes.tolist())]
+    np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=1e-5 if dtype == torch.float32 else 1e-12)
+    assert not np.isclose(want[1], np.linalg.slogdet(batch.detach().double()[1].numpy())[1])
+
+
+def test_logdet_spd_rejects_bad_sizes():
+    from pml_dsb.functional.semantic_scale import logdet_spd
+
+    batch = torch.eye(3).expand(2, 3, 3).contiguous()
+    for sizes in (torch.tensor([3]), torch.tensor([3, 4]), torch.tensor([-1, 2])):
+        with pytest.raises(ValueError, match="sizes must have the batch shape"):
+            logdet_spd(batch, sizes=sizes)
