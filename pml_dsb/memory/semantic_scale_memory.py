@@ -983,12 +983,14 @@ class SemanticScaleMemory(torch.nn.Module):
                 torch.cat([new_real.to(torch.float64), -old_real.to(torch.float64), -m.unsqueeze(1)], 1)
             )
             if d >= 256:
-                # big d x d inverses: update each pool row in place, no gathered copy
-                parts = [
-                    _low_rank_logdet_update(self.moment_inverse[row].unsqueeze(0), u[i : i + 1], core[i : i + 1])
-                    for i, row in enumerate(index.tolist())
-                ]
-                change, ok = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+                # big d x d inverses: the products with each pool row in place (no
+                # gathered copy), the small k x k algebra batched over the classes
+                rows = index.tolist()
+                w = torch.stack([self.moment_inverse[row] @ u[i] for i, row in enumerate(rows)])
+                change, ok, x = _woodbury_core(u, w, core)
+                wx = w @ x
+                for i, row in enumerate(rows):
+                    self.moment_inverse[row].addmm_(wx[i], w[i].T, alpha=-1.0)
             else:
                 inverse = self.moment_inverse[index]
                 change, ok = _low_rank_logdet_update(inverse, u, core)
@@ -1089,6 +1091,15 @@ def _low_rank_logdet_update(inverse: torch.Tensor, u: torch.Tensor, core: torch.
     ratio came out positive and finite (a necessary condition only: A' with
     two negative eigenvalues would pass; the periodic exact refresh bounds drift)."""
     w = inverse @ u  # (t, n, k)
+    change, ok, x = _woodbury_core(u, w, core)
+    inverse.baddbmm_(w @ x, w.transpose(1, 2), alpha=-1.0)
+    return change, ok
+
+
+def _woodbury_core(u: torch.Tensor, w: torch.Tensor, core: torch.Tensor):
+    """The k x k part of :func:`_low_rank_logdet_update`, from ``w`` = A^-1 U:
+    log det A' - log det A, the mask of usable updates, and X with
+    A'^-1 = A^-1 - W X W^T."""
     k = u.shape[2]
     small = torch.eye(k, dtype=u.dtype, device=u.device) + core @ (u.transpose(1, 2) @ w)
     lu, pivots, info = torch.linalg.lu_factor_ex(small)
@@ -1100,5 +1111,4 @@ def _low_rank_logdet_update(inverse: torch.Tensor, u: torch.Tensor, core: torch.
     # (I + C G)^-1 C = (C^-1 + G)^-1: the Woodbury core, without inverting C
     x = torch.linalg.lu_solve(lu, pivots, core)
     x = 0.5 * (x + x.transpose(1, 2))  # symmetric in exact arithmetic: keep the update symmetric
-    inverse.baddbmm_(w @ x, w.transpose(1, 2), alpha=-1.0)
-    return change, ok
+    return change, ok, x
