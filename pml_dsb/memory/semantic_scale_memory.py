@@ -702,9 +702,11 @@ class SemanticScaleMemory(torch.nn.Module):
         if d >= 256 and z.device.type == "cpu":
             # big d x d blocks on CPU: update each row in place, no (rows, d, d)
             # temporary (elsewhere a kernel launch per class costs more)
-            groups = torch.split(torch.argsort(inverse, stable=True), counts.tolist())
-            for row, sel in zip(rows.tolist(), groups):
-                self.moment_outer[row].addmm_(signed[sel].T, z[sel])
+            order = torch.argsort(inverse, stable=True)
+            signed, z = signed[order], z[order]  # grouped by row: slices below, not gathers
+            end = torch.cumsum(counts, 0).tolist()
+            for row, start, stop in zip(rows.tolist(), [0, *end[:-1]], end):
+                self.moment_outer[row].addmm_(signed[start:stop].T, z[start:stop])
             return
         width, rank = int(counts.max()), _rank_within_groups(inverse, counts)
         left = z.new_zeros(len(rows), width, d)
