@@ -818,7 +818,8 @@ class SemanticScaleMemory(torch.nn.Module):
         self, classes: torch.Tensor, counts: torch.Tensor, widths: torch.Tensor, build: torch.Tensor
     ) -> torch.Tensor:
         width = int(widths.max())
-        gram = self.gram[classes, :width, :width]
+        # index_select copies whole blocks: faster on CPU than advanced indexing
+        gram = self.gram[:, :width, :width].index_select(0, classes)
         valid = (self.class_slots[classes, :width] >= 0).to(torch.float64)
         m = counts.to(torch.float64).unsqueeze(1)
         rows = gram.sum(2)
@@ -849,7 +850,7 @@ class SemanticScaleMemory(torch.nn.Module):
         mean_part = self.moment_sum[index] / m.sqrt().unsqueeze(1)
         if self.embedding_size >= 256 and index.device.type == "cpu":
             return self._moment_scales_one_by_one(classes, index, m, mean_part, build)
-        scatter = self.moment_outer[index]
+        scatter = self.moment_outer.index_select(0, index)
         scatter.baddbmm_(mean_part.unsqueeze(2), mean_part.unsqueeze(1), alpha=-1.0)
         bits, logdet, inverse = self._logdet_bits(scatter, m, build)
         if inverse is not None:
@@ -1024,7 +1025,7 @@ class SemanticScaleMemory(torch.nn.Module):
                 for i, row in enumerate(rows):
                     self.moment_inverse[row].addmm_(wx[i], w[i].T, alpha=-1.0)
             else:
-                inverse = self.moment_inverse[index]
+                inverse = self.moment_inverse.index_select(0, index)
                 change, ok = _low_rank_logdet_update(inverse, u, core)
                 self.moment_inverse[index] = inverse
             self._finish_low_rank(classes, change, ok, torch.full_like(m, float(d)))
@@ -1068,7 +1069,7 @@ class SemanticScaleMemory(torch.nn.Module):
         eye = torch.diag_embed(realf)
         core = torch.cat([torch.cat([-d_pp, eye], 2), torch.cat([eye, torch.zeros_like(eye)], 2)], 1)
         rows = self.gram_inverse_index[classes]
-        inverse = self.gram_inverse[rows, :width, :width] * (valid.unsqueeze(2) * valid.unsqueeze(1))
+        inverse = self.gram_inverse[:, :width, :width].index_select(0, rows) * (valid.unsqueeze(2) * valid.unsqueeze(1))
         change, ok = _low_rank_logdet_update(inverse, u, core)
         self.gram_inverse[rows, :width, :width] = inverse
         self._finish_low_rank(classes, change, ok, m)
