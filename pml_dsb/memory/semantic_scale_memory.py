@@ -1068,10 +1068,17 @@ class SemanticScaleMemory(torch.nn.Module):
         u = torch.cat([he, hd], 2)
         eye = torch.diag_embed(realf)
         core = torch.cat([torch.cat([-d_pp, eye], 2), torch.cat([eye, torch.zeros_like(eye)], 2)], 1)
-        rows = self.gram_inverse_index[classes]
-        inverse = self.gram_inverse[:, :width, :width].index_select(0, rows) * (valid.unsqueeze(2) * valid.unsqueeze(1))
-        change, ok = _low_rank_logdet_update(inverse, u, core)
-        self.gram_inverse[rows, :width, :width] = inverse
+        # each class's n x n inverse in place, at its own n (no gathered, padded
+        # copy; u is zero past n), the small k x k algebra batched over the classes
+        rows = self.gram_inverse_index[classes].tolist()
+        views = [self.gram_inverse[row, :n, :n] for row, n in zip(rows, counts.tolist())]
+        w = torch.zeros_like(u)
+        for i, inverse in enumerate(views):
+            torch.mm(inverse, u[i, : len(inverse)], out=w[i, : len(inverse)])
+        change, ok, x = _woodbury_core(u, w, core)
+        wx = w @ x
+        for i, inverse in enumerate(views):
+            inverse.addmm_(wx[i, : len(inverse)], w[i, : len(inverse)].T, alpha=-1.0)
         self._finish_low_rank(classes, change, ok, m)
 
     def _finish_low_rank(
