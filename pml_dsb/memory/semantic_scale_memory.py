@@ -869,8 +869,8 @@ class SemanticScaleMemory(torch.nn.Module):
         100 classes at d = 512, one thread."""
         d = self.embedding_size
         beta = m / d
-        buffer = torch.empty(1, d, d, dtype=torch.float64)
-        logdet = torch.empty(len(index), dtype=torch.float64)
+        buffer = torch.empty(1, d, d, dtype=torch.float64, device=index.device)
+        logdet = torch.empty(len(index), dtype=torch.float64, device=index.device)
         cached = build.tolist()
         if any(cached):
             self._ensure_inverse_pool("moment_inverse", self.moment_sum.shape[0])
