@@ -86,12 +86,18 @@ def logdet_spd(a: torch.Tensor, overwrite: bool = False, sizes: Optional[torch.T
     log det of each matrix's leading ``sizes`` x ``sizes`` block instead (for
     padded batches of matrices of different sizes; LAPACK then factorises
     only that block, and a Cholesky factor's leading block is the factor of
-    the leading block).
+    the leading block). The whole matrices must still be positive definite:
+    the torch path factorises them whole.
     """
-    if sizes is not None and (sizes.shape != a.shape[:-2] or bool((sizes < 0).any() | (sizes > a.shape[-1]).any())):
+    if sizes is not None and (
+        sizes.dtype.is_floating_point
+        or sizes.dtype == torch.bool
+        or sizes.shape != a.shape[:-2]
+        or bool((sizes < 0).any() | (sizes > a.shape[-1]).any())
+    ):
         raise ValueError(
-            f"sizes must have the batch shape {tuple(a.shape[:-2])} and values in [0, {a.shape[-1]}], "
-            f"got shape {tuple(sizes.shape)}"
+            f"sizes must be an integer tensor of the batch shape {tuple(a.shape[:-2])} with values in "
+            f"[0, {a.shape[-1]}], got dtype {sizes.dtype} and shape {tuple(sizes.shape)}"
         )
     if (
         a.device.type == "cpu"

@@ -677,6 +677,8 @@ class SemanticScaleMemory(torch.nn.Module):
         positions their samples occupy), with a bounded number of stored values each."""
         for bucket in self._buckets(widths):
             part, width = classes[bucket], int(widths[bucket].max())
+            if width == 0:  # nothing stored yet: a class promoted by its first batch
+                continue
             step = max(1, _CHUNK_VALUES // (width * self.embedding_size))
             for start in range(0, len(part), step):
                 yield part[start : start + step], width

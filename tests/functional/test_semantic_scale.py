@@ -349,6 +349,6 @@ def test_logdet_spd_rejects_bad_sizes():
     from pml_dsb.functional.semantic_scale import logdet_spd
 
     batch = torch.eye(3).expand(2, 3, 3).contiguous()
-    for sizes in (torch.tensor([3]), torch.tensor([3, 4]), torch.tensor([-1, 2])):
-        with pytest.raises(ValueError, match="sizes must have the batch shape"):
+    for sizes in (torch.tensor([3]), torch.tensor([3, 4]), torch.tensor([-1, 2]), torch.tensor([2.0, 3.0])):
+        with pytest.raises(ValueError, match="sizes must be an integer tensor of the batch shape"):
             logdet_spd(batch, sizes=sizes)

@@ -246,3 +246,17 @@ def test_whole_module_pickle_from_an_older_release_loads(gen, np_ref):
     _run(loaded, batches, 6, refresh=True)
     np.testing.assert_allclose(loaded.scales().numpy(), _reference(loaded, np_ref), rtol=1e-12, atol=1e-12)
     assert set(loaded.state_dict()) == set(_memory(gram_size=3).state_dict())
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["fifo", "index"])
+def test_a_class_whose_first_batch_outgrows_the_gram_form(gen, np_ref, indexed):
+    """After the build, a class with no stored sample that receives more than
+    ``gram_size`` samples in one enqueue is promoted with nothing to add to its
+    moments (this once divided by its zero width, half-way through the enqueue)."""
+    memory = _memory(gram_size=2, warmup_epochs=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    memory.enqueue(torch.randn(4, D, generator=gen), labels, torch.arange(4) if indexed else None)
+    memory.scales()
+    memory.enqueue(torch.randn(3, D, generator=gen), torch.tensor([2, 2, 2]), torch.arange(4, 7) if indexed else None)
+    assert int(memory.moment_index[2]) >= 0 and int(memory.class_counts[2]) == 3
+    np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=1e-10, atol=1e-12)
