@@ -1018,14 +1018,9 @@ class SemanticScaleMemory(torch.nn.Module):
                 torch.cat([new_real.to(torch.float64), -old_real.to(torch.float64), -m.unsqueeze(1)], 1)
             )
             if d >= 256:
-                # big d x d inverses: the products with each pool row in place (no
-                # gathered copy), the small k x k algebra batched over the classes
-                rows = index.tolist()
-                w = torch.stack([self.moment_inverse[row] @ u[i] for i, row in enumerate(rows)])
-                change, ok, x = _woodbury_core(u, w, core)
-                wx = w @ x
-                for i, row in enumerate(rows):
-                    self.moment_inverse[row].addmm_(wx[i], w[i].T, alpha=-1.0)
+                # big d x d inverses: each pool row in place, no gathered copy
+                inverses = [self.moment_inverse[row] for row in index.tolist()]
+                change, ok = _low_rank_logdet_update_each(inverses, u, core)
             else:
                 inverse = self.moment_inverse.index_select(0, index)
                 change, ok = _low_rank_logdet_update(inverse, u, core)
@@ -1070,17 +1065,10 @@ class SemanticScaleMemory(torch.nn.Module):
         u = torch.cat([he, hd], 2)
         eye = torch.diag_embed(realf)
         core = torch.cat([torch.cat([-d_pp, eye], 2), torch.cat([eye, torch.zeros_like(eye)], 2)], 1)
-        # each class's n x n inverse in place, at its own n (no gathered, padded
-        # copy; u is zero past n), the small k x k algebra batched over the classes
+        # each class's n x n inverse in place, at its own n: no gathered, padded copy
         rows = self.gram_inverse_index[classes].tolist()
-        views = [self.gram_inverse[row, :n, :n] for row, n in zip(rows, counts.tolist())]
-        w = torch.zeros_like(u)
-        for i, inverse in enumerate(views):
-            torch.mm(inverse, u[i, : len(inverse)], out=w[i, : len(inverse)])
-        change, ok, x = _woodbury_core(u, w, core)
-        wx = w @ x
-        for i, inverse in enumerate(views):
-            inverse.addmm_(wx[i, : len(inverse)], w[i, : len(inverse)].T, alpha=-1.0)
+        inverses = [self.gram_inverse[row, :n, :n] for row, n in zip(rows, counts.tolist())]
+        change, ok = _low_rank_logdet_update_each(inverses, u, core)
         self._finish_low_rank(classes, change, ok, m)
 
     def _finish_low_rank(
@@ -1135,6 +1123,20 @@ def _low_rank_logdet_update(inverse: torch.Tensor, u: torch.Tensor, core: torch.
     w = inverse @ u  # (t, n, k)
     change, ok, x = _woodbury_core(u, w, core)
     inverse.baddbmm_(w @ x, w.transpose(1, 2), alpha=-1.0)
+    return change, ok
+
+
+def _low_rank_logdet_update_each(inverses: list[torch.Tensor], u: torch.Tensor, core: torch.Tensor):
+    """:func:`_low_rank_logdet_update` on matrices updated in place one by one
+    (views into a pool; the i-th is n_i x n_i, with u[i] zero past row n_i):
+    the n x n products matrix by matrix, the small k x k algebra batched."""
+    w = torch.zeros_like(u)
+    for i, inverse in enumerate(inverses):
+        torch.mm(inverse, u[i, : len(inverse)], out=w[i, : len(inverse)])
+    change, ok, x = _woodbury_core(u, w, core)
+    wx = w @ x
+    for i, inverse in enumerate(inverses):
+        inverse.addmm_(wx[i, : len(inverse)], w[i, : len(inverse)].T, alpha=-1.0)
     return change, ok
 
 
