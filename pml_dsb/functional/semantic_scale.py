@@ -57,11 +57,12 @@ def _logdet_spd_lapack(a: torch.Tensor, sizes: Optional[list[int]] = None):
     """
     potrf = _lapack.dpotrf if a.dtype == torch.float64 else _lapack.spotrf
     arrays = a.detach().numpy().reshape(-1, a.shape[-2], a.shape[-1])
-    out = _np.empty(len(arrays))
+    # the factors' diagonals, 1 past each leading block; logs summed once at
+    # the end (a numpy log and sum per matrix cost ~2-10 us, potrf ~15 at n = 64)
+    diagonals = _np.ones(arrays.shape[:2], dtype=arrays.dtype)
     for k, matrix in enumerate(arrays):
         if sizes is not None and sizes[k] < matrix.shape[0]:
             if sizes[k] == 0:
-                out[k] = 0.0
                 continue
             # a leading block is not contiguous: potrf works on a small copy
             matrix = _np.ascontiguousarray(matrix[: sizes[k], : sizes[k]])
@@ -69,7 +70,8 @@ def _logdet_spd_lapack(a: torch.Tensor, sizes: Optional[list[int]] = None):
         factor, info = potrf(matrix.T, lower=0, overwrite_a=1, clean=0)
         if info != 0:
             return None
-        out[k] = 2.0 * _np.log(factor.diagonal()).sum()
+        diagonals[k, : len(factor)] = factor.diagonal()
+    out = 2.0 * _np.log(diagonals.astype(_np.float64)).sum(1)
     return torch.from_numpy(out).to(a.dtype).view(a.shape[:-2])
 
 

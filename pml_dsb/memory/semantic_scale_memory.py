@@ -519,6 +519,9 @@ class SemanticScaleMemory(torch.nn.Module):
 
     def _store_and_update(self, slots: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor) -> None:
         """Write the batch and update the class statistics and low-rank caches."""
+        if bool((self.label_memory[slots] == labels).all()):
+            self._overwrite_and_update(slots, emb, labels)
+            return
         counts_before, large_before = self.class_counts.clone(), self.moment_index >= 0
         removed = self._remove(slots)
         self._promote_large_classes(labels)
@@ -530,6 +533,22 @@ class SemanticScaleMemory(torch.nn.Module):
         self.class_counts.index_add_(0, labels, torch.ones_like(labels))
         self.stale[labels] = True
         plan = self._plan_low_rank(removed[0], labels, positions, counts_before, large_before)
+        self._update_statistics(removed, emb, labels, positions)
+        if plan is not None:
+            self._apply_low_rank(plan, removed, emb, labels, positions)
+
+    def _overwrite_and_update(self, slots: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor) -> None:
+        """:meth:`_store_and_update` for a batch whose every slot holds a sample
+        of the same class (an index-addressed memory, once full): counts, forms,
+        slot lists and positions stay as they are, and each new sample takes its
+        predecessor's position, so none of the bookkeeping of a general enqueue
+        is needed (about 10% of a CUB-sized index-addressed step on CPU)."""
+        positions = self.slot_position[slots]
+        large = self.moment_index >= 0
+        removed = (labels, positions, self.embedding_memory[slots], large[labels])  # indexing copies
+        self.embedding_memory[slots] = emb
+        self.stale[labels] = True
+        plan = self._plan_low_rank(labels, labels, positions, self.class_counts, large)
         self._update_statistics(removed, emb, labels, positions)
         if plan is not None:
             self._apply_low_rank(plan, removed, emb, labels, positions)

@@ -51,6 +51,20 @@ def _setups(draw):
     }
 
 
+def _assert_bookkeeping(memory):
+    """Counts, and once the statistics are built the slot lists and
+    positions, describe the stored labels."""
+    labels = memory.label_memory
+    filled = torch.nonzero(labels >= 0).flatten()
+    counts = torch.bincount(labels[filled], minlength=memory.num_classes)
+    assert torch.equal(memory.class_counts, counts)
+    if not bool(memory.statistics_built):
+        return
+    assert torch.equal((memory.class_slots >= 0).sum(1), counts)
+    assert torch.equal(memory.class_slots[labels[filled], memory.slot_position[filled]], filled)
+    assert bool((memory.slot_position[labels < 0] == -1).all())
+
+
 def _memory(setup):
     memory = SemanticScaleMemory(
         setup["classes"], setup["d"], setup["size"], warmup_epochs=1, gram_size=setup["gram_size"]
@@ -90,6 +104,7 @@ def test_random_operation_sequences_match_a_from_scratch_computation(setup, np_r
             memory.reset()
         # odd seeds refresh after every operation (as stage-3 training does), even
         # ones only at "scales" steps (several enqueues between two refreshes)
+        _assert_bookkeeping(memory)
         if kind != "reset" and memory.num_enqueued and (kind == "scales" or setup["seed"] % 2):
             np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=1e-8, atol=1e-10)
     if memory.num_enqueued:

@@ -177,6 +177,34 @@ def test_index_addressed_counts_every_enqueued_sample(gen):
     assert mem.num_enqueued == 20 and mem.num_filled == 5 and mem.stage == 3
 
 
+@pytest.mark.parametrize("gram_size", [2, 40], ids=["moment form", "Gram form"])
+def test_overwriting_samples_of_the_same_class_keeps_the_bookkeeping(gen, np_ref, gram_size):
+    # once full, an index-addressed memory overwrites each slot with a sample of
+    # the same class: the enqueue's short path keeps slot lists and positions
+    M, d, C = 30, 5, 4
+    mem = SemanticScaleMemory(C, d, M, warmup_epochs=1, gram_size=gram_size)
+    sample_label = torch.arange(M) % C
+    mem.enqueue(torch.randn(M, d, generator=gen), sample_label, indices=torch.arange(M))
+    mem.scales()  # builds the statistics: later enqueues update them
+    before = {k: getattr(mem, k).clone() for k in ("class_slots", "slot_position", "class_counts", "label_memory")}
+    for _ in range(6):
+        idx = torch.randperm(M, generator=gen)[:7]
+        emb = torch.randn(7, d, generator=gen)
+        mem.enqueue(emb, sample_label[idx], indices=idx)
+        np.testing.assert_allclose(mem.embedding_memory[idx].numpy(), _unit64(emb), rtol=1e-6)
+        for name, value in before.items():
+            assert torch.equal(getattr(mem, name), value), name
+        z, y = mem.contents()
+        want = np_ref.class_scales(z.double().numpy(), y.numpy(), C, normalize=False)
+        np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-9)
+    # one sample changing class takes the general path: counts follow it
+    mem.enqueue(torch.randn(1, d, generator=gen), torch.tensor([1]), indices=torch.tensor([0]))
+    assert mem.class_counts.tolist() == [7, 9, 7, 7]
+    z, y = mem.contents()
+    want = np_ref.class_scales(z.double().numpy(), y.numpy(), C, normalize=False)
+    np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-9)
+
+
 # ------------------------------------------------------------ scales, weights
 def test_unfilled_slots_never_count(gen, np_ref):
     M, d, C = 50, 4, 3
