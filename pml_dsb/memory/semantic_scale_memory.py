@@ -519,7 +519,7 @@ class SemanticScaleMemory(torch.nn.Module):
 
     def _store_and_update(self, slots: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor) -> None:
         """Write the batch and update the class statistics and low-rank caches."""
-        if bool((self.label_memory[slots] == labels).all()):
+        if self._overwrites_in_place(slots, labels):
             self._overwrite_and_update(slots, emb, labels)
             return
         counts_before, large_before = self.class_counts.clone(), self.moment_index >= 0
@@ -536,6 +536,16 @@ class SemanticScaleMemory(torch.nn.Module):
         self._update_statistics(removed, emb, labels, positions)
         if plan is not None:
             self._apply_low_rank(plan, removed, emb, labels, positions)
+
+    def _overwrites_in_place(self, slots: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Whether every slot holds a sample of its new sample's class, and no
+        Gram-form class among them has a free position inside its slot list
+        (the general path refills those, and a Gram-form class takes low-rank
+        updates only without them)."""
+        if not bool((self.label_memory[slots] == labels).all()):
+            return False
+        gram = labels[self.moment_index[labels] < 0]
+        return not gram.numel() or bool((self._class_width(gram) == self.class_counts[gram]).all())
 
     def _overwrite_and_update(self, slots: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor) -> None:
         """:meth:`_store_and_update` for a batch whose every slot holds a sample

@@ -350,6 +350,25 @@ def test_relabel_drops_both_caches_then_rebuilds(gen, np_ref):
     np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
 
 
+def test_a_gram_class_left_with_a_free_position_gets_its_cache_back(gen, np_ref):
+    """A relabel frees a position inside class 0's slot list (a Gram-form
+    class); its later index-addressed enqueues refill it, after which the class
+    is updated in low rank again."""
+    memory = _memory(gram_size=8, memory_size=8, num_classes=2, d=4)
+    x = torch.randn(20, 4, generator=gen)
+    memory.enqueue(x[:8], torch.tensor([0, 0, 0, 0, 0, 1, 1, 1]), indices=torch.arange(8))
+    memory.scales()
+    memory.enqueue(x[8:9], torch.tensor([1]), indices=torch.tensor([0]))  # slot 0 moves to class 1
+    memory.scales()
+    assert int(memory.class_slots[0, 0]) == -1 and int(memory.class_counts[0]) == 4
+    low = []
+    for i in range(6):  # class 0's own samples overwrite their slots
+        low.append(bool(_enqueue(memory, x[9 + i : 10 + i], torch.tensor([0]), torch.tensor([1 + i % 4]))[0]))
+        np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+    assert sorted(memory.class_slots[0, :4].tolist()) == [1, 2, 3, 4]  # no free position left inside
+    assert low[-1] and bool(memory.cache_valid[0])
+
+
 # ---------------------------------------------------------------- checkpoints
 def test_checkpoint_with_valid_caches_resumes_bitwise(gen):
     labels, centres = _dataset(gen)
