@@ -80,6 +80,24 @@ def test_bad_batch_is_rejected_before_anything_changes(case, built):
     mem.enqueue(_emb(2), torch.tensor([2, 3]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_a_nan_or_inf_anywhere_is_rejected(dtype):
+    # every position of a batch wider than a vector register, in every dtype
+    # the losses may pass: the check must see each lane
+    mem = SemanticScaleMemory(C, 37, M)
+    emb, labels = torch.randn(3, 37).to(dtype), torch.tensor([0, 1, 2])
+    before = _snapshot(mem)
+    for position in range(emb.numel()):
+        for value in (NAN, INF, -INF):
+            bad = emb.clone()
+            bad.view(-1)[position] = value
+            with pytest.raises(ValueError, match="NaN or Inf in 1 of 3 rows"):
+                mem.enqueue(bad, labels)
+    assert_state_unchanged(before, mem)
+    mem.enqueue(emb, labels)  # finite values pass, the largest of the dtype included
+    mem.enqueue(torch.full((3, 37), torch.finfo(dtype).max, dtype=dtype), labels)
+
+
 def test_rejected_batch_does_not_disturb_later_scales(np_ref):
     mem, twin = _used_memory(), _used_memory()
     for emb, labels, indices, exc, _ in BAD_BATCHES.values():
