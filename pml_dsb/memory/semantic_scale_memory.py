@@ -536,11 +536,14 @@ class SemanticScaleMemory(torch.nn.Module):
         self.stale[labels] = True
         self._update_classes(removed, emb, labels, positions, counts_before, large_before)
 
-    def _update_classes(self, removed, emb, labels, positions, counts_before, large_before) -> None:
+    def _update_classes(
+        self, removed, emb, labels, positions, counts_before, large_before, refill: bool = False
+    ) -> None:
         """The statistics and low-rank caches after the bookkeeping of an enqueue
-        (``counts_before``, ``large_before``: class counts and forms before it)."""
+        (``counts_before``, ``large_before``: class counts and forms before it;
+        ``refill``: see :meth:`_update_statistics`)."""
         plan = self._plan_low_rank(removed[0], labels, positions, counts_before, large_before)
-        self._update_statistics(removed, emb, labels, positions)
+        self._update_statistics(removed, emb, labels, positions, refill)
         if plan is not None:
             self._apply_low_rank(plan, removed, emb, labels, positions)
 
@@ -565,7 +568,7 @@ class SemanticScaleMemory(torch.nn.Module):
         removed = (labels, positions, self.embedding_memory[slots], large[labels])  # indexing copies
         self.embedding_memory[slots] = emb
         self.stale[labels] = True
-        self._update_classes(removed, emb, labels, positions, self.class_counts, large)
+        self._update_classes(removed, emb, labels, positions, self.class_counts, large, refill=True)
 
     def _remove(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Free the filled ``slots``; return their labels, positions, embeddings and form."""
@@ -759,13 +762,16 @@ class SemanticScaleMemory(torch.nn.Module):
         emb: torch.Tensor,
         labels: torch.Tensor,
         positions: torch.Tensor,
+        refill: bool = False,
     ) -> None:
-        """Account for removed samples (labels, positions, embeddings, was-large) and new ones."""
+        """Account for removed samples (labels, positions, embeddings, was-large)
+        and new ones. ``refill``: each removed sample's position is taken by a
+        new sample of its class, whose row and column overwrite it whole."""
         old_labels, old_positions, old_emb, old_large = removed
         dev = emb.device
         # Gram form: clear the rows and columns of removed samples
         small = ~old_large
-        if bool(small.any()):
+        if not refill and bool(small.any()):
             c, p = old_labels[small], old_positions[small]
             self.gram[c, p, :] = 0.0
             self.gram[c.unsqueeze(1), torch.arange(self.gram_size, device=dev), p.unsqueeze(1)] = 0.0
