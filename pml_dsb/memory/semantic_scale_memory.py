@@ -773,8 +773,10 @@ class SemanticScaleMemory(torch.nn.Module):
         small = ~old_large
         if not refill and bool(small.any()):
             c, p = old_labels[small], old_positions[small]
-            self.gram[c, p, :] = 0.0
-            self.gram[c.unsqueeze(1), torch.arange(self.gram_size, device=dev), p.unsqueeze(1)] = 0.0
+            # positions never reach the slot lists' capacity: nothing to clear past it
+            span = min(self.gram_size, self.class_slots.shape[1])
+            self.gram[c, p, :span] = 0.0
+            self.gram[c.unsqueeze(1), torch.arange(span, device=dev), p.unsqueeze(1)] = 0.0
         # moment form: one signed update for removed and added samples
         new_large = self.moment_index[labels] >= 0
         self._accumulate_moments(
