@@ -638,7 +638,8 @@ class SemanticScaleMemory(torch.nn.Module):
 
     # ------------------------------------------------------ class statistics
     # Gram form: gram[c, i, j] = z_i . z_j (float64) for the samples at positions
-    # i, j of class c's slot list; rows and columns of free positions are zero.
+    # i, j of class c's slot list; rows and columns of free positions are zero,
+    # and positions never reach class_slots' capacity (the clears rely on both).
     # Moment form: moment_sum[k] = sum z and moment_outer[k] = sum z z^T over
     # the samples of the class with moment_index == k.
 
@@ -766,7 +767,8 @@ class SemanticScaleMemory(torch.nn.Module):
     ) -> None:
         """Account for removed samples (labels, positions, embeddings, was-large)
         and new ones. ``refill``: each removed sample's position is taken by a
-        new sample of its class, whose row and column overwrite it whole."""
+        new sample of its class, whose row and column overwrite it (up to the
+        widest class of its bucket; past that they are zero already)."""
         old_labels, old_positions, old_emb, old_large = removed
         dev = emb.device
         # Gram form: clear the rows and columns of removed samples

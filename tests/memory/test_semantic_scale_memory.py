@@ -205,6 +205,24 @@ def test_overwriting_samples_of_the_same_class_keeps_the_bookkeeping(gen, np_ref
     np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-9)
 
 
+def test_a_removed_sample_leaves_a_zero_gram_row_past_a_short_capacity(gen, np_ref):
+    # slot lists hold 16 positions (2 x 40/5), gram_size is 20: the clear of a
+    # removed sample's row and column stops at the capacity, which must still
+    # reach the last position a class can hold
+    M, d, C = 40, 3, 5
+    mem = SemanticScaleMemory(C, d, M, warmup_epochs=1, gram_size=20)
+    labels = torch.cat([torch.zeros(16, dtype=torch.long), torch.arange(1, C).repeat(6)])
+    mem.enqueue(torch.randn(M, d, generator=gen), labels, indices=torch.arange(M))
+    mem.scales()
+    assert mem.class_slots.shape[1] == 16 < mem.gram_size
+    assert int(mem.slot_position[15]) == 15 and bool(mem.gram[0, 15, :16].ne(0).all())
+    mem.enqueue(torch.randn(1, d, generator=gen), torch.tensor([1]), indices=torch.tensor([15]))  # leaves class 0
+    assert not bool(mem.gram[0, 15].any()) and not bool(mem.gram[0, :, 15].any())
+    z, y = mem.contents()
+    want = np_ref.class_scales(z.double().numpy(), y.numpy(), C, normalize=False)
+    np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-9)
+
+
 # ------------------------------------------------------------ scales, weights
 def test_unfilled_slots_never_count(gen, np_ref):
     M, d, C = 50, 4, 3
