@@ -68,6 +68,10 @@ __all__ = ["SemanticScaleMemory"]
 #: (bounds its temporaries: 4M values, 32 MiB in float64).
 _CHUNK_VALUES = 1 << 22
 
+#: Most stored values gathered at once for the Gram rows of new samples: a
+#: block that stays in a core's cache (1 MiB in float64) until it is used.
+_CACHED_VALUES = 1 << 17
+
 
 def _is_integer_tensor(x: torch.Tensor) -> bool:
     return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
@@ -810,8 +814,15 @@ class SemanticScaleMemory(torch.nn.Module):
             new = emb.new_zeros(len(bucket), kmax, emb.shape[1], dtype=self.scale_dtype)
             new[local[inverse[mine]], rank[mine]] = emb[mine].to(self.scale_dtype)
             slots = self.class_slots[classes[bucket], :width]
-            stored = self._gather_rows(slots)
-            rows = (new @ stored.transpose(1, 2))[local[inverse[mine]], rank[mine]]  # (k, width)
+            products = new.new_empty(len(bucket), kmax, width)
+            # a few classes at a time, so that each gathered block of stored rows
+            # is multiplied while still in cache: at d = 512 a whole bucket's
+            # block is ~15 MiB in float64, written out and read back from memory
+            step = max(1, _CACHED_VALUES // (width * emb.shape[1]))
+            for start in range(0, len(bucket), step):
+                part = slice(start, start + step)
+                torch.bmm(new[part], self._gather_rows(slots[part]).transpose(1, 2), out=products[part])
+            rows = products[local[inverse[mine]], rank[mine]]  # (k, width)
             rows = rows.to(torch.float64) * (slots[local[inverse[mine]]] >= 0)
             c, p = labels[mine].unsqueeze(1), positions[mine].unsqueeze(1)
             cols = torch.arange(width, device=emb.device)

@@ -93,9 +93,9 @@ def test_deferred_build_matches_statistics_kept_all_along(gen, np_ref, indexed, 
 @pytest.mark.parametrize("indexed", [False, True], ids=["fifo", "index"])
 def test_small_chunks_and_coarse_buckets_give_the_same_scales(gen, np_ref, monkeypatch, indexed):
     """Batched updates gather a bounded number of values at once, and classes of
-    similar size share one padded batch: one class per chunk (the build and the
-    moment updates) and the coarse batches chosen on GPUs (max_buckets) must
-    change nothing but rounding."""
+    similar size share one padded batch: one class per chunk (the build, the
+    moment updates and the Gram rows of new samples) and the coarse batches
+    chosen on GPUs (max_buckets) must change nothing but rounding."""
     import pml_dsb.memory.semantic_scale_memory as module
 
     stream = _batches(gen, indexed)
@@ -110,6 +110,7 @@ def test_small_chunks_and_coarse_buckets_give_the_same_scales(gen, np_ref, monke
         with monkeypatch.context() as patch:
             if variant == "one-class-chunks":
                 patch.setattr(module, "_CHUNK_VALUES", 1)
+                patch.setattr(module, "_CACHED_VALUES", 1)  # the Gram rows of new samples too
             for i, batch in enumerate(batches):
                 memory.enqueue(*batch)
                 if i >= 8:  # built at the 9th batch, then kept up to date
