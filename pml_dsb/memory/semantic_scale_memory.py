@@ -50,6 +50,7 @@ import contextlib
 import functools
 import logging
 import math
+from collections.abc import MutableMapping
 from typing import Optional
 
 import torch
@@ -75,6 +76,46 @@ _CACHED_VALUES = 1 << 17
 
 def _is_integer_tensor(x: torch.Tensor) -> bool:
     return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+
+
+class _UnrecordedBuffers(MutableMapping):
+    """The memory's ``_buffers``: torch's mapping of buffer names to tensors,
+    held in a mapping that is not a ``dict``.
+
+    PML's ``HookContainer`` hands each loss to record-keeper with
+    ``recursive_types=[torch.nn.Module, dict]``: it walks every ``dict``
+    attribute of every submodule and records each tensor in it, as a Python
+    list when it has more than one element (an empty one raises). For this
+    memory that is its whole state, M x d embeddings and per-class d x d
+    matrices, at every logged iteration: seconds, gigabytes, and a crash on
+    the empty pools. torch itself only needs a mutable mapping here; the
+    memory's own figures reach the records through the DSB losses'
+    recordable attributes.
+    """
+
+    def __init__(self, items=()):
+        self._items = dict(items)
+
+    def __getitem__(self, name):
+        return self._items[name]
+
+    def __setitem__(self, name, value):
+        self._items[name] = value
+
+    def __delitem__(self, name):
+        del self._items[name]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._items!r})"
+
+    def copy(self) -> "_UnrecordedBuffers":  # torch's DataParallel replicas copy it
+        return _UnrecordedBuffers(self._items)
 
 
 def _plain_mode(func):
@@ -196,6 +237,7 @@ class SemanticScaleMemory(torch.nn.Module):
         exact_refresh_every: int = 64,
     ):
         super().__init__()
+        object.__setattr__(self, "_buffers", _UnrecordedBuffers())
         for name, value, low in (
             ("num_classes", num_classes, 2),
             ("embedding_size", embedding_size, 1),
@@ -337,6 +379,8 @@ class SemanticScaleMemory(torch.nn.Module):
     def __setstate__(self, state):
         """Whole-module pickles (``torch.save(memory)``) from older releases load too."""
         super().__setstate__(state)
+        if not isinstance(self._buffers, _UnrecordedBuffers):  # pickled by a release that kept a dict
+            object.__setattr__(self, "_buffers", _UnrecordedBuffers(self._buffers))
         self.__dict__.setdefault("exact_refresh_every", 64)
         with torch.inference_mode(False):
             for name, value in self._late_state_defaults().items():

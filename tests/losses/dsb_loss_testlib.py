@@ -160,8 +160,9 @@ def checkpoint_resume(case, gen, resume_at=6, after=50):
 
 
 # ------------------------------------------------------------------ trainer
-def run_metric_loss_only(case, gen, iterations=5, batch_size=16):
-    """A few iterations of PML's MetricLossOnly; returns (loss, stages, losses, params before)."""
+def run_metric_loss_only(case, gen, iterations=5, batch_size=16, end_of_iteration_hook=None):
+    """A few iterations of PML's MetricLossOnly; returns (loss, stages, losses, params before).
+    ``end_of_iteration_hook`` (e.g. a PML ``HookContainer``'s) runs after each iteration too."""
     dsb_cls, _, kwargs = CASES[case]
     C, d, M = 4, 8, 32
     x = torch.randn(64, 6, generator=gen)
@@ -182,6 +183,8 @@ def run_metric_loss_only(case, gen, iterations=5, batch_size=16):
     def hook(trainer):
         stages.append(loss.dsb_stage)
         values.append(float(trainer.losses["metric_loss"].detach()))
+        if end_of_iteration_hook is not None:
+            end_of_iteration_hook(trainer)
 
     trainer = trainers.MetricLossOnly(
         models={"trunk": trunk, "embedder": embedder},

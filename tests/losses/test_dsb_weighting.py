@@ -251,6 +251,34 @@ def test_record_keeper_logs_dsb_stats(gen):
     assert logged["dsb_max_weight"] == pytest.approx(float(dsb.memory.weights().max()))
 
 
+@pytest.mark.parametrize("case", ["soft_triple", "norm_softmax"])
+def test_pml_hook_container_logs_dsb_stats_and_not_the_memory(case, gen, tmp_path):
+    """PML's own logging preset (record-keeper, CSV and tensorboard) through
+    stages 1 to 3: the DSB figures are logged each iteration, the memory's
+    buffers are not (record-keeper logs every tensor of every dict attribute
+    of a loss's modules; the memory's would cost its whole state per logged
+    iteration, and its empty pools made it raise)."""
+    pytest.importorskip("record_keeper")
+    pytest.importorskip("tensorboard")
+    from pytorch_metric_learning.utils import logging_presets
+
+    keeper, writer, _ = logging_presets.get_record_keeper(str(tmp_path / "csv"), str(tmp_path / "tensorboard"))
+    hooks = logging_presets.get_hook_container(keeper, log_freq=1)
+    loss, stages, _, _ = run_metric_loss_only(case, gen, iterations=6, end_of_iteration_hook=hooks.end_of_iteration_hook)
+    # 16 samples per iteration, M = 32, warm-up 2 epochs: stage 3 from 64 samples on
+    assert stages == [1, 2, 2, 3, 3, 3]
+    (group,) = [g for g in writer.records if g == f"metric_loss_{type(loss).__name__}"]
+    logged = {name: list(series.values()) for name, series in writer.records[group].items()}
+    assert logged["dsb_stage"] == stages
+    assert logged["dsb_num_enqueued"] == [16, 32, 48, 64, 80, 96]
+    assert len(logged["dsb_mean_scale"]) == 3  # stage 3 only
+    assert logged["dsb_max_weight"][-1] == pytest.approx(float(loss.memory.weights().max()))
+    buffers = {name for name, _ in loss.memory.named_buffers()}
+    for name, series in writer.records.items():
+        assert not buffers & set(series), f"memory buffers logged in {name}"
+    keeper.save_records()  # the CSV and database writers take what was logged
+
+
 # ------------------------------------------------------------ mixed precision
 @pytest.mark.parametrize("case", ["soft_triple", "norm_softmax", "arcface", "cosface"])
 def test_autocast_bf16_keeps_float32_parameters_and_scales(case, gen, np_ref):

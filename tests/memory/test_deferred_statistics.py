@@ -2,6 +2,7 @@
 before: enqueues in the unweighted stages only write the ring buffer. The
 deferred build must give the scales of a memory that kept its statistics all
 along, and both must equal a float64 from-scratch computation."""
+import copy
 import io
 
 import numpy as np
@@ -238,12 +239,15 @@ def test_whole_module_pickle_from_an_older_release_loads(gen, np_ref):
     for name in late:  # what an older release's module lacked
         del memory._buffers[name]
     del memory.exact_refresh_every
+    object.__setattr__(memory, "_buffers", dict(memory._buffers))  # it kept its buffers in a dict
     buf = io.BytesIO()
     torch.save(memory, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert set(late) <= set(dict(loaded.named_buffers())) and bool(loaded.statistics_built)
     assert loaded.exact_refresh_every == 64
+    # and now in the mapping that keeps them out of PML's HookContainer records
+    assert not isinstance(loaded._buffers, dict) and isinstance(copy.deepcopy(loaded)._buffers, type(loaded._buffers))
     _run(loaded, batches, 6, refresh=True)
     np.testing.assert_allclose(loaded.scales().numpy(), _reference(loaded, np_ref), rtol=1e-12, atol=1e-12)
     assert set(loaded.state_dict()) == set(_memory(gram_size=3).state_dict())
