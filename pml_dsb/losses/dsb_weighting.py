@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..memory.semantic_scale_memory import SemanticScaleMemory
+from ..memory.semantic_scale_memory import SemanticScaleMemory, check_embeddings_type
 
 __all__ = ["DSBWeightingMixin", "weight_losses_by_class", "dsb_class_weights", "with_dsb_weighting"]
 
@@ -83,6 +83,17 @@ def dsb_class_weights(
     return weights.to(device=device or memory.class_counts.device, dtype=dtype)
 
 
+class _MemoryDefault:
+    """Default of ``warmup_epochs``/``normalize``: the memory's own when one is
+    given, else the memory's constructor default."""
+
+    def __repr__(self) -> str:
+        return "<memory's>"
+
+
+_MEMORY_DEFAULT = _MemoryDefault()
+
+
 class DSBWeightingMixin:
     r"""Turns a PML classification loss into its DSB form.
 
@@ -97,7 +108,9 @@ class DSBWeightingMixin:
         memory_size: M for a new memory (the training-set size in the paper).
         warmup_epochs: n, default 5.
         normalize: ``"mean"`` (default) or ``None``, see :func:`pml_dsb.functional.dsb_weights`.
-        memory: a ready :class:`SemanticScaleMemory` to use (and share) instead.
+        memory: a ready :class:`SemanticScaleMemory` to use (and share) instead;
+            ``memory_size``, ``warmup_epochs`` and ``normalize``, if given too,
+            must equal the memory's.
         update_memory: enqueue each batch (default). When several losses share
             one memory and see the same batch, let only one of them enqueue.
 
@@ -132,8 +145,8 @@ class DSBWeightingMixin:
         embedding_size: int,
         *args,
         memory_size: Optional[int] = None,
-        warmup_epochs: int = 5,
-        normalize: Optional[str] = "mean",
+        warmup_epochs: int = _MEMORY_DEFAULT,
+        normalize: Optional[str] = _MEMORY_DEFAULT,
         memory: Optional[SemanticScaleMemory] = None,
         update_memory: bool = True,
         **kwargs,
@@ -144,8 +157,10 @@ class DSBWeightingMixin:
                     "memory_size is required (the number of training samples in the paper) "
                     "unless a ready memory= is given"
                 )
+            options = {"warmup_epochs": warmup_epochs, "normalize": normalize}
             memory = SemanticScaleMemory(
-                num_classes, embedding_size, memory_size, warmup_epochs=warmup_epochs, normalize=normalize
+                num_classes, embedding_size, memory_size,
+                **{k: v for k, v in options.items() if v is not _MEMORY_DEFAULT},
             )
         elif not isinstance(memory, SemanticScaleMemory):
             raise TypeError(f"memory must be a SemanticScaleMemory, got {type(memory).__name__}")
@@ -154,8 +169,12 @@ class DSBWeightingMixin:
                 f"memory has num_classes={memory.num_classes}, embedding_size={memory.embedding_size}; "
                 f"the loss was given num_classes={num_classes}, embedding_size={embedding_size}"
             )
-        elif memory_size is not None and memory_size != memory.memory_size:
-            raise ValueError(f"memory_size={memory_size} conflicts with memory.memory_size={memory.memory_size}")
+        else:
+            given = {"memory_size": (memory_size, None), "warmup_epochs": (warmup_epochs, _MEMORY_DEFAULT),
+                     "normalize": (normalize, _MEMORY_DEFAULT)}
+            for name, (value, unset) in given.items():
+                if value is not unset and value != getattr(memory, name):
+                    raise ValueError(f"{name}={value!r} conflicts with memory.{name}={getattr(memory, name)!r}")
         super().__init__(num_classes, embedding_size, *args, **kwargs)
         self.num_classes = num_classes
         self.embedding_size = embedding_size  # PML records it but never sets it
@@ -178,6 +197,7 @@ class DSBWeightingMixin:
     ):
         if labels is None:
             raise ValueError(f"{type(self).__name__} needs labels: DSB weights losses by class")
+        check_embeddings_type(embeddings)  # before the cast below reads (or hides) the dtype
         params = [p for p in self.parameters(recurse=False)]
         if params and embeddings.dtype != params[0].dtype:
             embeddings = embeddings.to(params[0].dtype)

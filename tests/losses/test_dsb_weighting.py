@@ -163,6 +163,8 @@ def _bad_calls(B=4, M=12):
         "label-bool": ((e, y > 1), {}, TypeError, ["labels", "bool"]),
         "label-length": ((e, y[:3]), {}, ValueError, ["labels", "(3,)"]),
         "embedding-size": ((torch.randn(B, D + 2), y), {}, ValueError, ["embedding", str(D + 2)]),
+        "embedding-list": ((e.tolist(), y), {}, TypeError, ["embeddings", "torch.Tensor", "list"]),
+        "embedding-integer": ((e.long(), y), {}, TypeError, ["embeddings", "floating point", "int64"]),
         "embedding-nan": ((e_nan, y), {}, ValueError, ["embeddings", "NaN"]),
         "embedding-inf": ((e_inf, y), {}, ValueError, ["embeddings", "Inf"]),
         # finite in float64, inf once cast to the loss's float32 parameters
@@ -352,14 +354,29 @@ def test_sample_indices_make_the_memory_index_addressed(gen):
         (dict(memory=SemanticScaleMemory(C, D + 1, 10)), ValueError, ["embedding_size", str(D + 1)]),
         (dict(memory=SemanticScaleMemory(C, D, 10), memory_size=11), ValueError, ["memory_size", "11"]),
         (dict(memory_size=10, normalize="median"), ValueError, ["normalize", "median"]),
+        (dict(memory=SemanticScaleMemory(C, D, 10), warmup_epochs=1), ValueError, ["warmup_epochs=1", "5"]),
+        (dict(memory=SemanticScaleMemory(C, D, 10), normalize=None), ValueError, ["normalize=None", "'mean'"]),
+        (dict(memory=SemanticScaleMemory(C, D, 10, normalize=None), normalize="mean"), ValueError, ["normalize", "None"]),
     ],
-    ids=["no-memory-size", "M=0", "not-a-memory", "memory-classes", "memory-size-d", "memory-size-conflict", "normalize"],
+    ids=["no-memory-size", "M=0", "not-a-memory", "memory-classes", "memory-size-d", "memory-size-conflict", "normalize",
+         "memory-warmup-conflict", "memory-normalize-conflict", "memory-normalize-none-conflict"],
 )
 def test_bad_constructor_arguments(kwargs, exc, words):
     with pytest.raises(exc) as info:
         CASES["norm_softmax"][0](C, D, **kwargs)
     for w in words:
         assert w in str(info.value)
+
+
+def test_memory_options_default_to_the_memory_and_may_repeat_its_own():
+    memory = SemanticScaleMemory(C, D, 10, warmup_epochs=2, normalize=None)
+    for kwargs in ({}, dict(memory_size=10, warmup_epochs=2, normalize=None)):
+        loss = CASES["norm_softmax"][0](C, D, memory=memory, **kwargs)
+        assert loss.memory is memory and (memory.warmup_epochs, memory.normalize) == (2, None)
+    fresh = CASES["norm_softmax"][0](C, D, memory_size=10)
+    assert (fresh.memory.warmup_epochs, fresh.memory.normalize) == (5, "mean")  # DEFINITIONS' defaults
+    fresh = CASES["norm_softmax"][0](C, D, memory_size=10, warmup_epochs=0, normalize=None)
+    assert (fresh.memory.warmup_epochs, fresh.memory.normalize) == (0, None)
 
 
 @pytest.mark.parametrize("case", ["soft_triple", "norm_softmax"])
