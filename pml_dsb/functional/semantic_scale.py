@@ -182,7 +182,8 @@ def padded_class_scales(
         normalize: L2-normalise every vector before centring.
         dtype: the precision of the statistics and the factorisation
             (float64 by default; float32 agrees within 1e-5 relative on the
-            memory's benchmark shapes).
+            memory's benchmark shapes, but not for tightly clustered classes:
+            see ``SemanticScaleMemory``'s ``scale_dtype``).
 
     Returns:
         (t,) tensor of :math:`S` in bits, in ``dtype``; 0 where fewer than two

@@ -16,6 +16,7 @@ is a complete DSB loss. :func:`dsb_class_weights` gives the same weights for
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -118,8 +119,11 @@ class DSBWeightingMixin:
     making the memory index-addressed (one slot per sample).
 
     Parameters are never re-typed in ``forward`` (PML's ``cast_types`` rewrites
-    ``.data``): lower-precision embeddings (autocast) are cast up to the
-    parameters' dtype, and parameters on another device than the embeddings
+    ``.data``): the loss is computed in the wider of the embeddings' and the
+    parameters' dtypes, as the parent computes it: lower-precision embeddings
+    (autocast) are cast up to the parameters' dtype, and for float64
+    embeddings the parameters take part through a float64 cast (gradients
+    flow back to them). Parameters on another device than the embeddings
     raise an error asking for ``loss.to(device)``.
 
     Recorded attributes (PML record-keeper / ``HookContainer``): ``dsb_stage``,
@@ -198,11 +202,16 @@ class DSBWeightingMixin:
         if labels is None:
             raise ValueError(f"{type(self).__name__} needs labels: DSB weights losses by class")
         check_embeddings_type(embeddings)  # before the cast below reads (or hides) the dtype
-        params = [p for p in self.parameters(recurse=False)]
-        if params and embeddings.dtype != params[0].dtype:
-            embeddings = embeddings.to(params[0].dtype)
-        # every check runs before anything changes, on the tensor that will be
-        # stored (a cast can overflow finite values to inf)
+        params = dict(self.named_parameters(recurse=False))
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in params.values()], embeddings.dtype)
+        narrow = {name: p.to(dtype) for name, p in params.items() if p.dtype != dtype}
+        if narrow:
+            # the parent would re-type its parameters' .data to float64 for good;
+            # this call alone computes with float64 casts of them instead
+            args = (embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            return torch.func.functional_call(self, narrow, args, {"sample_indices": sample_indices})
+        embeddings = embeddings.to(dtype)
+        # every check runs before anything changes, on the tensor that will be stored
         self.memory.validate_batch(embeddings, labels, sample_indices if self.update_memory else None)
         self._sample_indices = sample_indices
         self._validated = embeddings

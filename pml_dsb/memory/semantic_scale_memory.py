@@ -42,7 +42,10 @@ its own class mix instead. Pass dataset indices to :meth:`enqueue` to get an
 index-addressed memory (one slot per sample), the faithful form for any sampler.
 
 All state, counters included, lives in registered buffers: ``state_dict()``,
-``load_state_dict()`` and ``.to(device)`` carry everything.
+``load_state_dict()`` and ``.to(device)`` carry everything. Casts of the
+module's dtype (``.double()``, ``.half()``, ``.to(dtype)``, also through a
+loss that holds the memory) leave its buffers' dtypes as they are: embeddings
+are stored in float32 and statistics kept in float64 whatever the model trains in.
 """
 from __future__ import annotations
 
@@ -160,8 +163,15 @@ class SemanticScaleMemory(torch.nn.Module):
             or ``None`` (raw :math:`1/S`).
         eps: scales at or below this count as "no scale yet".
         l2_normalize: store L2-normalised embeddings (default, as the
-            definition of semantic scale says).
+            definition of semantic scale says); otherwise they are stored as
+            given, in float32 (values beyond its range are rejected).
         scale_dtype: precision of the scale computation (float64 default).
+            float32 is faster (1.2-1.3x per DSB step at the d = 512 shapes of
+            benchmarks/bench_dsb_step.py) and agrees within ~1e-7 relative for
+            well-spread classes, but loses accuracy as a class's spread shrinks:
+            6 samples at d = 16 spread ~0.003 about their mean gave 4e-4
+            relative, spread ~0.0003 gave 5e-2. Check it on your data with
+            :func:`pml_dsb.class_semantic_scales` in float64 before using it.
         gram_size: classes up to this many samples are kept in Gram form,
             larger ones as d x d moments (default ``embedding_size // 2``,
             where both forms cost about the same). Memory: ``num_classes *
@@ -354,6 +364,16 @@ class SemanticScaleMemory(torch.nn.Module):
         for buf in (self.stale, self.cache_valid, self.index_addressed, self.statistics_built):
             buf.zero_()
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply, dtype casts do not (see the module docstring):
+        a buffer that ``fn`` would re-type is moved as it is instead."""
+
+        def move_only(tensor):
+            out = fn(tensor)
+            return out if out.dtype == tensor.dtype else tensor.to(device=out.device)
+
+        return super()._apply(move_only, recurse)
+
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
@@ -475,10 +495,16 @@ class SemanticScaleMemory(torch.nn.Module):
             )
         # the largest magnitude is finite iff every value is (a NaN propagates):
         # 5-10x faster on CPU than isfinite(...).all() (162 against 31 us at 64 x 512)
-        if not bool(torch.isfinite(embeddings.abs().amax())):
+        largest = embeddings.abs().amax()
+        if not bool(torch.isfinite(largest)):
             bad = int((~torch.isfinite(embeddings)).any(1).sum())
             raise ValueError(
                 f"embeddings contain NaN or Inf in {bad} of {batch} rows; the memory was not changed"
+            )
+        if not self.l2_normalize and float(largest) > torch.finfo(torch.float32).max:
+            raise ValueError(
+                f"embeddings reach magnitude {float(largest):.3g}, beyond float32's range: the memory "
+                f"stores them in float32 as given (l2_normalize=False); the memory was not changed"
             )
         if indices is not None:
             if not isinstance(indices, torch.Tensor) or not _is_integer_tensor(indices):
@@ -543,9 +569,13 @@ class SemanticScaleMemory(torch.nn.Module):
         device = self.embedding_memory.device
         emb = embeddings.detach().to(device=device)
         if self.l2_normalize:
-            # in float64 with a tiny eps: F.normalize's default 1e-12 floor
-            # would leave vectors of smaller norm short of unit length
-            emb = F.normalize(emb.double(), dim=1, eps=torch.finfo(torch.float64).tiny)
+            # in float64, each row first divided by its largest magnitude: its
+            # squares then neither overflow (rows of norm past ~1e154 came out
+            # zero) nor underflow; the tiny eps: F.normalize's default 1e-12
+            # floor would leave vectors of smaller norm short of unit length
+            tiny = torch.finfo(torch.float64).tiny
+            emb = emb.double()
+            emb = F.normalize(emb / emb.abs().amax(1, keepdim=True).clamp(min=tiny), dim=1, eps=tiny)
         emb = emb.float()
         labels = labels.detach().to(device=device, dtype=torch.long)
         batch = emb.shape[0]
@@ -859,7 +889,7 @@ class SemanticScaleMemory(torch.nn.Module):
             local[bucket] = torch.arange(len(bucket), device=emb.device)
             mine = local[inverse] >= 0
             # products in scale_dtype: float64 is exact for float32 inputs;
-            # float32 is about twice as fast, within ~1e-7 relative in the scales
+            # float32 is about twice as fast (accuracy: see scale_dtype)
             new = emb.new_zeros(len(bucket), kmax, emb.shape[1], dtype=self.scale_dtype)
             new[local[inverse[mine]], rank[mine]] = emb[mine].to(self.scale_dtype)
             slots = self.class_slots[classes[bucket], :width]

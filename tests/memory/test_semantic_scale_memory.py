@@ -148,6 +148,40 @@ def test_tiny_embeddings_are_stored_unit_norm(gen):
     np.testing.assert_allclose(mem.contents()[0].norm(dim=1).numpy(), 1.0, rtol=1e-6)
 
 
+def test_float64_rows_of_any_finite_norm_are_stored_unit_norm(gen, np_ref):
+    """Rows whose squares overflow float64 (norm past ~1e154) once came out as
+    zero vectors, subnormal ones short of unit length."""
+    mem = SemanticScaleMemory(2, 4, 8, warmup_epochs=1)
+    directions = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+    factors = torch.tensor([1e200, 1e300, 1.0, 1e-310, 1e-300, 1e155, 3.0, 1e-306], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    mem.enqueue(directions * factors.unsqueeze(1), labels)
+    stored, _ = mem.contents()
+    np.testing.assert_allclose(stored.double().numpy(), _unit64(directions), rtol=1e-6, atol=1e-6)
+    want = np_ref.class_scales(_unit64(directions), labels.numpy(), 2, normalize=False)
+    np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cast", ["double", "half", "bfloat16", "float", "to-float64"])
+def test_dtype_casts_leave_the_buffers_as_they_are(gen, np_ref, cast):
+    """A model cast (``loss.double()``, ``.half()``, ``.to(dtype)``) reaches the
+    memory through the loss that holds it; re-typed buffers once broke the
+    next enqueue half-way through (float64 embeddings, float32 statistics)."""
+    mem, twin = _grown_memory(gen), _grown_memory(torch.Generator().manual_seed(0))
+    twin.load_state_dict(mem.state_dict())
+    before = _state(mem)
+    cast_back = mem.to(torch.float64) if cast == "to-float64" else getattr(mem, cast)()
+    assert cast_back is mem
+    _assert_state_equal(before, _state(mem))  # dtypes included
+    for _ in range(5):
+        batch = _batch(gen, 5, 8, 4)
+        mem.enqueue(*batch)
+        twin.enqueue(*batch)
+        assert torch.equal(mem.scales(), twin.scales())
+    z, y = mem.contents()
+    np.testing.assert_allclose(mem.scales().numpy(), np_ref.class_scales(z.double().numpy(), y.numpy(), 4, normalize=False), rtol=1e-9)
+
+
 # ------------------------------------------------------- index-addressed mode
 def test_index_addressed_memory_keeps_latest_embedding_per_index(gen, np_ref):
     M, d, C = 12, 3, 3

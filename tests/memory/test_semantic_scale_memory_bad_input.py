@@ -98,6 +98,27 @@ def test_a_nan_or_inf_anywhere_is_rejected(dtype):
     mem.enqueue(torch.full((3, 37), torch.finfo(dtype).max, dtype=dtype), labels)
 
 
+@pytest.mark.parametrize("built", [True, False], ids=["built", "deferred"])
+def test_values_beyond_float32_are_rejected_when_stored_as_given(built):
+    """Without L2 normalisation the memory stores float32 as given: a finite
+    float64 value past float32's range would be stored as inf (and poison its
+    class's running moments for good)."""
+    g = torch.Generator().manual_seed(5)
+    mem = SemanticScaleMemory(C, D, M, warmup_epochs=1, l2_normalize=False)
+    mem.enqueue(torch.randn(M, D, generator=g), torch.arange(M) % C)
+    if built:
+        mem.scales()
+    before = _snapshot(mem)
+    emb = torch.randn(3, D, dtype=torch.float64, generator=g)
+    emb[1, 2] = -1e39
+    with pytest.raises(ValueError, match="1e[+]39, beyond float32's range"):
+        mem.enqueue(emb, torch.tensor([0, 1, 2]))
+    assert_state_unchanged(before, mem)
+    emb[1, 2] = -float(torch.finfo(torch.float32).max)  # the edge of the range passes
+    mem.enqueue(emb, torch.tensor([0, 1, 2]))
+    assert bool(torch.isfinite(mem.contents()[0]).all())
+
+
 def test_rejected_batch_does_not_disturb_later_scales(np_ref):
     mem, twin = _used_memory(), _used_memory()
     for emb, labels, indices, exc, _ in BAD_BATCHES.values():
