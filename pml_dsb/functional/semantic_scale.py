@@ -293,7 +293,7 @@ def class_semantic_scales(
     tensor([0.5000, 0.0000, 0.0000], dtype=torch.float64)
     """
     _check_features(features)
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     _check_labels(labels, num_classes, features.shape[0])
     labels = labels.to(features.device).long()

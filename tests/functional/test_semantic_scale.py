@@ -156,6 +156,21 @@ def test_gradcheck_float64(gen, m, d, normalize):
     assert torch.autograd.gradcheck(lambda z: semantic_scale(z, normalize=normalize), (x,))
 
 
+@pytest.mark.parametrize("normalize", [True, False], ids=["l2", "raw"])
+def test_gradcheck_class_scales_float64(gen, normalize):
+    # classes in both spaces (3 samples < d = 4 < 6 samples), a single sample
+    # (scale 0, no gradient) and an empty class, in one batched call
+    x = _randn(gen, 10, 4, torch.float64).requires_grad_()
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 2])
+    assert torch.autograd.gradcheck(lambda z: class_semantic_scales(z, labels, 4, normalize=normalize), (x,))
+
+
+def test_gradcheck_padded_class_scales_float64(gen):
+    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64).requires_grad_()
+    mask = torch.tensor([[True, True, False, True, False], [True, True, True, True, True]])
+    assert torch.autograd.gradcheck(lambda z: padded_class_scales(z, mask), (x,))
+
+
 def test_gradient_flows_to_input(gen):
     x = _randn(gen, 5, 3).requires_grad_()
     semantic_scale(x).backward()
@@ -226,6 +241,12 @@ def test_class_scales_reject_bad_labels(gen, labels, exc, words):
         class_semantic_scales(_randn(gen, 3, 2), labels, 3)
     for w in words:
         assert w in str(info.value)
+
+
+@pytest.mark.parametrize("num_classes", [0, True, 2.0, "3"], ids=str)
+def test_class_scales_reject_bad_num_classes(gen, num_classes):
+    with pytest.raises(ValueError, match=f"num_classes must be a positive int, got {num_classes!r}"):
+        class_semantic_scales(_randn(gen, 3, 2), torch.tensor([0, 1, 1]), num_classes)
 
 
 def test_padded_class_scales_ignore_masked_rows(gen, np_ref):
