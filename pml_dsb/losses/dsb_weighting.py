@@ -17,9 +17,11 @@ is a complete DSB loss. :func:`dsb_class_weights` gives the same weights for
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Optional
 
 import torch
+from pytorch_metric_learning.losses import ProxyAnchorLoss
 
 from ..memory.semantic_scale_memory import SemanticScaleMemory, check_embeddings_type
 
@@ -34,19 +36,25 @@ _ANCHOR_OF = {
 }
 
 
-def weight_losses_by_class(loss_dict: dict, labels: torch.Tensor, class_weights: torch.Tensor, names=None) -> dict:
+def weight_losses_by_class(
+    loss_dict: dict, labels: torch.Tensor, class_weights: torch.Tensor, names=None, element_indices: str = "samples"
+) -> dict:
     """Multiply the unreduced losses of a PML loss dict by ``class_weights[label]``.
 
     Element losses are weighted by their sample's label, pair and triplet
     losses by their anchor's label (as PML's ``ClassWeightedReducer`` does).
-    ``names`` restricts the entries (default: all). The dict is changed in
-    place and returned.
+    ``element_indices="classes"``: element losses are indexed by class
+    instead (one loss per class or proxy, as ``ProxyAnchorLoss`` returns),
+    and each is weighted by its own class. ``names`` restricts the entries
+    (default: all). The dict is changed in place and returned.
 
     >>> import torch
     >>> d = {"loss": {"losses": torch.ones(3), "indices": torch.arange(3), "reduction_type": "element"}}
     >>> weight_losses_by_class(d, torch.tensor([0, 1, 1]), torch.tensor([2.0, 0.5]))["loss"]["losses"]
     tensor([2.0000, 0.5000, 0.5000])
     """
+    if element_indices not in ("samples", "classes"):
+        raise ValueError(f"element_indices must be 'samples' or 'classes', got {element_indices!r}")
     for name in loss_dict if names is None else names:
         entry = loss_dict[name]
         kind = entry["reduction_type"]
@@ -58,8 +66,16 @@ def weight_losses_by_class(loss_dict: dict, labels: torch.Tensor, class_weights:
         losses = entry["losses"]
         if not torch.is_tensor(losses) or losses.numel() == 0:
             continue  # PML's zero loss: nothing to weight
-        anchors = _ANCHOR_OF[kind](entry["indices"])
         weights = class_weights.to(device=losses.device, dtype=losses.dtype)
+        if kind == "element" and element_indices == "classes":
+            entry["losses"] = losses * weights[entry["indices"]]
+            continue
+        if kind == "element" and losses.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"loss {name!r} has {losses.shape[0]} element losses for a batch of {labels.shape[0]}: "
+                f"not one per sample; for losses indexed by class pass element_indices='classes'"
+            )
+        anchors = _ANCHOR_OF[kind](entry["indices"])
         entry["losses"] = losses * weights[labels[anchors]]
     return loss_dict
 
@@ -132,6 +148,11 @@ class DSBWeightingMixin:
     ``dsb_min_weight``, ``dsb_max_weight`` (``None``, so not recorded, before).
     """
 
+    #: What the parent's "element" losses are indexed by: "samples" (one loss
+    #: per sample of the batch) or "classes" (one per class or proxy, as
+    #: ``ProxyAnchorLoss`` returns; see :func:`weight_losses_by_class`).
+    dsb_element_indices = "samples"
+
     _DSB_RECORDS = (
         "dsb_stage",
         "dsb_num_enqueued",
@@ -179,7 +200,12 @@ class DSBWeightingMixin:
             for name, (value, unset) in given.items():
                 if value is not unset and value != getattr(memory, name):
                     raise ValueError(f"{name}={value!r} conflicts with memory.{name}={getattr(memory, name)!r}")
-        super().__init__(num_classes, embedding_size, *args, **kwargs)
+        if not _takes_classes(type(self)):
+            super().__init__(*args, **kwargs)  # a pair or triplet loss: the memory alone needs them
+        elif args:
+            super().__init__(num_classes, embedding_size, *args, **kwargs)
+        else:  # by keyword: some parents read them from **kwargs (SubCenterArcFaceLoss)
+            super().__init__(num_classes=num_classes, embedding_size=embedding_size, **kwargs)
         self.num_classes = num_classes
         self.embedding_size = embedding_size  # PML records it but never sets it
         self.memory = memory
@@ -222,13 +248,18 @@ class DSBWeightingMixin:
             self._validated = None
 
     def cast_types(self, dtype, device):
-        """Check instead of re-typing parameters' ``.data`` as PML does."""
+        """Check instead of re-typing parameters' ``.data`` as PML does; the
+        parent's other tensors (e.g. ``LargeMarginSoftmaxLoss``'s ``n_range``)
+        are cast as the parent casts them."""
         for name, param in self.named_parameters(recurse=False):
             if param.device != torch.device(device):
                 raise ValueError(
                     f"{type(self).__name__}.{name} is on {param.device} but the embeddings are on "
                     f"{device}: move the loss first with loss.to({str(device)!r})"
                 )
+        for name, value in list(vars(self).items()):  # parameters and buffers live elsewhere
+            if isinstance(value, torch.Tensor) and not name.startswith("_"):
+                setattr(self, name, value.to(device=device, dtype=dtype))
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         # the parent's losses first: if it rejects the input, the memory is untouched
@@ -243,7 +274,9 @@ class DSBWeightingMixin:
         if self.dsb_stage == 3:
             scales = self.memory.scales()
             weights = self.memory.weights(scales)
-            weight_losses_by_class(loss_dict, labels, weights, names=self._sub_loss_names())
+            weight_losses_by_class(
+                loss_dict, labels, weights, names=self._sub_loss_names(), element_indices=self.dsb_element_indices
+            )
             self.dsb_mean_scale = float(scales.mean())
             self.dsb_min_scale = float(scales.min())
             self.dsb_max_scale = float(scales.max())
@@ -256,7 +289,23 @@ def with_dsb_weighting(loss_class: type) -> type:
     """Build the DSB form of a PML loss class, e.g. ``with_dsb_weighting(ArcFaceLoss)``.
 
     The new class is ``DSB<Name>``, subclassing ``(DSBWeightingMixin, loss_class)``.
+    Its constructor takes ``num_classes`` and ``embedding_size`` first, also
+    for losses that do not (pair and triplet losses): the memory needs them.
+    ``ProxyAnchorLoss`` and its subclasses weight their per-class losses by class.
     """
     if not isinstance(loss_class, type):
         raise TypeError(f"loss_class must be a class, got {loss_class!r}")
-    return type(f"DSB{loss_class.__name__}", (DSBWeightingMixin, loss_class), {"__module__": loss_class.__module__})
+    namespace = {"__module__": loss_class.__module__}
+    if issubclass(loss_class, ProxyAnchorLoss):
+        namespace["dsb_element_indices"] = "classes"
+    return type(f"DSB{loss_class.__name__}", (DSBWeightingMixin, loss_class), namespace)
+
+
+def _takes_classes(cls: type) -> bool:
+    """Whether a class after :class:`DSBWeightingMixin` in ``cls``'s MRO names
+    ``num_classes`` in its constructor (classification and proxy losses do,
+    pair and triplet losses do not)."""
+    after = cls.__mro__[cls.__mro__.index(DSBWeightingMixin) + 1 :]
+    return any(
+        "num_classes" in inspect.signature(k.__dict__["__init__"]).parameters for k in after if "__init__" in k.__dict__
+    )

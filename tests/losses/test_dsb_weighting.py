@@ -13,6 +13,7 @@ from dsb_loss_testlib import (
     leaf,
     make_pair,
     param_grads,
+    randomize_parameters,
     run_metric_loss_only,
     unit64,
     zero_grads,
@@ -429,6 +430,77 @@ def test_with_dsb_weighting_builds_a_subclass():
     assert cls.__mro__[1] is DSBWeightingMixin
     with pytest.raises(TypeError, match="loss_class"):
         with_dsb_weighting(pml_losses.CosFaceLoss(C, D))
+
+
+# PML losses that are not classification losses: pair, triplet and
+# per-sample losses without num_classes, and proxy losses indexed by class
+OTHER_LOSSES = {
+    "triplet": (pml_losses.TripletMarginLoss, {"margin": 0.3}),
+    "contrastive": (pml_losses.ContrastiveLoss, {"neg_margin": 0.8}),
+    "multi_similarity": (pml_losses.MultiSimilarityLoss, {}),
+    "subcenter_arcface": (pml_losses.SubCenterArcFaceLoss, {"sub_centers": 2}),
+    "proxy_anchor": (pml_losses.ProxyAnchorLoss, {}),
+    "large_margin_softmax": (pml_losses.LargeMarginSoftmaxLoss, {}),
+}
+
+
+def _other_pair(name, gen, M, n, reducer=None):
+    parent_cls, kwargs = OTHER_LOSSES[name]
+    if reducer is not None:
+        kwargs = {**kwargs, "reducer": reducer}
+    takes_classes = name in ("subcenter_arcface", "proxy_anchor", "large_margin_softmax")
+    parent = parent_cls(num_classes=C, embedding_size=D, **kwargs) if takes_classes else parent_cls(**kwargs)
+    randomize_parameters(parent, gen)
+    dsb = with_dsb_weighting(parent_cls)(C, D, memory_size=M, warmup_epochs=n, **kwargs)
+    dsb.load_state_dict({**dsb.state_dict(), **parent.state_dict()})
+    return dsb, parent
+
+
+@pytest.mark.parametrize("name", list(OTHER_LOSSES))
+def test_other_pml_losses_keep_their_arguments_and_equal_the_parent_before_stage_3(name, gen):
+    """num_classes and embedding_size go to the memory, and to the parent only
+    where it takes them: passed by position they once became a triplet loss's
+    margin and swap."""
+    dsb, parent = _other_pair(name, gen, 16, 2)
+    for key, value in OTHER_LOSSES[name][1].items():
+        assert getattr(dsb, key) == value
+    if name == "subcenter_arcface":
+        assert dsb.num_classes == C and dsb.W.shape == parent.W.shape
+    for _ in range(4):  # 24 of 32 samples: stages 1 and 2
+        emb, labels = _batch(gen, 6)
+        e1, e2 = leaf(emb), leaf(emb)
+        _assert_same_loss_and_grads(dsb, parent, dsb(e1, labels), parent(e2, labels), e1, e2)
+        zero_grads(dsb, parent)
+    assert dsb.memory.stage == 2
+
+
+@pytest.mark.parametrize("name", list(OTHER_LOSSES))
+def test_other_pml_losses_are_weighted_by_anchor_or_class_in_stage_3(name, gen):
+    dsb, parent = _other_pair(name, gen, 8, 1, reducer=reducers.DoNothingReducer())
+    emb, labels = _batch(gen, 8, probs=torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    got = dsb(emb, labels)
+    assert dsb.memory.stage == 3
+    w = dsb.memory.weights().float()
+    assert not torch.allclose(w, torch.ones_like(w))  # precondition: weights that tell
+    want = parent(emb, labels)
+    by_class = name == "proxy_anchor"  # one loss per proxy: its own class's weight
+    for key, entry in want.items():
+        if entry["reduction_type"] == "already_reduced":
+            continue
+        index = entry["indices"] if entry["reduction_type"] == "element" else entry["indices"][0]
+        factor = w[index] if by_class else w[labels[index]]
+        torch.testing.assert_close(got[key]["losses"], entry["losses"] * factor, rtol=1e-6, atol=0)
+
+
+def test_weight_losses_by_class_rejects_element_losses_not_one_per_sample():
+    labels = torch.tensor([0, 1, 1])
+    per_class = {"loss": {"losses": torch.ones(2), "indices": torch.arange(2), "reduction_type": "element"}}
+    with pytest.raises(ValueError, match="2 element losses for a batch of 3.*element_indices='classes'"):
+        weight_losses_by_class(per_class, labels, torch.tensor([2.0, 4.0]))
+    out = weight_losses_by_class(per_class, labels, torch.tensor([2.0, 4.0]), element_indices="classes")
+    assert torch.equal(out["loss"]["losses"], torch.tensor([2.0, 4.0]))
+    with pytest.raises(ValueError, match="element_indices must be 'samples' or 'classes', got 'rows'"):
+        weight_losses_by_class(per_class, labels, torch.tensor([2.0, 4.0]), element_indices="rows")
 
 
 # ------------------------------------------------------ weight_losses_by_class
