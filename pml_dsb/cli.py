@@ -27,13 +27,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What a subcommand raises for bad input or missing data, with a message
+#: that says what to fix: reported without a traceback (exit code 2).
+USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        if args.verbose:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        logging.getLogger("pml_dsb").error("%s: %s (-v shows the traceback)", type(err).__name__, message)
+        return 2
 
 
 if __name__ == "__main__":

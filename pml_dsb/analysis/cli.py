@@ -245,6 +245,12 @@ def _cmd_summary(args) -> int:
     summaries = {}
     if args.run:
         table = _load_run(args.run)
+        if not np.isfinite(table.train_count).any():
+            raise ValueError(
+                f"run {args.run!r} ({table.dataset}) evaluates classes unseen in training: they have no "
+                f"training counts to set beside their scales; summarise a training split instead "
+                f"(--dataset with --split train, or --checkpoint)"
+            )
         for method in table.methods:
             s = table.scale[method]
             ok = np.isfinite(s).all(0) & np.isfinite(table.train_count)

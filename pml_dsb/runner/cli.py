@@ -132,7 +132,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="continue the run folder's unfinished runs from their last checkpoint "
                         "(checkpoints/<method>/seed<k>/last.pt) and reuse finished ones; the results "
                         "equal those of an uninterrupted run. The config must be the same (more "
-                        "--epochs allowed)")
+                        "--epochs allowed with a constant lr_schedule)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run folder's previous outputs and start afresh")
     p.add_argument("--stop-after-epoch", type=_positive, default=None, metavar="K",

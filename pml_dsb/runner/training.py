@@ -444,6 +444,15 @@ def train_one(
                 raise CheckpointError(
                     f"{last_path}: already at epoch {state['epoch']}, beyond this config's epochs={epochs}"
                 )
+            planned = {s.get("T_max") for s in state["schedulers"].values()} - {None}
+            if planned and planned != {epochs}:
+                # a cosine schedule spans the planned epochs: an uninterrupted run over more
+                # (or fewer) epochs had other learning rates all along
+                raise CheckpointError(
+                    f"{last_path}: its lr_schedule = {tr.lr_schedule!r} spans epochs={planned.pop()}, this "
+                    f"config has epochs={epochs}; resume with the original epochs, or start afresh "
+                    f"(only a constant schedule can be extended)"
+                )
             restore_training_state(_rank_rng(state, ctx, last_path), model, loss_fn, optimizers, schedulers,
                                    path=last_path)
             generator.set_state(state["sampler"]["generator"])

@@ -63,18 +63,21 @@ def test_summary_dataset(tmp_path, capsys):
     assert "scale max/min" in out
 
 
-def fake_run(folder, with_checkpoint=False):
-    """A run folder of two methods, 2 seeds, 8 classes (and a best.pt of an untrained model)."""
+def fake_run(folder, with_checkpoint=False, open_set=False):
+    """A run folder of two methods, 2 seeds, 8 classes (and a best.pt of an untrained model);
+    ``open_set``: test classes unseen in training, as CUB's and Cars196's, without counts."""
     rng = np.random.default_rng(0)
     counts = [124, 80, 52, 34, 22, 14, 9, 6]
     rows = ["method,seed,class,train_count,semantic_scale,scale_source,recall_at_1"]
     for method in ("NSM", "ST"):
         for seed in (0, 1):
             for c, n in enumerate(counts):
-                rows.append(f"{method},{seed},{c},{n},{2 + rng.random():.4f},train,{0.5 + 0.004 * n:.3f}")
+                count = "" if open_set else n
+                rows.append(f"{method},{seed},{c},{count},{2 + rng.random():.4f},train,{0.5 + 0.004 * n:.3f}")
     folder.mkdir(parents=True)
     (folder / "per_class.csv").write_text("\n".join(rows) + "\n")
-    (folder / "results.json").write_text(json.dumps({"dataset": "digits_lt", "imbalance_factor": 50.0}))
+    dataset = {"dataset": "cub200"} if open_set else {"dataset": "digits_lt", "imbalance_factor": 50.0}
+    (folder / "results.json").write_text(json.dumps(dataset))
     if with_checkpoint:
         from pml_dsb.runner import build_embedding_model, default_config_path, dump_config, load_config
         from pml_dsb.runner.checkpoint import FORMAT_TAG, FORMAT_VERSION, save_checkpoint
@@ -117,3 +120,31 @@ def test_marginal_from_checkpoint(tmp_path, capsys):
 def test_summary_needs_one_source(tmp_path):
     with pytest.raises(SystemExit):
         main(["analyze", "summary", "--out", str(tmp_path)])
+
+
+def test_summary_of_an_open_set_run_says_why_it_cannot(tmp_path, caplog):
+    run_dir = fake_run(tmp_path / "run", open_set=True)
+    assert main(["analyze", "summary", "--run", str(run_dir), "--out", str(tmp_path / "s")]) == 2
+    assert "evaluates classes unseen in training" in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["marginal", "--dataset", "cub200"], ["ValueError", "needs a data root (--root DIR)"]),
+        (["marginal", "--seed", "-1"], ["seed must be an integer >= 0, got -1"]),
+        (["imbalance", "--run", "no-such-run"], ["FileNotFoundError", "no per_class.csv"]),
+        (["manifold", "--factors", "0", "1"], ["factors must be a non-empty sequence of positive numbers"]),
+    ],
+    ids=["no-root", "seed", "no-run", "factors"],
+)
+def test_bad_arguments_are_reported_without_a_traceback(tmp_path, caplog, argv, words):
+    assert main(["analyze", *argv, "--out", str(tmp_path / "out")]) == 2
+    for w in words:
+        assert w in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_verbose_lets_the_error_through_with_its_traceback(tmp_path):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        main(["-v", "analyze", "marginal", "--seed", "-1", "--out", str(tmp_path / "out")])

@@ -4,12 +4,13 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from pml_dsb import class_semantic_scales
 from pml_dsb.cli import main
 from pml_dsb.runner import load_run, train_one
-from pml_dsb.runner.checkpoint import load_checkpoint
+from pml_dsb.runner.checkpoint import CheckpointError, load_checkpoint
 from pml_dsb.runner.config import default_config_path, dump_config, load_config
 from pml_dsb.runner.methods import METHODS
 
@@ -150,6 +151,22 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
     (tmp_path / "other").mkdir()
     other_path, _ = tiny_config(tmp_path / "other", epochs=4, methods=["NSM", "DSB-ST"], lr=0.5)
     assert bench(other_path, killed, "--resume") == 2
+
+
+def test_a_cosine_schedule_resumes_only_over_its_own_epochs(tmp_path, caplog):
+    """A cosine schedule spans the planned epochs: resumed with more, the
+    learning rate would climb back up (T_max stayed the old epochs), unlike
+    in an uninterrupted run over the new epochs."""
+    _, cfg = tiny_config(tmp_path, epochs=2, methods=["NSM"], lr_schedule="cosine")
+    train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False, stop_after_epoch=1)
+    longer = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, epochs=3))
+    with pytest.raises(CheckpointError, match="lr_schedule = 'cosine' spans epochs=2, this config has epochs=3"):
+        train_one(longer, "NSM", 0, out_dir=tmp_path / "run", progress=False, resume=True)
+    whole = train_one(cfg, "NSM", 0, out_dir=tmp_path / "whole", progress=False)
+    resumed = train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False, resume=True)
+    for r in (whole, resumed):
+        r.pop("train_seconds")
+    assert resumed == whole  # over its own epochs it resumes as before
 
 
 def test_resume_with_the_m_per_class_sampler(tmp_path):
