@@ -107,6 +107,10 @@ def _cmd_marginal(args) -> int:
     out = _out_dir(args, "marginal")
     features, labels, info = _features(args)
     classes = np.unique(labels) if not args.classes else np.asarray(args.classes, dtype=np.int64)
+    missing = sorted(set(classes.tolist()) - set(np.unique(labels).tolist()))
+    if missing:
+        raise ValueError(f"--classes {missing}: no samples with these labels (the input has labels "
+                         f"{int(labels.min())}..{int(labels.max())})")
     curves = []
     for c in _progress(classes, args, desc="marginal", unit="class"):
         rows = np.flatnonzero(labels == c)
@@ -290,6 +294,13 @@ def _cmd_summary(args) -> int:
 
 
 # ----------------------------------------------------------------- parser
+def _at_least_10(text: str) -> int:
+    value = int(text)
+    if value < 10:
+        raise argparse.ArgumentTypeError(f"must be at least 10 (fewer give no interval), got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -349,7 +360,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                                    "which predictor wins by how much.")
     p.add_argument("--run", required=True, help="run folder written by `pml-dsb bench`")
     p.add_argument("--method", nargs="+", help="only these methods (default: all in the run)")
-    p.add_argument("--bootstrap", type=_positive_int, default=2000, help="bootstrap replicates (default 2000)")
+    p.add_argument("--bootstrap", type=_at_least_10, default=2000,
+                   help="bootstrap replicates, at least 10 (an interval needs 10 defined ones; default 2000)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     common(p, "imbalance")

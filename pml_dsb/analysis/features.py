@@ -55,6 +55,8 @@ def load_dataset(
     name = str(name).replace("_", "-")
     if name not in DATASET_NAMES:
         raise ValueError(f"dataset must be one of {DATASET_NAMES}, got {name!r}")
+    if imbalance_factor is not None and name not in ("digits-lt", "cifar100-lt"):
+        raise ValueError(f"imbalance_factor applies to the long-tailed datasets, not to {name!r} (got {imbalance_factor})")
     factor = 10.0 if imbalance_factor is None else imbalance_factor
     if name == "digits-lt":
         return datasets.DigitsLT(imbalance_factor=factor, split=split, seed=seed)

@@ -135,8 +135,11 @@ def test_summary_of_an_open_set_run_says_why_it_cannot(tmp_path, caplog):
         (["marginal", "--seed", "-1"], ["seed must be an integer >= 0, got -1"]),
         (["imbalance", "--run", "no-such-run"], ["FileNotFoundError", "no per_class.csv"]),
         (["manifold", "--factors", "0", "1"], ["factors must be a non-empty sequence of positive numbers"]),
+        (["marginal", "--classes", "3", "99", "--no-progress"], ["--classes [99]: no samples", "labels 0..9"]),
+        (["marginal", "--dataset", "cub200", "--root", ".", "--imbalance-factor", "10"],
+         ["imbalance_factor applies to the long-tailed datasets, not to 'cub200'"]),
     ],
-    ids=["no-root", "seed", "no-run", "factors"],
+    ids=["no-root", "seed", "no-run", "factors", "absent-class", "imbalance-factor-cub"],
 )
 def test_bad_arguments_are_reported_without_a_traceback(tmp_path, caplog, argv, words):
     assert main(["analyze", *argv, "--out", str(tmp_path / "out")]) == 2
@@ -148,3 +151,11 @@ def test_bad_arguments_are_reported_without_a_traceback(tmp_path, caplog, argv, 
 def test_verbose_lets_the_error_through_with_its_traceback(tmp_path):
     with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
         main(["-v", "analyze", "marginal", "--seed", "-1", "--out", str(tmp_path / "out")])
+
+
+def test_bootstrap_needs_ten_replicates(tmp_path, capsys):
+    run_dir = fake_run(tmp_path / "run")
+    with pytest.raises(SystemExit) as info:
+        main(["analyze", "imbalance", "--run", str(run_dir), "--bootstrap", "9", "--out", str(tmp_path / "i")])
+    assert info.value.code == 2 and "must be at least 10" in capsys.readouterr().err
+    run(["analyze", "imbalance", "--run", str(run_dir), "--bootstrap", "10", "--out", str(tmp_path / "i")], capsys)
