@@ -110,6 +110,9 @@ class _UnrecordedBuffers(MutableMapping):
     def __getitem__(self, name):
         return self._items[name]
 
+    def __contains__(self, name):  # Module.__getattr__ asks first: no try/except round (the mixin's)
+        return name in self._items
+
     def __setitem__(self, name, value):
         self._items[name] = value
 
