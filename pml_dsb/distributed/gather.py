@@ -28,11 +28,14 @@ the others until the process group's timeout, as with
 of batches per rank) and let an exception raised by a collective call end the
 iteration on every rank alike.
 
-Rows are exchanged as float32 (the memory stores float32) and labels and
-indices as int64, all bit-exact.
+Rows are exchanged as float32 (the memory stores float32; each rank sends
+its rows as it stores them) or in the widest dtype of the ranks' rows
+(:class:`~pml_dsb.distributed.DistributedDSBLossWrapper`), labels and indices
+as int64, all bit-exact.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Callable, NamedTuple, Optional
@@ -52,8 +55,11 @@ __all__ = [
 ]
 
 # status vector exchanged before any data: (failed, batch size, has indices,
-# label fingerprint, embedding fingerprint)
-_STATUS_LEN = 5
+# label fingerprint, embedding fingerprint, embedding dtype code)
+_STATUS_LEN = 6
+
+# embedding dtypes by code (-1: none of these, e.g. a rejected batch)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class BatchRejectedError(ValueError):
@@ -71,7 +77,7 @@ class BatchRejectedError(ValueError):
 class GlobalBatch(NamedTuple):
     """All ranks' batches concatenated in rank order (detached).
 
-    ``embeddings`` float32 (N, d), ``labels`` int64 (N,), ``indices`` int64
+    ``embeddings`` float32 (or see ``widest_dtype``) (N, d), ``labels`` int64 (N,), ``indices`` int64
     (N,) or None; ``sizes`` the batch size of each rank (before duplicate
     dataset indices across ranks are dropped) and ``offset`` where this rank's
     rows start.
@@ -148,19 +154,26 @@ def check_batch_collectively(
     was already gathered (PML's ``DistributedLossWrapper``) and the memory
     should be built with ``distributed=False``.
     """
+    sizes, with_indices, _ = _agree(check, embeddings, labels, indices, group)
+    return sizes, with_indices
+
+
+def _agree(check, embeddings, labels, indices, group) -> tuple[list[int], bool, list]:
+    """:func:`check_batch_collectively`, also returning each rank's embedding dtype."""
     error: Optional[BaseException] = None
     try:
         if check is not None:
             check(embeddings, labels, indices)
         batch = int(embeddings.shape[0])
         fp_labels, fp_emb = _fingerprint(embeddings, labels)
+        dtype_code = _FLOAT_DTYPES.index(embeddings.dtype) if embeddings.dtype in _FLOAT_DTYPES else -1
     except Exception as err:  # every failure must reach the other ranks
-        error, batch, fp_labels, fp_emb = err, 0, 0, 0
+        error, batch, fp_labels, fp_emb, dtype_code = err, 0, 0, 0, -1
 
     world = dist.get_world_size(group)
     device = _comm_device(group)
     status = torch.tensor(
-        [int(error is not None), batch, int(indices is not None), fp_labels, fp_emb],
+        [int(error is not None), batch, int(indices is not None), fp_labels, fp_emb, dtype_code],
         dtype=torch.long,
         device=device,
     )
@@ -187,7 +200,7 @@ def check_batch_collectively(
             "pass dataset indices on every rank or on none; no rank changed its memory",
             [r for r, flag in enumerate(with_indices) if not flag],
         )
-    if world > 1 and bool((table[:, 1:] == table[0, 1:]).all()):
+    if world > 1 and bool((table[:, 1:5] == table[0, 1:5]).all()):
         warnings.warn(
             f"all {world} ranks passed the same batch to a gathering SemanticScaleMemory: "
             "if the loss is wrapped in PML's DistributedLossWrapper (which gathers already), "
@@ -197,7 +210,8 @@ def check_batch_collectively(
             RuntimeWarning,
             stacklevel=3,
         )
-    return table[:, 1].tolist(), bool(with_indices[0])
+    dtypes = [_FLOAT_DTYPES[c] if c >= 0 else None for c in table[:, 5].tolist()]
+    return table[:, 1].tolist(), bool(with_indices[0]), dtypes
 
 
 def gather_batch(
@@ -208,6 +222,7 @@ def gather_batch(
     check: Optional[Callable[..., None]] = None,
     group=None,
     drop_duplicate_indices: bool = True,
+    widest_dtype: bool = False,
 ) -> GlobalBatch:
     """Every rank's batch, concatenated in rank order, on every rank.
 
@@ -221,17 +236,26 @@ def gather_batch(
     ``DistributedSampler`` pads the last batches by repeating samples) is kept
     once, at its first position in rank order, when ``drop_duplicate_indices``.
 
+    Rows travel as float32, or with ``widest_dtype`` in the widest of the
+    ranks' floating dtypes (float64 as such, narrower ones as float32, exact),
+    and come back in it: then every rank holds the same values, its own rows
+    included (an exact cast of them).
+
     Returns a :class:`GlobalBatch` on the collective device (CPU for gloo).
     """
-    sizes, with_indices = check_batch_collectively(check, embeddings, labels, indices, group)
+    sizes, with_indices, dtypes = _agree(check, embeddings, labels, indices, group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     device = _comm_device(group)
     batch, dim = sizes[rank], embeddings.shape[1]
+    known = [d for d in dtypes if d is not None] or [torch.float32]  # None: a float8 or such
+    common = functools.reduce(torch.promote_types, known) if widest_dtype else torch.float32
+    carrier = torch.float64 if common == torch.float64 else torch.float32
+    width = dim * (carrier.itemsize // 4)  # int32 columns per row
 
-    # one int32 payload per row: float32 bits of the row, then the int64 label
-    # (and index) as two int32 each; an exact copy whatever the values
+    # one int32 payload per row: the row's float32 (or float64) bits, then the
+    # int64 label (and index) as two int32 each; an exact copy whatever the values
     parts = [
-        embeddings.detach().to(device=device, dtype=torch.float32).contiguous().view(torch.int32),
+        embeddings.detach().to(device=device, dtype=carrier).contiguous().view(torch.int32),
         labels.detach().to(device=device, dtype=torch.long).contiguous().reshape(batch, 1).view(torch.int32),
     ]
     if with_indices:
@@ -243,9 +267,9 @@ def gather_batch(
     dist.all_gather(received, payload, group=group)
     rows = torch.cat([block[:size] for block, size in zip(received, sizes)])
 
-    emb = rows[:, :dim].contiguous().view(torch.float32)
-    lab = rows[:, dim : dim + 2].contiguous().view(torch.long).reshape(-1)
-    idx = rows[:, dim + 2 : dim + 4].contiguous().view(torch.long).reshape(-1) if with_indices else None
+    emb = rows[:, :width].contiguous().view(carrier).to(common)
+    lab = rows[:, width : width + 2].contiguous().view(torch.long).reshape(-1)
+    idx = rows[:, width + 2 : width + 4].contiguous().view(torch.long).reshape(-1) if with_indices else None
     if idx is not None and drop_duplicate_indices:
         keep = _first_occurrences(idx)
         if not bool(keep.all()):

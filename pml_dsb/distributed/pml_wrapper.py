@@ -39,8 +39,8 @@ class DistributedDSBLossWrapper(DistributedLossWrapper):
     global batch is in rank order on every rank, batch sizes may differ, and a
     batch rejected on one rank raises the same
     :class:`~pml_dsb.distributed.BatchRejectedError` on every rank before the
-    loss runs. Other ranks' rows travel as float32 and are cast to this rank's
-    embedding dtype.
+    loss runs. Rows travel in the widest of the ranks' embedding dtypes, and
+    every rank computes the loss in it.
 
     The wrapped loss's memory is switched to ``distributed=False`` (the batch
     it receives is already global); a memory built with ``distributed=True``
@@ -73,21 +73,25 @@ class DistributedDSBLossWrapper(DistributedLossWrapper):
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None):
         if not is_distributed() or torch.distributed.get_world_size() == 1:
             return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        unsupported = {
-            "indices_tuple": indices_tuple,
-            "ref_emb": ref_emb,
-            "ref_labels": ref_labels,
-            "enqueue_mask": enqueue_mask,
-        }
-        given = [name for name, value in unsupported.items() if value is not None]
-        if given:
-            raise ValueError(f"DistributedDSBLossWrapper does not support {given}")
-        if labels is None:
-            raise ValueError(f"{type(self.loss).__name__} needs labels: DSB weights losses by class")
         memory = self.loss.memory
-        batch = gather_batch(embeddings, labels, check=memory.validate_batch, drop_duplicate_indices=False)
-        rows = batch.embeddings.to(device=embeddings.device, dtype=embeddings.dtype)
+
+        def check(emb, lab, _):  # inside the collective check: a bad call on one rank raises on all
+            unsupported = {
+                "indices_tuple": indices_tuple,
+                "ref_emb": ref_emb,
+                "ref_labels": ref_labels,
+                "enqueue_mask": enqueue_mask,
+            }
+            given = [name for name, value in unsupported.items() if value is not None]
+            if given:
+                raise ValueError(f"DistributedDSBLossWrapper does not support {given}")
+            memory.validate_batch(emb, lab)
+
+        batch = gather_batch(embeddings, labels, check=check, drop_duplicate_indices=False, widest_dtype=True)
+        # every rank computes in the widest dtype of the ranks' rows, on the same
+        # values: its own rows are an exact cast of what the others received
+        rows = batch.embeddings.to(device=embeddings.device)
         end = batch.offset + embeddings.shape[0]
-        all_emb = torch.cat([rows[: batch.offset], embeddings, rows[end:]])
+        all_emb = torch.cat([rows[: batch.offset], embeddings.to(rows.dtype), rows[end:]])
         all_labels = batch.labels.to(labels.device)
         return self.loss(all_emb, all_labels) * torch.distributed.get_world_size()

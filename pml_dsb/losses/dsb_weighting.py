@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from pytorch_metric_learning.losses import ProxyAnchorLoss
 
-from ..memory.semantic_scale_memory import SemanticScaleMemory, check_embeddings_type
+from ..memory.semantic_scale_memory import SemanticScaleMemory
 
 __all__ = ["DSBWeightingMixin", "weight_losses_by_class", "dsb_class_weights", "with_dsb_weighting"]
 
@@ -57,25 +57,25 @@ def weight_losses_by_class(
         raise ValueError(f"element_indices must be 'samples' or 'classes', got {element_indices!r}")
     for name in loss_dict if names is None else names:
         entry = loss_dict[name]
-        kind = entry["reduction_type"]
+        kind, losses = entry["reduction_type"], entry["losses"]
+        if not torch.is_tensor(losses) or losses.numel() == 0:
+            continue  # PML's zero loss (e.g. MarginLoss's beta_reg_loss when nu = 0): nothing to weight
         if kind not in _ANCHOR_OF:
             raise ValueError(
                 f"loss {name!r} has reduction_type {kind!r}; only per-sample losses "
                 f"({sorted(_ANCHOR_OF)}) can be re-weighted by class"
             )
-        losses = entry["losses"]
-        if not torch.is_tensor(losses) or losses.numel() == 0:
-            continue  # PML's zero loss: nothing to weight
         weights = class_weights.to(device=losses.device, dtype=losses.dtype)
         if kind == "element" and element_indices == "classes":
             entry["losses"] = losses * weights[entry["indices"]]
             continue
-        if kind == "element" and losses.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"loss {name!r} has {losses.shape[0]} element losses for a batch of {labels.shape[0]}: "
-                f"not one per sample; for losses indexed by class pass element_indices='classes'"
-            )
         anchors = _ANCHOR_OF[kind](entry["indices"])
+        if kind == "element" and (anchors.shape[0] != losses.shape[0] or int(anchors.max()) >= labels.shape[0]):
+            raise ValueError(
+                f"loss {name!r} has {losses.shape[0]} element losses indexed by {anchors.shape[0]} values up "
+                f"to {int(anchors.max())}, not by samples of the batch of {labels.shape[0]}; for losses "
+                f"indexed by class pass element_indices='classes'"
+            )
         entry["losses"] = losses * weights[labels[anchors]]
     return loss_dict
 
@@ -136,10 +136,12 @@ class DSBWeightingMixin:
 
     Parameters are never re-typed in ``forward`` (PML's ``cast_types`` rewrites
     ``.data``): the loss is computed in the wider of the embeddings' and the
-    parameters' dtypes, as the parent computes it: lower-precision embeddings
-    (autocast) are cast up to the parameters' dtype, and for float64
-    embeddings the parameters take part through a float64 cast (gradients
-    flow back to them). Parameters on another device than the embeddings
+    parameters' dtypes. Lower-precision embeddings (autocast) are cast up to
+    the parameters' dtype; for float64 embeddings the parameters take part
+    through a float64 cast (gradients flow back to them). With float32
+    parameters this is the parent's arithmetic; the parent itself re-types
+    its parameters to the embeddings' dtype, so after ``loss.double()`` with
+    float32 embeddings the two differ (float64 here, float32 there). Parameters on another device than the embeddings
     raise an error asking for ``loss.to(device)``.
 
     Recorded attributes (PML record-keeper / ``HookContainer``): ``dsb_stage``,
@@ -152,6 +154,11 @@ class DSBWeightingMixin:
     #: per sample of the batch) or "classes" (one per class or proxy, as
     #: ``ProxyAnchorLoss`` returns; see :func:`weight_losses_by_class`).
     dsb_element_indices = "samples"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if issubclass(cls, ProxyAnchorLoss) and "dsb_element_indices" not in cls.__dict__:
+            cls.dsb_element_indices = "classes"  # one loss per proxy, indexed by class
 
     _DSB_RECORDS = (
         "dsb_stage",
@@ -200,12 +207,15 @@ class DSBWeightingMixin:
             for name, (value, unset) in given.items():
                 if value is not unset and value != getattr(memory, name):
                     raise ValueError(f"{name}={value!r} conflicts with memory.{name}={getattr(memory, name)!r}")
-        if not _takes_classes(type(self)):
-            super().__init__(*args, **kwargs)  # a pair or triplet loss: the memory alone needs them
-        elif args:
+        # the memory needs both; the parent gets those it names (pair and triplet
+        # losses none, MarginLoss num_classes alone), by position only where they
+        # lead its other positional arguments
+        takes = _parent_takes(type(self))
+        if args and takes == ("num_classes", "embedding_size"):
             super().__init__(num_classes, embedding_size, *args, **kwargs)
         else:  # by keyword: some parents read them from **kwargs (SubCenterArcFaceLoss)
-            super().__init__(num_classes=num_classes, embedding_size=embedding_size, **kwargs)
+            given = {"num_classes": num_classes, "embedding_size": embedding_size}
+            super().__init__(*args, **{name: given[name] for name in takes}, **kwargs)
         self.num_classes = num_classes
         self.embedding_size = embedding_size  # PML records it but never sets it
         self.memory = memory
@@ -225,25 +235,24 @@ class DSBWeightingMixin:
         ref_labels=None,
         sample_indices: Optional[torch.Tensor] = None,
     ):
-        if labels is None:
-            raise ValueError(f"{type(self).__name__} needs labels: DSB weights losses by class")
-        check_embeddings_type(embeddings)  # before the cast below reads (or hides) the dtype
+        # every check before anything changes; collective when the memory gathers,
+        # so that a batch bad on one rank raises on every rank
+        self.memory.validate_batch(embeddings, labels, sample_indices if self.update_memory else None)
+        labels = labels.to(torch.long)  # any integer dtype (PML's parents need int64)
         params = dict(self.named_parameters(recurse=False))
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in params.values()], embeddings.dtype)
-        narrow = {name: p.to(dtype) for name, p in params.items() if p.dtype != dtype}
-        if narrow:
-            # the parent would re-type its parameters' .data to float64 for good;
-            # this call alone computes with float64 casts of them instead
-            args = (embeddings, labels, indices_tuple, ref_emb, ref_labels)
-            return torch.func.functional_call(self, narrow, args, {"sample_indices": sample_indices})
         embeddings = embeddings.to(dtype)
-        # every check runs before anything changes, on the tensor that will be stored
-        self.memory.validate_batch(embeddings, labels, sample_indices if self.update_memory else None)
+        narrow = {name: p.to(dtype) for name, p in params.items() if p.dtype != dtype}
+        # the parent would re-type its parameters' .data to float64 for good; this
+        # call alone computes with (differentiable) float64 casts of them instead
+        saved = {name: self._parameters[name] for name in narrow}
+        self._parameters.update(narrow)
         self._sample_indices = sample_indices
         self._validated = embeddings
         try:
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         finally:
+            self._parameters.update(saved)
             self._sample_indices = None
             self._validated = None
 
@@ -259,11 +268,18 @@ class DSBWeightingMixin:
                 )
         for name, value in list(vars(self).items()):  # parameters and buffers live elsewhere
             if isinstance(value, torch.Tensor) and not name.startswith("_"):
-                setattr(self, name, value.to(device=device, dtype=dtype))
+                # integer ones (ProxyNCALoss's proxy_labels: class ids) keep their dtype
+                kind = {"dtype": dtype} if value.is_floating_point() else {}
+                setattr(self, name, value.to(device=device, **kind))
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         # the parent's losses first: if it rejects the input, the memory is untouched
-        loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        try:
+            loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        except Exception as err:
+            if self.update_memory:  # the other ranks wait in their enqueue: they raise too
+                self.memory._reject_collectively(err)
+            raise
         if self.update_memory:
             # forward() validated this very batch before the parent saw it
             validated = embeddings is getattr(self, "_validated", None)
@@ -295,17 +311,15 @@ def with_dsb_weighting(loss_class: type) -> type:
     """
     if not isinstance(loss_class, type):
         raise TypeError(f"loss_class must be a class, got {loss_class!r}")
-    namespace = {"__module__": loss_class.__module__}
-    if issubclass(loss_class, ProxyAnchorLoss):
-        namespace["dsb_element_indices"] = "classes"
-    return type(f"DSB{loss_class.__name__}", (DSBWeightingMixin, loss_class), namespace)
+    return type(f"DSB{loss_class.__name__}", (DSBWeightingMixin, loss_class), {"__module__": loss_class.__module__})
 
 
-def _takes_classes(cls: type) -> bool:
-    """Whether a class after :class:`DSBWeightingMixin` in ``cls``'s MRO names
-    ``num_classes`` in its constructor (classification and proxy losses do,
-    pair and triplet losses do not)."""
+def _parent_takes(cls: type) -> tuple[str, ...]:
+    """Which of ``num_classes`` and ``embedding_size`` the constructors after
+    :class:`DSBWeightingMixin` in ``cls``'s MRO name, in that order."""
     after = cls.__mro__[cls.__mro__.index(DSBWeightingMixin) + 1 :]
-    return any(
-        "num_classes" in inspect.signature(k.__dict__["__init__"]).parameters for k in after if "__init__" in k.__dict__
-    )
+    names = set()
+    for k in after:
+        if "__init__" in k.__dict__:
+            names |= set(inspect.signature(k.__dict__["__init__"]).parameters)
+    return tuple(name for name in ("num_classes", "embedding_size") if name in names)

@@ -81,6 +81,16 @@ def _is_integer_tensor(x: torch.Tensor) -> bool:
     return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
 
 
+def _raiser(error: Optional[BaseException]):
+    """A batch check that raises ``error`` (found before the collective call), or passes."""
+
+    def check(*_):
+        if error is not None:
+            raise error
+
+    return check
+
+
 def check_embeddings_type(embeddings) -> None:
     """Raise ``TypeError`` unless ``embeddings`` is a floating-point tensor."""
     if not isinstance(embeddings, torch.Tensor):
@@ -130,6 +140,9 @@ class _UnrecordedBuffers(MutableMapping):
 
     def copy(self) -> "_UnrecordedBuffers":  # torch's DataParallel replicas copy it
         return _UnrecordedBuffers(self._items)
+
+    def discard(self, name) -> None:  # Module.__setattr__ so drops a name from non-dict containers
+        self._items.pop(name, None)
 
 
 def _plain_mode(func):
@@ -456,8 +469,10 @@ class SemanticScaleMemory(torch.nn.Module):
         if not should_gather(self.distributed):
             self._validate_local_batch(embeddings, labels, indices)
             return
-        sizes, _ = check_batch_collectively(self._validate_local_batch, embeddings, labels, indices)
-        if sum(sizes) > self.memory_size:
+        sizes, with_indices = check_batch_collectively(self._validate_local_batch, embeddings, labels, indices)
+        # distinct dataset indices in [0, M) always fit; a sample repeated across
+        # ranks (DistributedSampler's padding) is enqueued once
+        if not with_indices and sum(sizes) > self.memory_size:
             raise ValueError(
                 f"the global batch of {sum(sizes)} embeddings ({sizes} per rank) is larger than "
                 f"memory_size={self.memory_size}"
@@ -483,6 +498,8 @@ class SemanticScaleMemory(torch.nn.Module):
             raise ValueError(
                 f"batch of {batch} embeddings is larger than memory_size={self.memory_size}"
             )
+        if labels is None:
+            raise ValueError("labels are required: the memory keeps the scale of each class")
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
         if not _is_integer_tensor(labels):
@@ -561,25 +578,23 @@ class SemanticScaleMemory(torch.nn.Module):
         """:meth:`enqueue`; ``validated``: the caller has just passed this very
         batch through :meth:`validate_batch` (as the DSB losses do), so a
         single process skips the second check."""
-        if should_gather(self.distributed):
-            # collective: the ranks agree on the verdict, then each gets the global batch
-            embeddings, labels, indices, _, _ = gather_batch(
-                embeddings, labels, indices, check=self._validate_local_batch
-            )
-            self._validate_local_batch(embeddings, labels, indices)  # same global batch, same verdict everywhere
-        elif not validated:
-            self.validate_batch(embeddings, labels, indices)
         device = self.embedding_memory.device
-        emb = embeddings.detach().to(device=device)
-        if self.l2_normalize:
-            # in float64, each row first divided by its largest magnitude: its
-            # squares then neither overflow (rows of norm past ~1e154 came out
-            # zero) nor underflow; the tiny eps: F.normalize's default 1e-12
-            # floor would leave vectors of smaller norm short of unit length
-            tiny = torch.finfo(torch.float64).tiny
-            emb = emb.double()
-            emb = F.normalize(emb / emb.abs().amax(1, keepdim=True).clamp(min=tiny), dim=1, eps=tiny)
-        emb = emb.float()
+        if should_gather(self.distributed):
+            # collective: the ranks agree on the verdict, then each gets the global
+            # batch; each rank sends the rows as it would store them (a float32 copy
+            # of the input would round wider inputs before their normalisation)
+            try:
+                self._validate_local_batch(embeddings, labels, indices)
+                rows, error = self._stored_rows(embeddings), None
+            except Exception as err:  # reaches the other ranks through the check
+                rows, error = embeddings, err
+            emb, labels, indices, _, _ = gather_batch(rows, labels, indices, check=_raiser(error))
+            self._validate_local_batch(emb, labels, indices)  # same global batch, same verdict everywhere
+            emb = emb.to(device=device)
+        else:
+            if not validated:
+                self.validate_batch(embeddings, labels, indices)
+            emb = self._stored_rows(embeddings)
         labels = labels.detach().to(device=device, dtype=torch.long)
         batch = emb.shape[0]
         if indices is None:
@@ -595,6 +610,28 @@ class SemanticScaleMemory(torch.nn.Module):
             self.queue_idx.copy_((self.queue_idx + batch) % self.memory_size)
         self.index_addressed.fill_(indices is not None)
         self.enqueued_count += batch
+
+    def _reject_collectively(self, error: BaseException) -> None:
+        """For a caller that failed where an enqueue was due (a loss whose parent
+        rejected the batch): when gathering, the other ranks are in their
+        enqueue's check; joining it with ``error`` makes every rank raise the
+        same :class:`~pml_dsb.distributed.BatchRejectedError`. Otherwise nothing."""
+        if should_gather(self.distributed):
+            check_batch_collectively(_raiser(error), None, None)
+
+    def _stored_rows(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The batch as the memory stores it: detached, on its device, L2-normalised
+        (unless ``l2_normalize=False``), float32."""
+        emb = embeddings.detach().to(device=self.embedding_memory.device)
+        if self.l2_normalize:
+            # in float64, each row first divided by its largest magnitude: its
+            # squares then neither overflow (rows of norm past ~1e154 came out
+            # zero) nor underflow; the tiny eps: F.normalize's default 1e-12
+            # floor would leave vectors of smaller norm short of unit length
+            tiny = torch.finfo(torch.float64).tiny
+            emb = emb.double()
+            emb = F.normalize(emb / emb.abs().amax(1, keepdim=True).clamp(min=tiny), dim=1, eps=tiny)
+        return emb.float()
 
     def _store(self, slots: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor) -> None:
         """Write the batch into its slots and count it; no statistics yet."""

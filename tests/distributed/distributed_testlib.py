@@ -112,13 +112,25 @@ FAULTS = {
     2: {0: "label_out_of_range"},
     3: {0: "indices_on_one_rank"},
     4: {0: "float_labels", 1: "inf"},
+    # found by checks that once ran before the collective one, or by the parent
+    # loss between the check and the enqueue: one rank raised alone and hung
+    5: {1: "labels_none"},
+    6: {0: "integer_embeddings"},
+    7: {1: "ref_emb"},
 }
-FAULT_STEPS = 7
+FAULT_STEPS = 10
+INT32_LABELS = {8: 0}  # step -> rank passing int32 labels: a good batch (the parents need int64)
 
 
 def _corrupt(fault, emb, labels):
-    emb, labels, indices = emb.clone(), labels.clone(), None
-    if fault == "nan":
+    emb, labels, indices, extra = emb.clone(), labels.clone(), None, {}
+    if fault == "labels_none":
+        labels = None
+    elif fault == "integer_embeddings":
+        emb = emb.long()
+    elif fault == "ref_emb":
+        extra = {"ref_emb": emb.clone(), "ref_labels": labels.clone()}
+    elif fault == "nan":
         emb[2, 3] = float("nan")
     elif fault == "inf":
         emb[0, 0] = float("inf")
@@ -128,7 +140,7 @@ def _corrupt(fault, emb, labels):
         labels = labels.float()
     elif fault == "indices_on_one_rank":
         indices = torch.arange(len(labels))
-    return emb, labels, indices
+    return emb, labels, indices, extra
 
 
 def scenario_faults(rank, world):
@@ -138,10 +150,13 @@ def scenario_faults(rank, world):
     for t, step in enumerate(make_batches(2, UNEVEN, FAULT_STEPS)):
         emb, labels = step[rank]
         fault = FAULTS.get(t, {}).get(rank)
-        emb, labels, indices = _corrupt(fault, emb, labels) if fault else (emb, labels, None)
+        emb, labels, indices, extra = _corrupt(fault, emb, labels) if fault else (emb, labels, None, {})
+        if INT32_LABELS.get(t) == rank:
+            labels = labels.int()
         before = state_of(loss.memory)
         try:
-            loss(emb.requires_grad_(True), labels, sample_indices=indices).backward()
+            emb = emb.requires_grad_(True) if emb.is_floating_point() else emb
+            loss(emb, labels, sample_indices=indices, **extra).backward()
             rec["errors"].append(None)
         except ValueError as err:
             cause = type(err.__cause__).__name__ if err.__cause__ is not None else None
@@ -193,6 +208,14 @@ def scenario_indices(rank, world):
         except ValueError as err:
             rec["too_large"].append(str(err))
     rec["too_large_enqueued"] = small.num_enqueued
+    # 12 samples, 11 distinct indices: they fit a memory of 11 (through the loss too)
+    fits = new_loss(memory_size=11, warmup_epochs=1)
+    emb, labels = _index_batches()[0][rank]
+    try:
+        fits(emb, labels, sample_indices=torch.tensor(INDEX_STEPS[0][rank]))
+        rec["distinct_fit"] = fits.memory.num_enqueued
+    except ValueError as err:
+        rec["distinct_fit"] = str(err)
     return rec
 
 
@@ -427,6 +450,49 @@ def reference_helpers():
     return {"batches": seen, "state": state_of(loss.memory)}
 
 
+F64_STEPS = 5
+
+
+def _wide_batches():
+    """Per rank: rank 0 float64 rows with one of norm ~1e300 (finite in float64
+    only), rank 1 float32 rows, and a row of norm ~1e-300 on rank 0."""
+    steps = make_batches(8, UNEVEN, F64_STEPS)
+    for step in steps:
+        emb0 = step[0][0].double()
+        emb0[0] *= 1e300
+        emb0[1] *= 1e-300
+        step[0] = (emb0, step[0][1])
+    return steps
+
+
+def scenario_wide(rank, world):
+    """Float64 (beyond float32's range) and float32 ranks: the gathering memory
+    called directly, and the DSB wrapper, against one process."""
+    from pml_dsb.distributed import DistributedDSBLossWrapper
+
+    direct, wrapped_loss = new_loss(), new_loss()
+    wrapped = DistributedDSBLossWrapper(wrapped_loss)
+    rec = {"direct_loss": [], "wrapped_loss": [], "dtype": []}
+    for step in _wide_batches():
+        emb, labels = step[rank]
+        rec["direct_loss"].append(direct(emb, labels).detach().clone())
+        value = wrapped(emb, labels)
+        rec["wrapped_loss"].append(value.detach().clone())
+        rec["dtype"].append(str(value.dtype))
+    rec["direct_state"], rec["wrapped_state"] = state_of(direct.memory), state_of(wrapped_loss.memory)
+    return rec
+
+
+def reference_wide(world=2):
+    memory_ref, wrapped_ref = new_loss(), new_loss()
+    losses = []
+    for step in _wide_batches():
+        memory_ref(*concat(step))  # torch.cat: float64 for all rows
+        losses.append(wrapped_ref(*concat(step)).detach() * world)
+    return {"direct_state": state_of(memory_ref.memory), "wrapped_state": state_of(wrapped_ref.memory),
+            "wrapped_loss": losses}
+
+
 SCENARIOS = {
     "helpers": scenario_helpers,
     "direct": scenario_direct,
@@ -436,6 +502,7 @@ SCENARIOS = {
     "pml_wrapper": scenario_pml_wrapper,
     "pml_wrapper_auto": scenario_pml_wrapper_auto,
     "dsb_wrapper": scenario_dsb_wrapper,
+    "wide": scenario_wide,
 }
 
 

@@ -76,12 +76,15 @@ def test_bad_batch_on_any_rank_raises_everywhere_and_changes_nothing(ranks):
     assert "sample indices were passed on ranks [0]" in r1["errors"][3][1]
     assert r0["errors"][4][2] == [0, 1] and "rank 0: TypeError" in r0["errors"][4][1]
     assert r0["errors"][4][3] == "TypeError" and r1["errors"][4][3] == "ValueError"
+    assert "rank 1: ValueError: labels are required" in r0["errors"][5][1]
+    assert "rank 0: TypeError: embeddings must be floating point" in r1["errors"][6][1]
+    assert r0["errors"][7][2] == r1["errors"][7][2] == [1]  # the parent loss refused ref_emb on rank 1
 
 
 def test_training_continues_after_rejected_batches(ranks):
     r0, r1 = records(ranks, "faults")
     ref = lib.reference_faults()
-    assert r0["enqueued"] == r1["enqueued"] == [12, 12, 12, 12, 12, 24, 36]
+    assert r0["enqueued"] == r1["enqueued"] == [12] * 8 + [24, 36]  # int32 labels at step 8: a good batch
     assert_same_state(r0["state"], r1["state"])
     assert_same_state(r0["state"], ref["state"])
     assert torch.equal(r0["scales"], ref["scales"])
@@ -103,6 +106,8 @@ def test_global_batch_larger_than_the_memory_is_refused_on_every_rank(ranks):
     )
     assert r0["too_large"][1] == "batch of 12 embeddings is larger than memory_size=10"
     assert r0["too_large_enqueued"] == r1["too_large_enqueued"] == 0
+    # a sample repeated across ranks counts once against memory_size (it once counted twice)
+    assert r0["distinct_fit"] == r1["distinct_fit"] == 11
 
 
 def test_ddp_loop_with_distributed_sampler_matches_one_process(ranks):
@@ -174,3 +179,19 @@ def test_sharded_batches_reproduce_the_one_process_run_and_helpers_agree(ranks):
     assert [len(x) for x in r0["slices"]] == [5, 5, 5, 1, 5, 5, 5, 1]
     assert_same_state(r0["state"], r1["state"])
     assert_same_state(r0["state"], ref["state"])
+
+
+def test_float64_and_float32_ranks_match_one_process(ranks):
+    """Each rank sends its rows as the memory stores them (normalised, then
+    float32), and the wrapper computes in the widest dtype on every rank: a
+    float32 copy of float64 rows once rounded them first (a row of norm 1e300
+    became inf and the batch was refused; one of 1e-300 became zero)."""
+    r0, r1 = records(ranks, "wide")
+    ref = lib.reference_wide()
+    for key in ("direct_state", "wrapped_state"):
+        assert_same_state(r0[key], r1[key])
+        assert_same_state(r0[key], ref[key])
+    assert r0["dtype"] == r1["dtype"] == ["torch.float64"] * lib.F64_STEPS
+    for t in range(lib.F64_STEPS):
+        assert torch.equal(r0["wrapped_loss"][t], r1["wrapped_loss"][t])
+        assert_close(r0["wrapped_loss"][t], ref["wrapped_loss"][t], rtol=1e-12, atol=0)

@@ -441,6 +441,9 @@ OTHER_LOSSES = {
     "subcenter_arcface": (pml_losses.SubCenterArcFaceLoss, {"sub_centers": 2}),
     "proxy_anchor": (pml_losses.ProxyAnchorLoss, {}),
     "large_margin_softmax": (pml_losses.LargeMarginSoftmaxLoss, {}),
+    "margin": (pml_losses.MarginLoss, {"margin": 0.3}),  # names num_classes, not embedding_size
+    "nca": (pml_losses.NCALoss, {}),  # element losses of some samples only
+    "proxy_nca": (pml_losses.ProxyNCALoss, {}),  # integer proxy_labels
 }
 
 
@@ -448,8 +451,9 @@ def _other_pair(name, gen, M, n, reducer=None):
     parent_cls, kwargs = OTHER_LOSSES[name]
     if reducer is not None:
         kwargs = {**kwargs, "reducer": reducer}
-    takes_classes = name in ("subcenter_arcface", "proxy_anchor", "large_margin_softmax")
-    parent = parent_cls(num_classes=C, embedding_size=D, **kwargs) if takes_classes else parent_cls(**kwargs)
+    takes = {"subcenter_arcface": 2, "proxy_anchor": 2, "large_margin_softmax": 2, "proxy_nca": 2, "margin": 1}
+    given = dict(list({"num_classes": C, "embedding_size": D}.items())[: takes.get(name, 0)])
+    parent = parent_cls(**given, **kwargs)
     randomize_parameters(parent, gen)
     dsb = with_dsb_weighting(parent_cls)(C, D, memory_size=M, warmup_epochs=n, **kwargs)
     dsb.load_state_dict({**dsb.state_dict(), **parent.state_dict()})
@@ -483,7 +487,7 @@ def test_other_pml_losses_are_weighted_by_anchor_or_class_in_stage_3(name, gen):
     w = dsb.memory.weights().float()
     assert not torch.allclose(w, torch.ones_like(w))  # precondition: weights that tell
     want = parent(emb, labels)
-    by_class = name == "proxy_anchor"  # one loss per proxy: its own class's weight
+    by_class = name in ("proxy_anchor", "proxy_anchor_subclass")  # one loss per proxy: its class's weight
     for key, entry in want.items():
         if entry["reduction_type"] == "already_reduced":
             continue
@@ -492,15 +496,43 @@ def test_other_pml_losses_are_weighted_by_anchor_or_class_in_stage_3(name, gen):
         torch.testing.assert_close(got[key]["losses"], entry["losses"] * factor, rtol=1e-6, atol=0)
 
 
-def test_weight_losses_by_class_rejects_element_losses_not_one_per_sample():
+def test_a_mixin_subclass_of_proxy_anchor_weights_its_losses_by_class():
+    class Mine(DSBWeightingMixin, pml_losses.ProxyAnchorLoss):
+        pass
+
+    class Told(DSBWeightingMixin, pml_losses.ProxyAnchorLoss):
+        dsb_element_indices = "samples"  # a subclass's own choice stays
+
+    assert Mine.dsb_element_indices == "classes" and Told.dsb_element_indices == "samples"
+    assert with_dsb_weighting(pml_losses.ProxyAnchorLoss).dsb_element_indices == "classes"
+    assert with_dsb_weighting(pml_losses.ArcFaceLoss).dsb_element_indices == "samples"
+
+
+def test_float64_call_runs_forward_hooks_once(gen):
+    dsb, _, _ = make_pair("norm_softmax", gen, C, D, 12, 1)
+    fired = []
+    dsb.register_forward_pre_hook(lambda *_: fired.append("pre"))
+    dsb.register_forward_hook(lambda *_: fired.append("post"))
+    emb, labels = _batch(gen, 4)
+    dsb(emb.double(), labels)
+    assert fired == ["pre", "post"] and dsb.memory.num_enqueued == 4
+    assert all(type(p) is torch.nn.Parameter and p.dtype == torch.float32 for p in dsb.parameters())
+
+
+def test_weight_losses_by_class_element_losses_of_some_samples_or_of_classes():
     labels = torch.tensor([0, 1, 1])
-    per_class = {"loss": {"losses": torch.ones(2), "indices": torch.arange(2), "reduction_type": "element"}}
-    with pytest.raises(ValueError, match="2 element losses for a batch of 3.*element_indices='classes'"):
-        weight_losses_by_class(per_class, labels, torch.tensor([2.0, 4.0]))
-    out = weight_losses_by_class(per_class, labels, torch.tensor([2.0, 4.0]), element_indices="classes")
-    assert torch.equal(out["loss"]["losses"], torch.tensor([2.0, 4.0]))
+    w = torch.tensor([2.0, 4.0, 8.0, 16.0])
+    # a loss for some samples only (FastAP, NCA, NPairs): each by its sample's label
+    some = {"loss": {"losses": torch.ones(2), "indices": torch.tensor([0, 2]), "reduction_type": "element"}}
+    assert torch.equal(weight_losses_by_class(some, labels, w)["loss"]["losses"], torch.tensor([2.0, 4.0]))
+    # one loss per class (ProxyAnchor): indices past the batch are no samples
+    per_class = {"loss": {"losses": torch.ones(4), "indices": torch.arange(4), "reduction_type": "element"}}
+    with pytest.raises(ValueError, match="indexed by 4 values up to 3, not by samples of the batch of 3"):
+        weight_losses_by_class(per_class, labels, w)
+    out = weight_losses_by_class(per_class, labels, w, element_indices="classes")
+    assert torch.equal(out["loss"]["losses"], w)
     with pytest.raises(ValueError, match="element_indices must be 'samples' or 'classes', got 'rows'"):
-        weight_losses_by_class(per_class, labels, torch.tensor([2.0, 4.0]), element_indices="rows")
+        weight_losses_by_class(per_class, labels, w, element_indices="rows")
 
 
 # ------------------------------------------------------ weight_losses_by_class

@@ -182,6 +182,20 @@ def test_dtype_casts_leave_the_buffers_as_they_are(gen, np_ref, cast):
     np.testing.assert_allclose(mem.scales().numpy(), np_ref.class_scales(z.double().numpy(), y.numpy(), 4, normalize=False), rtol=1e-9)
 
 
+def test_buffers_follow_torch_module_semantics(gen):
+    """The buffers live in a mapping that is not a dict (see _UnrecordedBuffers):
+    torch's ways of setting, replacing and deleting them still work."""
+    mem = SemanticScaleMemory(2, 4, 8)
+    mem.extra = torch.nn.Parameter(torch.ones(1))  # a name torch files elsewhere
+    mem.register_buffer("scratch", torch.zeros(2))
+    assert "scratch" in dict(mem.named_buffers())
+    mem.scratch = torch.nn.Parameter(torch.ones(2))  # a buffer replaced by a parameter
+    assert "scratch" not in dict(mem.named_buffers()) and "scratch" in dict(mem.named_parameters())
+    del mem.scratch
+    assert not hasattr(mem, "scratch")
+    assert not isinstance(mem._buffers, dict) and set(mem.state_dict()) == set(SemanticScaleMemory(2, 4, 8).state_dict()) | {"extra"}
+
+
 # ------------------------------------------------------- index-addressed mode
 def test_index_addressed_memory_keeps_latest_embedding_per_index(gen, np_ref):
     M, d, C = 12, 3, 3
