@@ -130,6 +130,9 @@ class DSBWeightingMixin:
             must equal the memory's.
         update_memory: enqueue each batch (default). When several losses share
             one memory and see the same batch, let only one of them enqueue.
+            When the memory gathers across ranks, a batch refused on one rank
+            raises on every rank (its checks and the parent's); a loss that
+            does not enqueue shares the memory's checks but not the parent's.
 
     ``forward`` also takes ``sample_indices``: dataset indices of the batch,
     making the memory index-addressed (one slot per sample).
@@ -157,7 +160,8 @@ class DSBWeightingMixin:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if issubclass(cls, ProxyAnchorLoss) and "dsb_element_indices" not in cls.__dict__:
+        chosen = any("dsb_element_indices" in k.__dict__ for k in cls.__mro__[: cls.__mro__.index(DSBWeightingMixin)])
+        if issubclass(cls, ProxyAnchorLoss) and not chosen:
             cls.dsb_element_indices = "classes"  # one loss per proxy, indexed by class
 
     _DSB_RECORDS = (
@@ -222,6 +226,7 @@ class DSBWeightingMixin:
         self.update_memory = update_memory
         self._sample_indices = None
         self._validated = None  # the embeddings forward() checked, while it runs
+        self._enqueue_due = False  # while forward() runs: the memory's enqueue is still to come
         for name in self._DSB_RECORDS:
             setattr(self, name, None)
         self.add_to_recordable_attributes(list_of_names=list(self._DSB_RECORDS), is_stat=False)
@@ -249,12 +254,20 @@ class DSBWeightingMixin:
         self._parameters.update(narrow)
         self._sample_indices = sample_indices
         self._validated = embeddings
+        self._enqueue_due = self.update_memory
         try:
             return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        except Exception as err:
+            # the parent refused the batch (in its own checks or in compute_loss)
+            # before the enqueue: the other ranks wait in their enqueue's check
+            if self._enqueue_due:
+                self.memory._reject_collectively(err)
+            raise
         finally:
             self._parameters.update(saved)
             self._sample_indices = None
             self._validated = None
+            self._enqueue_due = False
 
     def cast_types(self, dtype, device):
         """Check instead of re-typing parameters' ``.data`` as PML does; the
@@ -274,15 +287,11 @@ class DSBWeightingMixin:
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         # the parent's losses first: if it rejects the input, the memory is untouched
-        try:
-            loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        except Exception as err:
-            if self.update_memory:  # the other ranks wait in their enqueue: they raise too
-                self.memory._reject_collectively(err)
-            raise
+        loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         if self.update_memory:
             # forward() validated this very batch before the parent saw it
             validated = embeddings is getattr(self, "_validated", None)
+            self._enqueue_due = False  # the enqueue makes its own collective calls, failing or not
             self.memory._enqueue(embeddings, labels, self._sample_indices, validated=validated)
         self.dsb_stage = self.memory.stage
         self.dsb_num_enqueued = self.memory.num_enqueued

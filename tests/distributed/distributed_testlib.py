@@ -117,9 +117,10 @@ FAULTS = {
     5: {1: "labels_none"},
     6: {0: "integer_embeddings"},
     7: {1: "ref_emb"},
+    8: {0: "ref_shape"},  # refused by PML's own checks, before compute_loss
 }
 FAULT_STEPS = 10
-INT32_LABELS = {8: 0}  # step -> rank passing int32 labels: a good batch (the parents need int64)
+INT32_LABELS = {9: 0}  # step -> rank passing int32 labels: a good batch (the parents need int64)
 
 
 def _corrupt(fault, emb, labels):
@@ -130,6 +131,8 @@ def _corrupt(fault, emb, labels):
         emb = emb.long()
     elif fault == "ref_emb":
         extra = {"ref_emb": emb.clone(), "ref_labels": labels.clone()}
+    elif fault == "ref_shape":
+        extra = {"ref_emb": emb[:4].clone(), "ref_labels": labels[:3].clone()}
     elif fault == "nan":
         emb[2, 3] = float("nan")
     elif fault == "inf":

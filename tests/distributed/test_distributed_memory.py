@@ -79,12 +79,13 @@ def test_bad_batch_on_any_rank_raises_everywhere_and_changes_nothing(ranks):
     assert "rank 1: ValueError: labels are required" in r0["errors"][5][1]
     assert "rank 0: TypeError: embeddings must be floating point" in r1["errors"][6][1]
     assert r0["errors"][7][2] == r1["errors"][7][2] == [1]  # the parent loss refused ref_emb on rank 1
+    assert r0["errors"][8][2] == r1["errors"][8][2] == [0]  # PML's shape check, before compute_loss
 
 
 def test_training_continues_after_rejected_batches(ranks):
     r0, r1 = records(ranks, "faults")
     ref = lib.reference_faults()
-    assert r0["enqueued"] == r1["enqueued"] == [12] * 8 + [24, 36]  # int32 labels at step 8: a good batch
+    assert r0["enqueued"] == r1["enqueued"] == [12] * 9 + [24]  # int32 labels at step 9: a good batch
     assert_same_state(r0["state"], r1["state"])
     assert_same_state(r0["state"], ref["state"])
     assert torch.equal(r0["scales"], ref["scales"])

@@ -503,7 +503,11 @@ def test_a_mixin_subclass_of_proxy_anchor_weights_its_losses_by_class():
     class Told(DSBWeightingMixin, pml_losses.ProxyAnchorLoss):
         dsb_element_indices = "samples"  # a subclass's own choice stays
 
+    class Inherits(Told):
+        pass
+
     assert Mine.dsb_element_indices == "classes" and Told.dsb_element_indices == "samples"
+    assert Inherits.dsb_element_indices == "samples"
     assert with_dsb_weighting(pml_losses.ProxyAnchorLoss).dsb_element_indices == "classes"
     assert with_dsb_weighting(pml_losses.ArcFaceLoss).dsb_element_indices == "samples"
 
