@@ -144,8 +144,9 @@ class DSBWeightingMixin:
     through a float64 cast (gradients flow back to them). With float32
     parameters this is the parent's arithmetic; the parent itself re-types
     its parameters to the embeddings' dtype, so after ``loss.double()`` with
-    float32 embeddings the two differ (float64 here, float32 there). Parameters on another device than the embeddings
-    raise an error asking for ``loss.to(device)``.
+    float32 embeddings the two differ (float64 here, float32 there).
+    Parameters on another device than the embeddings raise an error asking
+    for ``loss.to(device)``.
 
     Recorded attributes (PML record-keeper / ``HookContainer``): ``dsb_stage``,
     ``dsb_num_enqueued``, ``dsb_fill_level``, and in stage 3
