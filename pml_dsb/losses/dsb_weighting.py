@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from pytorch_metric_learning.losses import ProxyAnchorLoss
 
+from ..distributed.gather import check_batch_collectively, should_gather
 from ..memory.semantic_scale_memory import SemanticScaleMemory
 
 __all__ = ["DSBWeightingMixin", "weight_losses_by_class", "dsb_class_weights", "with_dsb_weighting"]
@@ -131,8 +132,9 @@ class DSBWeightingMixin:
         update_memory: enqueue each batch (default). When several losses share
             one memory and see the same batch, let only one of them enqueue.
             When the memory gathers across ranks, a batch refused on one rank
-            raises on every rank (its checks and the parent's); a loss that
-            does not enqueue shares the memory's checks but not the parent's.
+            (by the memory's checks or the parent's) raises on every rank; a
+            loss that does not enqueue makes one more small collective call
+            per call to share its parent's verdict.
 
     ``forward`` also takes ``sample_indices``: dataset indices of the batch,
     making the memory index-addressed (one slot per sample).
@@ -256,12 +258,14 @@ class DSBWeightingMixin:
         self._sample_indices = sample_indices
         self._validated = embeddings
         self._enqueue_due = self.update_memory
+        # a loss that does not enqueue agrees with the other ranks after its parent ran
+        reader = not self.update_memory and should_gather(self.memory.distributed)
         try:
-            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            out = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         except Exception as err:
             # the parent refused the batch (in its own checks or in compute_loss)
             # before the enqueue: the other ranks wait in their enqueue's check
-            if self._enqueue_due:
+            if self._enqueue_due or reader:
                 self.memory._reject_collectively(err)
             raise
         finally:
@@ -269,6 +273,9 @@ class DSBWeightingMixin:
             self._sample_indices = None
             self._validated = None
             self._enqueue_due = False
+        if reader:  # raises if the parent refused the batch on another rank
+            check_batch_collectively(None, embeddings, labels)
+        return out
 
     def cast_types(self, dtype, device):
         """Check instead of re-typing parameters' ``.data`` as PML does; the

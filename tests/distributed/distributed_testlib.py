@@ -453,6 +453,25 @@ def reference_helpers():
     return {"batches": seen, "state": state_of(loss.memory)}
 
 
+def scenario_reader(rank, world):
+    """A second loss on the same memory that does not enqueue: its parent refuses
+    rank 1's batch at step 2 (ref_emb), and every rank hears of it."""
+    loss = new_loss()
+    reader = new_loss(memory=loss.memory, update_memory=False)
+    rec = {"errors": [], "enqueued": []}
+    for t, step in enumerate(make_batches(9, UNEVEN, 4)):
+        emb, labels = step[rank]
+        loss(emb, labels)
+        extra = {"ref_emb": emb.clone(), "ref_labels": labels.clone()} if (t, rank) == (2, 1) else {}
+        try:
+            reader(emb, labels, **extra)
+            rec["errors"].append(None)
+        except ValueError as err:
+            rec["errors"].append((type(err).__name__, getattr(err, "bad_ranks", None)))
+        rec["enqueued"].append(loss.memory.num_enqueued)
+    return rec
+
+
 F64_STEPS = 5
 
 
@@ -506,6 +525,7 @@ SCENARIOS = {
     "pml_wrapper_auto": scenario_pml_wrapper_auto,
     "dsb_wrapper": scenario_dsb_wrapper,
     "wide": scenario_wide,
+    "reader": scenario_reader,
 }
 
 

@@ -196,3 +196,9 @@ def test_float64_and_float32_ranks_match_one_process(ranks):
     for t in range(lib.F64_STEPS):
         assert torch.equal(r0["wrapped_loss"][t], r1["wrapped_loss"][t])
         assert_close(r0["wrapped_loss"][t], ref["wrapped_loss"][t], rtol=1e-12, atol=0)
+
+
+def test_a_loss_that_does_not_enqueue_shares_its_parents_verdict(ranks):
+    r0, r1 = records(ranks, "reader")
+    assert r0["errors"] == r1["errors"] == [None, None, ("BatchRejectedError", [1]), None]
+    assert r0["enqueued"] == r1["enqueued"] == [12, 24, 36, 48]
