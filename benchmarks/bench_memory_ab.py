@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import random
 import statistics
@@ -84,7 +85,8 @@ def compare(baseline_cls, shape_name: str, addressing: str, steps: int, warmup: 
             if step >= warmup:
                 times[k].append(time.perf_counter() - start)
         scale = scales[0].abs().clamp(min=1e-30)
-        difference = max(difference, float(((scales[1] - scales[0]).abs() / scale).max()))
+        relative = ((scales[1] - scales[0]).abs() / scale).nan_to_num(nan=math.inf)  # a NaN is the worst case
+        difference = max(difference, float(relative.max()))
     before, after = (1e3 * statistics.median(t) for t in times)
     print(
         f"{shape_name:14s} {addressing:5s} baseline {before:8.2f} ms  working tree {after:8.2f} ms  "

@@ -18,7 +18,8 @@
 #   (4) bench_train_step --amp bf16       ~60 s   (timeout 120 s, 20 iterations; only
 #       if the budget still allows: each step's timeout is cut to what is left)
 # Each step has its own timeout and the script goes on after a failure; every
-# line is appended to $OUT/gpu_checks.log. Files written under $OUT (<= 8):
+# line is appended to $OUT/gpu_checks.log, and the exit status is 1 if any step
+# failed (a machine without CUDA fails the cuda-available step). Files written under $OUT (<= 8):
 # gpu_checks.log, bench_dsb_step_cuda.json, bench_train_step.json,
 # bench_train_step_bf16.json.
 set -u
@@ -51,7 +52,9 @@ step() {
     ((rc == 124 || rc == 137)) && note=" (TIMED OUT)"
     log "=== [$name] rc=$rc$note in $((SECONDS - start))s"
     SUMMARY+=("$name: rc=$rc$note $((SECONDS - start))s")
+    ((rc == 0)) || FAILED+=("$name")
 }
+FAILED=()
 
 log "=== gpu_checks $(date -u +%FT%TZ) in $PWD, git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 step install 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -62,6 +65,8 @@ export PYTHONPATH=/tmp/site:$PWD
     python3 -c "import sys, torch, torchvision, numpy, pytorch_metric_learning as pml, faiss, hypothesis, pml_dsb; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-', '| torchvision', torchvision.__version__, '| numpy', numpy.__version__, '| pml', pml.__version__, '| faiss', faiss.__version__, '| hypothesis', hypothesis.__version__, '| pml_dsb', pml_dsb.__file__)"
 } 2>&1 | tee -a "$LOG"
 
+# without CUDA every CUDA test would be skipped and the run would look green
+step cuda-available 60 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch.cuda.is_available() is False')"
 # (1) the CUDA tests: those marked @pytest.mark.gpu (conftest skips them without CUDA)
 # only the files that hold them: other test modules import packages (record-keeper)
 # that the GPU machine lacks, and a collection error would stop the run
@@ -76,3 +81,7 @@ step bench-train-step-bf16 120 python3 benchmarks/bench_train_step.py --device c
 
 log "=== summary (total ${SECONDS}s of ${BUDGET_S}s budget)"
 for line in "${SUMMARY[@]}"; do log "  $line"; done
+if ((${#FAILED[@]})); then
+    log "=== FAILED: ${FAILED[*]}"
+    exit 1
+fi

@@ -97,6 +97,24 @@ def _check_run_folder(run_dir: str, config: BenchConfig, resume: bool, overwrite
             )
 
 
+def _check_against_data(config: BenchConfig, data) -> None:
+    """The settings that need the dataset's sizes, checked before any training."""
+    n, classes = len(data.train), len(data.train_counts)
+    dsb_methods = [m for m in config.methods if m.upper().startswith("DSB")]
+    if dsb_methods and config.dsb.index_addressed and config.dsb.memory_size not in (0, n):
+        raise ConfigError(
+            f"[dsb] index_addressed needs memory_size = the training-set size ({n}) or 0, "
+            f"got {config.dsb.memory_size}; set memory_size = 0 or index_addressed = false"
+        )
+    tr = config.training
+    if tr.sampler == "m_per_class" and tr.m_per_class * classes < tr.batch_size:
+        raise ConfigError(
+            f"[training] sampler = 'm_per_class' fills a batch of {tr.batch_size} from m_per_class = "
+            f"{tr.m_per_class} samples of each of {classes} classes: at most {tr.m_per_class * classes}; "
+            f"raise m_per_class or lower batch_size"
+        )
+
+
 def run_benchmark(
     config: BenchConfig,
     out: Union[str, os.PathLike] = "results",
@@ -131,6 +149,7 @@ def run_benchmark(
     started, t0 = now_iso(), time.perf_counter()
     # missing data or weights fail here, before the run folder is written
     data = build_run_data(config)
+    _check_against_data(config, data)
     with torch.random.fork_rng(devices=[]):
         build_embedding_model(config.model)
     on_main(_write_start, run_dir, config, device, argv, started)

@@ -170,6 +170,17 @@ def build_train_loader(
                       persistent_workers=False)
 
 
+def samples_per_epoch(num_samples: int, config) -> int:
+    """How many samples one epoch of :func:`build_train_loader` yields (its
+    ``config``: the ``[training]`` section): the training-set size, less the
+    incomplete last batch with ``drop_last``; the m-per-class sampler's
+    length (the set's size rounded down to whole batches)."""
+    batch = config.batch_size
+    if config.sampler != "random":
+        return max(num_samples - num_samples % batch, batch)
+    return num_samples - num_samples % batch if config.drop_last else num_samples
+
+
 def train_sampler(loader: DataLoader):
     """The one-process sampler of a :func:`build_train_loader` loader (under
     the rank's :class:`~pml_dsb.distributed.ShardedBatchSampler` when sharded)."""

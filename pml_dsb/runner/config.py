@@ -260,8 +260,13 @@ class DSBConfig:
     """``[dsb]``: the DSB memory (DSB-NSM, DSB-ST).
 
     Attributes:
-        warmup_epochs: n (paper: 5); weighting starts after ``n * M`` samples.
-        memory_size: M; 0 (default) = the training-set size (the paper's).
+        warmup_epochs: n (paper: 5); weighting starts once ``n * M``
+            samples are enqueued (DEFINITIONS.md), from the last batch of
+            epoch n on.
+        memory_size: M; 0 (default) = the training-set size (the paper's)
+            for an index-addressed memory, what one epoch enqueues for a
+            first-in-first-out one (less with ``drop_last`` or the
+            m-per-class sampler).
         normalize: ``mean`` (weights average 1) or ``none`` (raw ``1/S``).
         index_addressed: pass dataset indices to the loss, so that the memory
             holds one slot per training sample (needs ``memory_size`` = the
@@ -300,6 +305,8 @@ class EvaluationConfig:
             raise ConfigError(f"[evaluation] recall_ks must include 1 and 2, got {self.recall_ks!r}")
         for k in self.recall_ks:
             _positive_int("evaluation", "recall_ks", k)
+        if len(set(self.recall_ks)) != len(self.recall_ks):
+            raise ConfigError(f"[evaluation] recall_ks must not repeat a value, got {self.recall_ks!r}")
         _positive_int("evaluation", "nmi_seed", self.nmi_seed, 0)
         _positive_int("evaluation", "nredo", self.nredo)
         _positive_int("evaluation", "batch_size", self.batch_size)

@@ -54,6 +54,7 @@ def build_loss(
     config,
     train_counts: Sequence[int],
     memory_size: Optional[int] = None,
+    epoch_samples: Optional[int] = None,
 ) -> torch.nn.Module:
     """The loss of ``method`` with the hyper-parameters of ``config`` (a
     :class:`~pml_dsb.runner.config.BenchConfig`).
@@ -62,7 +63,12 @@ def build_loss(
         train_counts: training samples per class (length = number of classes);
             the CB weights come from them.
         memory_size: training-set size, the DSB memory's M when
-            ``config.dsb.memory_size`` is 0 (default: ``sum(train_counts)``).
+            ``config.dsb.memory_size`` is 0 (default: ``sum(train_counts)``)
+            and the memory is index-addressed.
+        epoch_samples: what one epoch enqueues, M of a first-in-first-out
+            memory when ``config.dsb.memory_size`` is 0 (default: the
+            training-set size): with ``drop_last`` or the m-per-class sampler
+            it is less, and a larger M would keep some samples twice.
 
     >>> from pml_dsb.runner.config import config_from_dict
     >>> cfg = config_from_dict({"dataset": {"name": "digits_lt"}, "model": {"embedding_size": 8}})
@@ -91,7 +97,8 @@ def build_loss(
         return plain(**kwargs, reducer=class_balanced_reducer(counts, beta=config.class_balanced.beta))
     if method.startswith("DSB-"):
         total = sum(counts) if memory_size is None else int(memory_size)
-        size = config.dsb.memory_size or total
+        fifo_size = total if epoch_samples is None else int(epoch_samples)
+        size = config.dsb.memory_size or (total if config.dsb.index_addressed else fifo_size)
         if config.dsb.index_addressed and size != total:
             raise ValueError(
                 f"[dsb] index_addressed needs memory_size = the training-set size ({total}), "

@@ -136,7 +136,8 @@ def paired_test(values: Sequence[float], parent: Sequence[float]) -> dict:
     out = {"n": int(diff.size), "diff_mean": float(diff.mean()),
            "diff_std": float(diff.std(ddof=1)) if diff.size > 1 else None,
            "t": None, "p": None, "significant": None}
-    if diff.size > 1 and np.ptp(diff) > 0:
+    # equal differences (to rounding: equal gains over seeds differ by ~1e-17) have no spread to test
+    if diff.size > 1 and not np.allclose(diff, diff[0], rtol=0, atol=1e-12):
         from scipy.stats import ttest_rel
 
         res = ttest_rel(a, b)

@@ -77,6 +77,7 @@ from .builders import (
     build_eval_loader,
     build_run_data,
     build_train_loader,
+    samples_per_epoch,
     train_sampler,
 )
 from .checkpoint import (
@@ -417,7 +418,8 @@ def train_one(
 
     with seeded_rng(seed, device):
         model = build_embedding_model(config.model).to(device)
-        loss_fn = build_loss(method, config, data.train_counts, memory_size=len(data.train)).to(device)
+        loss_fn = build_loss(method, config, data.train_counts, memory_size=len(data.train),
+                             epoch_samples=samples_per_epoch(len(data.train), config.training)).to(device)
         tr = config.training
         opt_model = _optimizer(tr.optimizer, model.parameters(), tr.lr, tr.weight_decay, tr.momentum)
         opt_loss = _optimizer(tr.optimizer, loss_fn.parameters(), tr.loss_lr, 0.0, tr.momentum)

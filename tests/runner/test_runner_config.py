@@ -90,6 +90,47 @@ def test_wrong_types_are_rejected(tmp_path, section, line, needle):
     assert path in str(err.value)
 
 
+def test_repeated_recall_k_is_rejected():
+    with pytest.raises(ConfigError, match=r"recall_ks must not repeat a value, got \[1, 2, 2\]"):
+        config_from_dict({"dataset": {"name": "digits_lt"}, "evaluation": {"recall_ks": [1, 2, 2]}})
+
+
+@pytest.mark.parametrize(
+    "sections, needle",
+    [
+        ({"dsb": {"memory_size": 100, "index_addressed": True}},
+         r"index_addressed needs memory_size = the training-set size \(347\) or 0, got 100"),
+        ({"training": {"sampler": "m_per_class", "m_per_class": 4, "batch_size": 64}},
+         r"at most 40; raise m_per_class or lower batch_size"),
+    ],
+    ids=["index-addressed-size", "m-per-class-batch"],
+)
+def test_settings_checked_against_the_data_before_any_training(tmp_path, sections, needle):
+    from pml_dsb.runner import run_benchmark
+
+    cfg = config_from_dict({"name": "t", "dataset": {"name": "digits_lt", "imbalance_factor": 50},
+                            "methods": ["NSM", "DSB-NSM"], "seeds": [0], **sections})
+    with pytest.raises(ConfigError, match=needle):
+        run_benchmark(cfg, out=tmp_path, progress=False)
+    assert not (tmp_path / "t").exists()  # refused before the run folder is written
+
+
+def test_fifo_memory_holds_what_one_epoch_enqueues():
+    from pml_dsb.runner.builders import samples_per_epoch
+    from pml_dsb.runner.methods import build_loss
+
+    for training, per_epoch in (({}, 347), ({"drop_last": True, "batch_size": 64}, 320),
+                                ({"sampler": "m_per_class", "m_per_class": 8, "batch_size": 40}, 320)):
+        fifo = config_from_dict({"dataset": {"name": "digits_lt"}, "training": training,
+                                 "dsb": {"index_addressed": False}})
+        assert samples_per_epoch(347, fifo.training) == per_epoch
+        loss = build_loss("DSB-NSM", fifo, [100] * 3 + [47], memory_size=347, epoch_samples=per_epoch)
+        assert loss.memory.memory_size == per_epoch
+        indexed = config_from_dict({"dataset": {"name": "digits_lt"}, "training": training})
+        counts = [100] * 3 + [47]
+        assert build_loss("DSB-NSM", indexed, counts, memory_size=347, epoch_samples=per_epoch).memory.memory_size == 347
+
+
 def test_int_accepted_for_float_and_values_checked():
     cfg = config_from_dict({"dataset": {"name": "digits_lt", "imbalance_factor": 10}, "training": {"lr": 1}})
     assert isinstance(cfg.training.lr, float) and isinstance(cfg.dataset.imbalance_factor, float)

@@ -40,6 +40,10 @@ def test_paired_test_matches_scipy():
     assert res["significant"] == bool(ref.pvalue < 0.05)
     same = paired_test([0.4, 0.5], [0.4, 0.5])
     assert same["p"] is None and same["significant"] is None and same["diff_std"] == 0
+    # equal gains over seeds, equal only to rounding (3/500 each): no spread, no test
+    # (t came out 1.6e14, p 3.8e-29, "significant")
+    gains = paired_test([0.9, 0.8, 0.7], [0.9 - 3 / 500, 0.8 - 3 / 500, 0.7 - 3 / 500])
+    assert gains["p"] is None and gains["significant"] is None and gains["diff_mean"] == pytest.approx(0.006)
     with pytest.raises(ValueError):
         paired_test([1, 2], [1])
 
