@@ -163,9 +163,18 @@ class ModelConfig:
     width: Optional[int] = None
 
     def __post_init__(self):
+        from ..models.build_model import MODEL_NAMES
+
+        if self.name not in MODEL_NAMES:
+            why = ""
+            if str(self.name).lower().replace("-", "").replace("_", "") == "bninception":
+                why = " (BN-Inception, the paper's backbone: torchvision has no definition and none is bundled)"
+            raise ConfigError(f"[model] name must be one of {MODEL_NAMES}, got {self.name!r}{why}")
         _positive_int("model", "embedding_size", self.embedding_size)
         if self.width is not None:
             _positive_int("model", "width", self.width)
+            if self.name != "digits_cnn":
+                raise ConfigError(f"[model] width applies to digits_cnn only, not to {self.name!r}")
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,19 @@ def test_wrong_types_are_rejected(tmp_path, section, line, needle):
     assert path in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "model, needle",
+    [
+        ({"name": "vgg"}, r"\[model\] name must be one of .*got 'vgg'$"),
+        ({"name": "bn_inception"}, r"got 'bn_inception' \(BN-Inception, the paper's backbone"),
+        ({"name": "resnet50", "width": 4}, r"width applies to digits_cnn only, not to 'resnet50'"),
+    ],
+)
+def test_model_name_and_width_are_checked_when_loaded(model, needle):
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict({"dataset": {"name": "digits_lt"}, "model": model})
+
+
 def test_repeated_recall_k_is_rejected():
     with pytest.raises(ConfigError, match=r"recall_ks must not repeat a value, got \[1, 2, 2\]"):
         config_from_dict({"dataset": {"name": "digits_lt"}, "evaluation": {"recall_ks": [1, 2, 2]}})
