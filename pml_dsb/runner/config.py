@@ -271,7 +271,9 @@ class DSBConfig:
     Attributes:
         warmup_epochs: n (paper: 5); weighting starts once ``n * M``
             samples are enqueued (DEFINITIONS.md), from the last batch of
-            epoch n on.
+            epoch n on (later with an index-addressed memory and
+            ``drop_last`` or the m-per-class sampler, whose epochs enqueue
+            fewer than M = the training-set size).
         memory_size: M; 0 (default) = the training-set size (the paper's)
             for an index-addressed memory, what one epoch enqueues for a
             first-in-first-out one (less with ``drop_last`` or the
