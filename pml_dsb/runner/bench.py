@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from ..distributed.ddp import barrier, current_context
-from .builders import build_embedding_model, build_run_data
+from .builders import build_embedding_model, build_run_data, samples_per_epoch
 from .config import BenchConfig, ConfigError, RuntimeConfig, dump_config, load_config
 from .results import environment_info, now_iso, summarize, write_environment, write_run_folder
 from .training import compatibility_key, on_main, train_one
@@ -107,6 +107,12 @@ def _check_against_data(config: BenchConfig, data) -> None:
             f"got {config.dsb.memory_size}; set memory_size = 0 or index_addressed = false"
         )
     tr = config.training
+    if samples_per_epoch(n, tr, current_context().world_size) == 0:
+        raise ConfigError(
+            f"[training] an epoch of {n} training samples yields no batch with batch_size = "
+            f"{tr.batch_size}, drop_last = {str(tr.drop_last).lower()} and "
+            f"{current_context().world_size} processes; lower batch_size"
+        )
     if tr.sampler == "m_per_class" and tr.m_per_class * classes < tr.batch_size:
         raise ConfigError(
             f"[training] sampler = 'm_per_class' fills a batch of {tr.batch_size} from m_per_class = "

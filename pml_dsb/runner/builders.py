@@ -170,15 +170,21 @@ def build_train_loader(
                       persistent_workers=False)
 
 
-def samples_per_epoch(num_samples: int, config) -> int:
-    """How many samples one epoch of :func:`build_train_loader` yields (its
-    ``config``: the ``[training]`` section): the training-set size, less the
-    incomplete last batch with ``drop_last``; the m-per-class sampler's
-    length (the set's size rounded down to whole batches)."""
+def samples_per_epoch(num_samples: int, config, world_size: int = 1) -> int:
+    """How many samples one epoch of :func:`build_train_loader` yields, over
+    all ranks (its ``config``: the ``[training]`` section): the training-set
+    size, less the incomplete last batch with ``drop_last`` or when it has
+    fewer samples than ranks (:class:`~pml_dsb.distributed.ShardedBatchSampler`
+    skips it); the m-per-class sampler's length (the set's size rounded down
+    to whole batches)."""
     batch = config.batch_size
     if config.sampler != "random":
-        return max(num_samples - num_samples % batch, batch)
-    return num_samples - num_samples % batch if config.drop_last else num_samples
+        whole = max(num_samples - num_samples % batch, batch)
+        return whole if batch >= world_size else 0
+    full, last = num_samples - num_samples % batch, num_samples % batch
+    if batch < world_size:
+        full = 0
+    return full + (last if not config.drop_last and last >= world_size else 0)
 
 
 def train_sampler(loader: DataLoader):

@@ -408,6 +408,12 @@ def train_one(
     where = f"{method} seed {seed}"
     epochs = config.training.epochs
     key = compatibility_key(config)
+    tr = config.training
+    if is_dsb(method) and not config.dsb.index_addressed and not config.dsb.memory_size \
+            and (tr.drop_last or tr.sampler != "random"):
+        # M of this first-in-first-out memory is what one epoch yields (len(train)
+        # before commit e8a3404): a run saved with the old M is not resumed
+        key["dsb_fifo_memory_size"] = "samples per epoch"
 
     done = on_main(_finished_result, result_path, epochs, key) if resume else None
     if done is not None:
@@ -419,7 +425,8 @@ def train_one(
     with seeded_rng(seed, device):
         model = build_embedding_model(config.model).to(device)
         loss_fn = build_loss(method, config, data.train_counts, memory_size=len(data.train),
-                             epoch_samples=samples_per_epoch(len(data.train), config.training)).to(device)
+                             epoch_samples=samples_per_epoch(len(data.train), config.training, get_world_size())
+                             ).to(device)
         tr = config.training
         opt_model = _optimizer(tr.optimizer, model.parameters(), tr.lr, tr.weight_decay, tr.momentum)
         opt_loss = _optimizer(tr.optimizer, loss_fn.parameters(), tr.loss_lr, 0.0, tr.momentum)

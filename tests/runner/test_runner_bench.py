@@ -169,6 +169,23 @@ def test_a_cosine_schedule_resumes_only_over_its_own_epochs(tmp_path, caplog):
     assert resumed == whole  # over its own epochs it resumes as before
 
 
+def test_a_fifo_run_saved_with_the_training_set_as_m_is_not_reused(tmp_path):
+    """With drop_last a first-in-first-out DSB memory holds what one epoch yields
+    (320 of digits-LT's 347 samples at batch 64); a run saved when M was the
+    training-set size must not be read back beside the new ones."""
+    _, cfg = tiny_config(tmp_path, epochs=1, methods=["DSB-NSM"], drop_last=True, batch_size=64)
+    cfg = dataclasses.replace(cfg, dsb=dataclasses.replace(cfg.dsb, index_addressed=False))
+    train_one(cfg, "DSB-NSM", 0, out_dir=tmp_path / "r", progress=False)
+    path = tmp_path / "r" / "checkpoints" / "DSB-NSM" / "seed0" / "result.json"
+    saved = json.loads(path.read_text())
+    assert saved["compatibility_key"]["dsb_fifo_memory_size"] == "samples per epoch"
+    assert load_checkpoint(path.parent / "last.pt")["loss"]["memory.embedding_memory"].shape[0] == 320
+    del saved["compatibility_key"]["dsb_fifo_memory_size"]  # as the older release wrote it
+    saved["read back"] = True
+    path.write_text(json.dumps(saved))
+    assert "read back" not in train_one(cfg, "DSB-NSM", 0, out_dir=tmp_path / "r", progress=False, resume=True)
+
+
 def test_resume_with_the_m_per_class_sampler(tmp_path):
     """PML's MPerClassSampler draws from numpy's global RNG and keeps a shuffled class order."""
     _, cfg = tiny_config(tmp_path, epochs=3, methods=["DSB-NSM"], sampler="m_per_class", batch_size=40)

@@ -115,8 +115,10 @@ def test_repeated_recall_k_is_rejected():
          r"index_addressed needs memory_size = the training-set size \(347\) or 0, got 100"),
         ({"training": {"sampler": "m_per_class", "m_per_class": 4, "batch_size": 64}},
          r"at most 40; raise m_per_class or lower batch_size"),
+        ({"training": {"batch_size": 400, "drop_last": True}},
+         r"an epoch of 347 training samples yields no batch with batch_size = 400, drop_last = true"),
     ],
-    ids=["index-addressed-size", "m-per-class-batch"],
+    ids=["index-addressed-size", "m-per-class-batch", "no-batch"],
 )
 def test_settings_checked_against_the_data_before_any_training(tmp_path, sections, needle):
     from pml_dsb.runner import run_benchmark
@@ -126,6 +128,22 @@ def test_settings_checked_against_the_data_before_any_training(tmp_path, section
     with pytest.raises(ConfigError, match=needle):
         run_benchmark(cfg, out=tmp_path, progress=False)
     assert not (tmp_path / "t").exists()  # refused before the run folder is written
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_samples_per_epoch_counts_what_the_sharded_batches_hold(world):
+    from torch.utils.data import BatchSampler
+
+    from pml_dsb.distributed import ShardedBatchSampler
+    from pml_dsb.runner.builders import samples_per_epoch
+
+    for n, batch, drop_last in [(101, 20, False), (102, 20, False), (103, 20, False), (103, 20, True),
+                                (40, 20, False), (4, 2, False), (7, 20, False), (7, 20, True)]:
+        training = config_from_dict({"dataset": {"name": "digits_lt"},
+                                     "training": {"batch_size": batch, "drop_last": drop_last}}).training
+        batches = BatchSampler(range(n), batch, drop_last)
+        held = sum(len(part) for rank in range(world) for part in ShardedBatchSampler(batches, rank, world))
+        assert samples_per_epoch(n, training, world) == held, (n, batch, drop_last, world)
 
 
 def test_fifo_memory_holds_what_one_epoch_enqueues():
