@@ -25,7 +25,8 @@ def build_model(
     - ``"resnet18"``, ``"resnet50"``: :class:`ResNetEmbedding` with
       ``pretrained`` = ``False``, ``True`` (torch hub cache) or a file path.
 
-    Extra keyword arguments go to the class (``normalize``, ``width``).
+    Extra keyword arguments go to the class (``normalize``; ``width`` for
+    ``digits_cnn`` only).
     BN-Inception, the paper's backbone, is not provided: torchvision has no
     definition of it and no faithful one is available offline.
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from typing import Optional, Union
 
 import torch
@@ -70,7 +71,15 @@ def load_backbone_state_dict(backbone: nn.Module, path: str, arch: str) -> None:
     """Load a torchvision ResNet state_dict file into ``backbone`` (whose ``fc``
     is already ``Identity``): ``fc.*`` keys are dropped, a ``{"state_dict": ...}``
     wrapper and a ``module.`` prefix are accepted, every other key must match."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        # torch's own message for a file it cannot read suggests weights_only=False
+        # (arbitrary code): a weights file is tensors, so say what is wrong instead
+        raise ValueError(
+            f"pretrained file {path!r} could not be read as a torch.save state_dict of tensors "
+            f"({type(err).__name__}); is it corrupt or truncated? Replace it with the original file"
+        ) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -74,6 +74,15 @@ def test_missing_file(tmp_path):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10], ids=["empty", "not-a-torch-file"])
+def test_unreadable_file_is_named_without_suggesting_weights_only_false(tmp_path, content):
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="could not be read as a torch.save state_dict") as info:
+        ResNetEmbedding("resnet18", 4, pretrained=path)
+    assert str(path) in str(info.value) and "weights_only" not in str(info.value)
+
+
 def test_wrong_architecture_in_file(resnet18_file):
     path, _ = resnet18_file
     with pytest.raises(ValueError, match="resnet50"):
