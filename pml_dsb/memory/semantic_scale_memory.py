@@ -91,14 +91,6 @@ def _raiser(error: Optional[BaseException]):
     return check
 
 
-def check_embeddings_type(embeddings) -> None:
-    """Raise ``TypeError`` unless ``embeddings`` is a floating-point tensor."""
-    if not isinstance(embeddings, torch.Tensor):
-        raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
-    if not embeddings.is_floating_point():
-        raise TypeError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
-
-
 class _UnrecordedBuffers(MutableMapping):
     """The memory's ``_buffers``: torch's mapping of buffer names to tensors,
     held in a mapping that is not a ``dict``.
@@ -485,7 +477,10 @@ class SemanticScaleMemory(torch.nn.Module):
         indices: Optional[torch.Tensor] = None,
     ) -> None:
         """The checks of :meth:`validate_batch` on this process's batch alone."""
-        check_embeddings_type(embeddings)
+        if not isinstance(embeddings, torch.Tensor):
+            raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+        if not embeddings.is_floating_point():
+            raise TypeError(f"embeddings must be floating point, got dtype {embeddings.dtype}")
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ValueError(
                 f"embeddings must have shape (batch, embedding_size={self.embedding_size}), "
