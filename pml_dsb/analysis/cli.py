@@ -282,13 +282,16 @@ def _cmd_summary(args) -> int:
         [k, s["num_classes"], _fmt(s["scale_ratio"]), _fmt(s["count_imbalance_factor"], ".1f"),
          _fmt(s["scale_count_spearman"], "+.3f")] for k, s in summaries.items()]))
     for key, summ in summaries.items():
-        ranked = summ["classes"]
+        ranked = [r for r in summ["classes"] if r["scale_rank"] is not None]
         k = args.top
         shown = ranked if len(ranked) <= 2 * k else ranked[:k] + ranked[-k:]
         note = "" if len(shown) == len(ranked) else f"; the {k} smallest and {k} largest of {len(ranked)}"
         print(f"\n{key}: classes ranked by scale (smallest first{note})")
         print(_table(["rank", "class", "scale", "count", "count rank"],
                      [[r["scale_rank"], r["class"], _fmt(r["scale"]), r["count"], r["count_rank"]] for r in shown]))
+        if summ["num_without_scale"]:
+            print(f"({summ['num_without_scale']} classes without a scale (fewer than 2 samples or no spread): "
+                  "not ranked, not in Spearman(S, n))")
     print(f"wrote {out}")
     return 0
 

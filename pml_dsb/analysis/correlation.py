@@ -111,6 +111,20 @@ def _as_seed_class(name: str, value, num_seeds: Optional[int] = None) -> np.ndar
     return a
 
 
+def _finite(name: str, a: np.ndarray) -> np.ndarray:
+    """``a`` unchanged; a ``ValueError`` naming the classes if any value is NaN
+    or infinite (a NaN would make every correlation NaN, which reads as
+    "constant")."""
+    bad = np.flatnonzero(~np.isfinite(a).all(0))
+    if len(bad):
+        raise ValueError(
+            f"{name} has NaN or infinite values at class positions {bad[:10].tolist()}"
+            f"{' ...' if len(bad) > 10 else ''} ({len(bad)} of {a.shape[1]}); leave those classes out first "
+            "(scale_bias_analysis does)"
+        )
+    return a
+
+
 def _check_boot(n_boot, confidence, seed) -> None:
     if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
@@ -243,10 +257,10 @@ def predictor_correlations(
     >>> [(p.predictor, p.method, round(p.value, 3)) for p in out]
     [('a', 'spearman', 0.8), ('a', 'pearson', 0.8)]
     """
-    acc = _as_seed_class("accuracy", accuracy)
+    acc = _finite("accuracy", _as_seed_class("accuracy", accuracy))
     out = []
     for name, values in predictors.items():
-        x = _as_seed_class(name, values, acc.shape[0])
+        x = _finite(name, _as_seed_class(name, values, acc.shape[0]))
         y = _as_seed_class("accuracy", acc, x.shape[0])
         if x.shape != y.shape:
             raise ValueError(f"{name} has shape {x.shape}, accuracy {y.shape}: they must match")
@@ -286,9 +300,13 @@ def compare_predictors(
     ``runner_up``, ``margin`` (difference in ``|r|``), ``margin_ci``,
     ``lead_fraction``, ``decisive`` (the margin's interval excludes 0),
     ``leads`` (the same four for the winner against every other predictor),
-    ``opposite_sign`` (predictors whose sign differs from ``expected_sign``,
-    default +1 for every predictor: the paper's hypothesis) and
-    ``statement``, a plain sentence.
+    ``intervals`` (name -> bootstrap interval of the correlation over
+    classes), ``opposite_sign`` (predictors whose interval excludes 0 on the
+    side opposite to ``expected_sign``, default +1 for every predictor: the
+    paper's hypothesis), ``no_clear_sign`` (predictors whose interval spans
+    0: no sign is claimed for them), ``undefined`` (constant predictors) and
+    ``statement``, a plain sentence. Predictors and accuracy must be finite
+    (``ValueError`` otherwise).
 
     >>> r = compare_predictors({"semantic_scale": [1, 2, 3, 4, 5], "train_count": [5, 1, 4, 2, 3]},
     ...                        [0.1, 0.2, 0.3, 0.4, 0.5], n_boot=200)
@@ -298,10 +316,10 @@ def compare_predictors(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_boot(n_boot, confidence, seed)
-    acc = _as_seed_class("accuracy", accuracy)
+    acc = _finite("accuracy", _as_seed_class("accuracy", accuracy))
     names, xs = [], []
     for name, values in predictors.items():
-        x = _as_seed_class(name, values, acc.shape[0])
+        x = _finite(name, _as_seed_class(name, values, acc.shape[0]))
         names.append(name)
         xs.append(x.mean(0))
     y = acc.mean(0)
@@ -317,15 +335,18 @@ def compare_predictors(
             aliases[n] = same[0]
         elif np.isfinite(values[n]):
             candidates.append(n)
+    # a sign is reported only where the interval over classes excludes 0
+    intervals = {
+        n: list(bootstrap_correlation(x, y, method, "classes", n_boot, confidence, seed)) for n, x in zip(names, xs)
+    }
+    clear = {n: bool(intervals[n][0] > 0 or intervals[n][1] < 0) for n in names}
     expected_sign = expected_sign or {}
-    opposite = [
-        n for n in names
-        if np.isfinite(values[n]) and values[n] != 0 and np.sign(values[n]) != expected_sign.get(n, 1)
-    ]
+    opposite = [n for n in names if clear[n] and np.sign(values[n]) != expected_sign.get(n, 1)]
     result = {
-        "method": method, "values": values, "winner": None, "runner_up": None,
+        "method": method, "values": values, "intervals": intervals, "winner": None, "runner_up": None,
         "margin": math.nan, "margin_ci": [math.nan, math.nan], "lead_fraction": math.nan, "leads": {},
         "decisive": False, "same_ranking": aliases, "opposite_sign": opposite,
+        "no_clear_sign": [n for n in names if np.isfinite(values[n]) and not clear[n]],
         "undefined": [n for n in names if not np.isfinite(values[n])],
         "num_classes": int(len(y)), "num_seeds": int(acc.shape[0]),
     }
@@ -365,9 +386,17 @@ def _statement(r: dict, confidence: float) -> str:
     sym = {"spearman": "Spearman rho", "pearson": "Pearson r"}[r["method"]]
     v = r["values"]
     w = r["winner"]
-    parts = [f"{_fmt(w)} tracks per-class accuracy best ({sym} = {v[w]:+.3f})"]
-    if r["runner_up"] is not None:
-        s = r["runner_up"]
+    lo, hi = r["intervals"][w]
+    shown = f"{sym} = {v[w]:+.3f}, {confidence:.0%} interval over classes [{lo:+.3f}, {hi:+.3f}]"
+    s = r["runner_up"]
+    if s is not None and r["margin"] == 0:
+        parts = [f"{_fmt(w)} and {_fmt(s)} are tied for the strongest link with per-class accuracy ({shown})"]
+    elif w in r["no_clear_sign"]:
+        parts = [f"no predictor shows a clear link with per-class accuracy: the strongest, {_fmt(w)} ({shown}), "
+                 "has an interval that spans 0"]
+    else:
+        parts = [f"{_fmt(w)} tracks per-class accuracy best ({shown})"]
+    if s is not None and r["margin"] != 0:
         lo, hi = r["margin_ci"]
         parts[0] += (
             f", ahead of {_fmt(s)} ({sym} = {v[s]:+.3f}) by {r['margin']:.3f} in |{sym.split()[-1]}|"
@@ -386,7 +415,7 @@ def _statement(r: dict, confidence: float) -> str:
                 f"{_fmt(scale)} ({sym} = {v[scale]:+.3f}) trails it by {lead['margin']:.3f} "
                 f"[{lo:+.3f}, {hi:+.3f}]" + (" (clear of noise)" if lead["decisive"] else " (within noise)")
             )
-    else:
+    elif s is None:
         parts[0] += " (the only predictor with a defined correlation)"
     for n, alias in r["same_ranking"].items():
         parts.append(f"{_fmt(n)} ranks the classes as {_fmt(alias)} does (same {sym})")
@@ -395,6 +424,11 @@ def _statement(r: dict, confidence: float) -> str:
     for n in r["opposite_sign"]:
         if n not in r["same_ranking"]:
             parts.append(f"larger {_fmt(n)} goes with LOWER accuracy (sign opposite to the paper's claim)")
+    for n in r["no_clear_sign"]:
+        if n not in r["same_ranking"] and n != w:
+            lo, hi = r["intervals"][n]
+            parts.append(f"{_fmt(n)} shows no clear link ({sym} = {v[n]:+.3f}, interval [{lo:+.3f}, {hi:+.3f}] "
+                         "spans 0)")
     return "; ".join(parts) + "."
 
 
@@ -409,9 +443,11 @@ def scale_bias_analysis(
     """The whole part-2 analysis on plain arrays.
 
     Args:
-        scale: (C,) or (seeds, C) semantic scale of each class (bits).
+        scale: (C,) or (seeds, C) semantic scale of each class (bits); a class
+            with ``S <= 0`` (no scale) in some seed is left out, with a warning.
         counts: (C,) or (seeds, C) training samples per class.
-        accuracy: (C,) or (seeds, C) per-class test accuracy / Recall@1.
+        accuracy: (C,) or (seeds, C) per-class test accuracy / Recall@1; a
+            class with a non-finite value in some seed is left out, likewise.
         n_boot, confidence, seed: bootstrap settings (see :func:`bootstrap_correlation`).
 
     Returns:
@@ -422,6 +458,23 @@ def scale_bias_analysis(
     >>> out["comparison"]["spearman"]["winner"]
     'semantic_scale'
     """
+    acc = _as_seed_class("accuracy", accuracy)
+    s = _as_seed_class("scale", scale)
+    c = _as_seed_class("counts", counts)
+    if not s.shape[1] == c.shape[1] == acc.shape[1]:
+        raise ValueError(f"scale, counts and accuracy must have the same classes, got {s.shape}, {c.shape}, "
+                         f"{acc.shape}")
+    # S = 0 is "no scale yet" (fewer than 2 samples, DEFINITIONS): a class
+    # without a scale or an accuracy would enter the correlations as a value
+    keep = (np.isfinite(s) & (s > 0)).all(0) & np.isfinite(acc).all(0)
+    if not keep.all():
+        logger.warning("%d of %d classes have no scale (S <= 0 or missing) or a non-finite accuracy in some "
+                       "seed; left out", int((~keep).sum()), len(keep))
+    if keep.sum() < 3:
+        raise ValueError(f"only {int(keep.sum())} classes have a scale and a finite accuracy; need at least 3")
+    scale, counts, accuracy = s[:, keep], c[:, keep], acc[:, keep]
+    if counts.shape[0] == 1:
+        counts = counts[0]
     preds = count_predictors(scale, counts)
     unavailable = [n for n, v in preds.items() if not np.all(np.isfinite(v))]
     preds = {n: v for n, v in preds.items() if n not in unavailable}

@@ -2,10 +2,12 @@
 
 The count imbalance factor is ``max n_c / min n_c``; the scale imbalance
 ratio is ``max S_c / min S_c`` over the classes that have a scale
-(``S_c > 0``, i.e. at least two samples). Classes are ranked by scale, rank 1
-the smallest (the class the paper expects the model to be weakest on),
-beside their rank by count, with the Spearman correlation of the two
-rankings.
+(``S_c > 0``, i.e. at least two samples; S = 0 means "no scale yet", as in
+DEFINITIONS). The classes with a scale are ranked by scale, rank 1 the
+smallest (the class the paper expects the model to be weakest on), beside
+their rank by count among them, with the Spearman correlation of the two
+rankings. Classes without a scale are listed last, unranked: a 0 ranked or
+correlated as a value would pass for the smallest scale.
 """
 from __future__ import annotations
 
@@ -41,9 +43,11 @@ def imbalance_summary(
 
     Returns a dict: ``scale_ratio`` (max/min over classes with ``S > 0``),
     ``count_imbalance_factor`` (max/min over classes with samples),
-    ``scale_count_spearman``, ``num_classes``, ``num_without_scale`` and
-    ``classes``: one row per class sorted by scale (smallest first) with
-    ``class``, ``count``, ``scale``, ``scale_rank``, ``count_rank``.
+    ``scale_count_spearman`` (over the classes with a scale), ``num_classes``,
+    ``num_without_scale`` and ``classes``: one row per class, those with a
+    scale sorted by it (smallest first), then those without, with ``class``,
+    ``count``, ``scale``, ``scale_rank`` and ``count_rank`` (both among the
+    classes with a scale; None for a class without one).
 
     >>> out = imbalance_summary([2.0, 1.0, 4.0], [10, 50, 100], classes=["a", "b", "c"])
     >>> out["scale_ratio"], out["count_imbalance_factor"]
@@ -62,19 +66,21 @@ def imbalance_summary(
         raise ValueError(f"classes has {len(names)} entries, scales {len(s)}")
     has = s > 0
     pos = n > 0
-    scale_rank = _ranks(s)
-    count_rank = _ranks(n)
+    ranked = np.flatnonzero(has)
+    scale_rank = dict(zip(ranked.tolist(), _ranks(s[ranked]).tolist()))
+    count_rank = dict(zip(ranked.tolist(), _ranks(n[ranked]).tolist()))
+    order = ranked[np.argsort(s[ranked], kind="stable")].tolist() + np.flatnonzero(~has).tolist()
     rows = [
         {
             "class": names[i],
             "count": int(n[i]) if float(n[i]).is_integer() else float(n[i]),
             "scale": float(s[i]),
-            "scale_rank": int(scale_rank[i]),
-            "count_rank": int(count_rank[i]),
+            "scale_rank": scale_rank.get(i),
+            "count_rank": count_rank.get(i),
         }
-        for i in np.argsort(s, kind="stable")
+        for i in order
     ]
-    rho = float(spearman(s, n)) if len(s) >= 2 else math.nan
+    rho = float(spearman(s[has], n[has])) if has.sum() >= 2 else math.nan
     return {
         "num_classes": int(len(s)),
         "num_without_scale": int((~has).sum()),

@@ -70,15 +70,16 @@ class RunTable:
 
     def complete(self, method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(classes, train_count, scale, accuracy)`` of ``method`` restricted
-        to the classes whose scale and accuracy are present for every seed."""
+        to the classes that have a scale (``S > 0``: a 0 means fewer than two
+        samples, "no scale yet") and a Recall@1 in every seed."""
         if method not in self.scale:
             raise KeyError(f"method {method!r} is not in the run (it has {self.methods})")
         s, a = self.scale[method], self.accuracy[method]
-        keep = np.isfinite(s).all(0) & np.isfinite(a).all(0)
+        keep = (np.isfinite(s) & (s > 0)).all(0) & np.isfinite(a).all(0)
         dropped = int((~keep).sum())
         if dropped:
-            logger.warning("%s: %d of %d classes lack a scale or a Recall@1 in some seed; left out",
-                           method, dropped, len(keep))
+            logger.warning("%s: %d of %d classes lack a scale (S = 0 or missing) or a Recall@1 in some seed; "
+                           "left out", method, dropped, len(keep))
         return self.classes[keep], self.train_count[keep], s[:, keep], a[:, keep]
 
 

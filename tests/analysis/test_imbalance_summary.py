@@ -15,10 +15,19 @@ def test_ratios_and_ranking():
     assert out["scale_ratio"] == pytest.approx(4.0)  # 6 / 1.5: the class without a scale is left out
     assert out["count_imbalance_factor"] == pytest.approx(100.0)
     assert out["num_without_scale"] == 1
-    assert [r["class"] for r in out["classes"]] == ["b", "c", "a", "d"]
-    assert [r["scale_rank"] for r in out["classes"]] == [1, 2, 3, 4]
-    assert [r["count_rank"] for r in out["classes"]] == [1, 2, 4, 3]
-    assert out["scale_count_spearman"] == pytest.approx(stats.spearmanr(scales, counts)[0])
+    # "b" has no scale (S = 0): listed last, unranked, and out of the correlation
+    assert [r["class"] for r in out["classes"]] == ["c", "a", "d", "b"]
+    assert [r["scale_rank"] for r in out["classes"]] == [1, 2, 3, None]
+    assert [r["count_rank"] for r in out["classes"]] == [1, 3, 2, None]
+    has = scales > 0
+    assert out["scale_count_spearman"] == pytest.approx(stats.spearmanr(scales[has], counts[has])[0])
+    assert out["scale_count_spearman"] != pytest.approx(stats.spearmanr(scales, counts)[0])
+
+
+def test_too_few_classes_with_a_scale():
+    out = imbalance_summary([0.0, 2.0, 0.0], [1, 5, 1])
+    assert math.isnan(out["scale_count_spearman"]) and out["num_without_scale"] == 2
+    assert [r["scale_rank"] for r in out["classes"]] == [1, None, None]
 
 
 def test_balanced_and_invalid():

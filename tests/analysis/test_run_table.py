@@ -29,6 +29,15 @@ def test_arrays_per_method_and_seed(tmp_path):
     assert classes.tolist() == [0, 1] and scale.shape == (1, 2) and acc.tolist() == [[0.9, 0.9]]
 
 
+def test_classes_without_a_scale_are_left_out(tmp_path):
+    # S = 0 is "no scale yet" (one training sample): not a value to correlate
+    rows = [("NSM", s, c, 1 if c == 0 else 10, 0.0 if (c == 0 or (c == 3 and s == 1)) else 2.0 + c, "train", 0.5)
+            for s in (0, 1) for c in range(5)]
+    table = load_run_table(write_run(tmp_path / "run", rows))
+    classes, counts, scale, acc = table.complete("NSM")
+    assert classes.tolist() == [1, 2, 4] and counts.tolist() == [10, 10, 10] and (scale > 0).all()
+
+
 def test_open_set_run_has_no_counts(tmp_path):
     rows = [("NSM", 0, c, "", 3.0 + c, "test", 0.4) for c in range(4)]
     table = load_run_table(write_run(tmp_path / "cub", rows))

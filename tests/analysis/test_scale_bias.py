@@ -96,3 +96,49 @@ def test_balanced_counts_cannot_rank(seeded_run):
     assert "constant across classes" in comp["statement"]
     out = scale_bias_analysis(scale, np.full(12, np.nan), acc, n_boot=50)
     assert out["unavailable"] == ["train_count", "log_count"]
+
+
+def test_classes_without_a_scale_or_an_accuracy_are_left_out(seeded_run, caplog):
+    scale, counts, acc = (a.copy() for a in seeded_run)
+    scale[:, 0] = 0.0  # one training sample: no scale (DEFINITIONS)
+    scale[2, 1] = 0.0  # no scale in one seed
+    acc[3, 2] = np.nan  # no query of class 2 in one seed
+    out = scale_bias_analysis(scale, counts, acc, n_boot=50)
+    keep = np.arange(12) >= 3
+    values = {(c["predictor"], c["method"]): c["value"] for c in out["correlations"]}
+    expected = stats.spearmanr(scale[:, keep].mean(0), acc[:, keep].mean(0))[0]
+    assert values[("semantic_scale", "spearman")] == pytest.approx(expected, abs=1e-12)
+    assert values[("train_count", "pearson")] == pytest.approx(
+        stats.pearsonr(counts[keep], acc[:, keep].mean(0))[0], abs=1e-12)
+    assert "3 of 12 classes" in caplog.text
+    with pytest.raises(ValueError, match="only 2 classes"):
+        scale_bias_analysis(np.r_[0.0, 1.0, 2.0], [1, 5, 9], [0.1, 0.2, 0.3], n_boot=20)
+
+
+def test_non_finite_values_are_refused_by_the_parts():
+    with pytest.raises(ValueError, match=r"accuracy has NaN or infinite values at class positions \[3\]"):
+        compare_predictors({"semantic_scale": X}, np.where(np.arange(10) == 3, np.nan, Y), n_boot=20)
+    with pytest.raises(ValueError, match="semantic_scale has NaN"):
+        predictor_correlations({"semantic_scale": np.r_[X[:9], np.inf]}, Y, n_boot=20)
+
+
+def test_no_sign_claimed_for_a_null_link():
+    rng = np.random.default_rng(4)
+    scale, counts, acc = rng.uniform(1, 5, 30), rng.integers(5, 200, 30), rng.uniform(0.2, 0.9, 30)
+    comp = compare_predictors({"semantic_scale": scale, "train_count": counts}, acc, n_boot=400)
+    for name in ("semantic_scale", "train_count"):
+        lo, hi = comp["intervals"][name]
+        assert lo == pytest.approx(bootstrap_correlation(
+            {"semantic_scale": scale, "train_count": counts}[name], acc, n_boot=400)[0])
+        assert lo < 0 < hi and name in comp["no_clear_sign"]
+    assert comp["opposite_sign"] == [] and "LOWER" not in comp["statement"]
+    assert "no predictor shows a clear link" in comp["statement"] and "tracks per-class accuracy best" not in (
+        comp["statement"])
+
+
+def test_tie_is_reported_as_a_tie():
+    comp = compare_predictors({"semantic_scale": X, "train_count": -X}, Y, n_boot=50)
+    assert comp["margin"] == 0 and "tied for the strongest link" in comp["statement"]
+    # the same sentence whatever the dict order
+    flipped = compare_predictors({"train_count": -X, "semantic_scale": X}, Y, n_boot=50)
+    assert "tied" in flipped["statement"] and "semantic scale" in flipped["statement"]
