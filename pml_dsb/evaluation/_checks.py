@@ -6,6 +6,7 @@ was expected, in the same words everywhere.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -25,7 +26,9 @@ def cuda_index(x: Any) -> int | None:
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        # numpy has no bfloat16 (autocast outputs it); float32 holds it exactly
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
     if x is None:
         raise ValueError(f"{name} is None; expected an array of shape (N, d)")
     try:
@@ -35,7 +38,9 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
 
 
 def as_embeddings(x: Any, name: str) -> np.ndarray:
-    """``x`` as a float32 (N, d) numpy array (shares memory when it can).
+    """``x`` as a float32 (N, d) numpy array (shares memory when it can;
+    wider inputs of magnitude beyond 2**64 or below 2**-64 are first scaled by
+    one power of two, which no metric here sees).
 
     Raises ``ValueError`` for an empty array, a shape other than (N, d) with
     N, d >= 1, or any NaN or infinite entry; ``TypeError`` for a non-numeric one.
@@ -54,8 +59,7 @@ def as_embeddings(x: Any, name: str) -> np.ndarray:
             f"{name} is empty (shape {tuple(arr.shape)}); expected at least one "
             "embedding of at least one dimension"
         )
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    finite = np.isfinite(arr)
+    finite = np.isfinite(arr)  # in the input's own dtype: float64 beyond float32's range is finite
     if not finite.all():
         bad_rows = np.flatnonzero(~finite.all(axis=1))
         shown = ", ".join(str(i) for i in bad_rows[:5]) + (", ..." if bad_rows.size > 5 else "")
@@ -63,7 +67,14 @@ def as_embeddings(x: Any, name: str) -> np.ndarray:
             f"{name} contains {int((~finite).sum())} NaN or infinite values in "
             f"{bad_rows.size} rows (rows {shown}); expected finite embeddings"
         )
-    return arr
+    if arr.dtype.itemsize > 4 and arr.size:
+        # one power-of-two factor for the whole array brings it inside float32's
+        # range (no overflow, no flush to zero) and keeps cosines and the order
+        # of distances: every metric here is invariant to a global scale
+        largest = float(np.abs(arr).max())
+        if largest > 2.0**64 or 0 < largest < 2.0**-64:
+            arr = np.ldexp(arr.astype(np.float64), -math.frexp(largest)[1])
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def as_labels(y: Any, name: str, n: int, embeddings_name: str) -> np.ndarray:

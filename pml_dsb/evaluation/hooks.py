@@ -108,6 +108,27 @@ def _tensorboard_writer(tensorboard: bool | None, folder: str):
     return module.SummaryWriter(log_dir=folder)
 
 
+def _reference_splits(dataset_dict: Mapping[str, Any], splits_to_eval, validation_split_name: str) -> dict:
+    """{query split: its reference splits} as PML's tester will evaluate them."""
+    if splits_to_eval is None:
+        return {name: [name] for name in dataset_dict}
+    pairs = {}
+    for item in splits_to_eval if isinstance(splits_to_eval, (list, tuple)) else [None]:
+        ok = isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], (list, tuple))
+        if not ok or not all(name in dataset_dict for name in [item[0], *item[1]]) or item[0] in pairs:
+            raise ValueError(
+                f"splits_to_eval must be a list of (query split, [reference splits]) pairs, each query once, "
+                f"naming splits of dataset_dict {sorted(dataset_dict)}; got {splits_to_eval!r}"
+            )
+        pairs[item[0]] = list(item[1])
+    if validation_split_name not in pairs:
+        raise ValueError(
+            f"splits_to_eval never evaluates validation_split_name={validation_split_name!r} (its query splits: "
+            f"{sorted(pairs)}); the best model could not be chosen"
+        )
+    return pairs
+
+
 def make_retrieval_hooks(
     dataset_dict: Mapping[str, Any],
     folder: str | os.PathLike,
@@ -154,7 +175,8 @@ def make_retrieval_hooks(
     Raises:
         ModuleNotFoundError: record-keeper missing, or tensorboard with
             ``tensorboard=True``, naming the pip command.
-        ValueError: ``validation_split_name`` not in ``dataset_dict``,
+        ValueError: ``validation_split_name`` not in ``dataset_dict`` or not a
+            query split of ``splits_to_eval``, a malformed ``splits_to_eval``,
             ``primary_metric`` not computed by the calculator, bad intervals.
     """
     rk = _optional.record_keeper()
@@ -167,6 +189,7 @@ def make_retrieval_hooks(
             f"validation_split_name={validation_split_name!r} is not a key of dataset_dict; "
             f"expected one of {sorted(dataset_dict)}"
         )
+    references = _reference_splits(dataset_dict, splits_to_eval, validation_split_name)
     test_interval = _checks.check_int(test_interval, "test_interval", 1)
     if patience is not None:
         patience = _checks.check_int(patience, "patience", 0)
@@ -210,6 +233,9 @@ def make_retrieval_hooks(
         end_of_testing_hook=hook_container.end_of_testing_hook,
         **kwargs,
     )
+    # what PML's tester sets at its first test: the SQLite log's table names
+    # depend on it, so the history is readable before a test (or on resume)
+    tester.reference_split_names.update(references)
     end_of_epoch_hook = hook_container.end_of_epoch_hook(
         tester,
         dataset_dict,

@@ -236,6 +236,8 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             if reference_labels is not None:
                 raise ValueError("reference_labels was given without reference; expected both or neither")
             reference, reference_labels, ref_includes_query = query, query_labels, True
+        elif reference_labels is None:
+            raise ValueError("reference was given without reference_labels; expected both or neither")
         query, query_labels, reference, reference_labels = (
             _to_torch(x, self.device) for x in (query, query_labels, reference, reference_labels)
         )
@@ -251,7 +253,9 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         }
         knn_metrics = [m for m in metrics if m in self._metric_k]
         if knn_metrics:
-            same = reference is query and reference_labels is query_labels
+            # the leave-one-out shortcut; with ref_includes_query=False a query
+            # passed again as reference must find itself, as in PML
+            same = reference is query and reference_labels is query_labels and ref_includes_query
             ranks = retrieval_ranks(
                 query,
                 query_labels,

@@ -98,16 +98,19 @@ def _prepare(
             f"{q_raw.shape[1]}; expected equal dimensions"
         )
     q = _checks.l2_normalize(q_raw)
+    r = _checks.l2_normalize(r_raw)
     if ref_includes_query:
         n = q_raw.shape[0]
-        if r_raw.shape[0] < n or not np.allclose(q_raw, r_raw[:n]):
+        # compared as the unit rows that are searched (the raw arrays may have
+        # been rescaled by different powers of two: see as_embeddings)
+        if r_raw.shape[0] < n or not np.allclose(q, r[:n], rtol=1e-5, atol=1e-6):
             raise ValueError(
                 f"ref_includes_query=True requires the first len(query)={n} rows of "
                 f"reference (which has {r_raw.shape[0]} rows) to equal query"
             )
         if r_raw.shape[0] == n:  # reference is a copy of query: one normalised copy
             return q, q, True, device
-    return q, _checks.l2_normalize(r_raw), bool(ref_includes_query), device
+    return q, r, bool(ref_includes_query), device
 
 
 def _search_batches(

@@ -43,6 +43,8 @@ def test_metric_loss_only_run_logs_recall_and_saves_best_model(tmp_path):
         {"val": val}, tmp_path / "run", recall_ks=(1, 2), dataloader_num_workers=0,
         batch_size=64, data_device=CPU, log_freq=1, tensorboard=False,
     )
+    # before the first test (and on a resume in a new process): nothing logged yet
+    assert hooks.accuracy_history() == {} and hooks.best_epoch_and_accuracy() == (None, 0)
     trainer = trainers.MetricLossOnly(
         models={"trunk": trunk},
         optimizers={"trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.5)},
@@ -100,6 +102,12 @@ def test_bad_configuration_is_refused(tmp_path):
                              accuracy_calculator=RetrievalAccuracyCalculator(include=("NMI",)))
     with pytest.raises(ValueError, match=r"test_interval must be an int >= 1, got 0"):
         make_retrieval_hooks({"val": val}, tmp_path, test_interval=0)
+    # PML's tester would only fail after the first epoch of training
+    with pytest.raises(ValueError, match=r"splits_to_eval never evaluates validation_split_name='val'"):
+        make_retrieval_hooks({"train": val, "val": val}, tmp_path, splits_to_eval=[("train", ["train"])])
+    for bad in ([("val", ["test"])], [("val", "val")], [("val", ["val"]), ("val", ["val"])], "val"):
+        with pytest.raises(ValueError, match=r"splits_to_eval must be a list of \(query split"):
+            make_retrieval_hooks({"val": val}, tmp_path, splits_to_eval=bad)
 
 
 def test_missing_record_keeper_names_the_pip_command(tmp_path, monkeypatch):

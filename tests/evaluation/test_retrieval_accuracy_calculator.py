@@ -141,6 +141,25 @@ def test_unsupported_metrics_are_refused():
         calc.get_accuracy(np.eye(3), [0, 1, 1], include=("NMI",))
 
 
+def test_query_passed_again_as_reference_finds_itself(data):
+    # ref_includes_query=False: each query is in the reference set and is its
+    # own nearest neighbour, as in PML, whether or not the tensor is the same object
+    x, y = data
+    calc = RetrievalAccuracyCalculator(recall_ks=(1,), include=("recall_at_1",))
+    same_object = calc.get_accuracy(x, y, x, y)["recall_at_1"]
+    assert same_object == calc.get_accuracy(x, y, x.clone(), y.clone())["recall_at_1"] == 1.0
+    assert same_object == pytest.approx(pml_p_at_1(x, y, x, y), abs=1e-12)
+    assert calc.get_accuracy(x, y, x, y, True)["recall_at_1"] == calc.get_accuracy(x, y)["recall_at_1"] < 1.0
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"device": "cpu"}, {"include": ("num_lone_queries",)}])
+def test_reference_without_labels_is_refused_first(data, kwargs):
+    x, y = data
+    calc = RetrievalAccuracyCalculator(recall_ks=(1,), **{k: v for k, v in kwargs.items() if k == "device"})
+    with pytest.raises(ValueError, match=r"reference was given without reference_labels; expected both or neither"):
+        calc.get_accuracy(x, y, x, include=kwargs.get("include", ()))
+
+
 def test_bad_input_raises(data):
     x, y = data
     calc = RetrievalAccuracyCalculator(recall_ks=(1, 200))

@@ -202,6 +202,27 @@ def test_torch_and_numpy_inputs_agree(random_set):
     assert from_numpy == from_torch == from_column
 
 
+def test_bfloat16_input_equals_its_float32_values(random_set):
+    x, y = random_set
+    bf16 = torch.from_numpy(x).bfloat16()
+    assert recall_at_k(bf16, y, ks=KS) == recall_at_k(bf16.float(), y, ks=KS)
+
+
+@pytest.mark.parametrize("factor", [1e39, 1e-46, 1e300])
+def test_float64_beyond_float32_range_gives_the_same_recall(random_set, factor):
+    # cosine retrieval is invariant to scale: values float32 cannot hold are
+    # neither refused as infinite nor flushed to zero
+    x, y = random_set
+    scaled = x.astype(np.float64) * factor
+    assert np.isfinite(scaled).all()
+    assert recall_at_k(scaled, y, ks=KS) == recall_at_k(x, y, ks=KS)
+    ref = np.concatenate([scaled, scaled[:20] * 4.0])  # a larger maximum than the query's
+    labels = np.concatenate([y, y[:20]])
+    ranks = retrieval_ranks(scaled, y, ref, labels, max_k=1, ref_includes_query=True)
+    assert ranks.recall(1) == retrieval_ranks(x, y, np.concatenate([x, x[:20] * 4.0]), labels, max_k=1,
+                                              ref_includes_query=True).recall(1)
+
+
 def test_inputs_are_not_modified(random_set):
     x, y = random_set
     t = torch.from_numpy(x.copy())
