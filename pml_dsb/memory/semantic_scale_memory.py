@@ -929,10 +929,11 @@ class SemanticScaleMemory(torch.nn.Module):
             new[local[inverse[mine]], rank[mine]] = emb[mine].to(self.scale_dtype)
             slots = self.class_slots[classes[bucket], :width]
             products = new.new_empty(len(bucket), kmax, width)
-            # a few classes at a time, so that each gathered block of stored rows
-            # is multiplied while still in cache: at d = 512 a whole bucket's
-            # block is ~15 MiB in float64, written out and read back from memory
-            step = max(1, _CACHED_VALUES // (width * emb.shape[1]))
+            # on CPU a few classes at a time, so that each gathered block of stored
+            # rows is multiplied while still in cache: at d = 512 a whole bucket's
+            # block is ~15 MiB in float64, written out and read back from memory.
+            # Elsewhere one product per bucket: each part costs kernel launches
+            step = max(1, _CACHED_VALUES // (width * emb.shape[1])) if emb.device.type == "cpu" else len(bucket)
             for start in range(0, len(bucket), step):
                 part = slice(start, start + step)
                 torch.bmm(new[part], self._gather_rows(slots[part]).transpose(1, 2), out=products[part])
