@@ -464,7 +464,7 @@ def scale_bias_analysis(
     if not s.shape[1] == c.shape[1] == acc.shape[1]:
         raise ValueError(f"scale, counts and accuracy must have the same classes, got {s.shape}, {c.shape}, "
                          f"{acc.shape}")
-    # S = 0 is "no scale yet" (fewer than 2 samples, DEFINITIONS): a class
+    # S = 0 is "no scale yet" (fewer than 2 samples, docs/DEFINITIONS.md): a class
     # without a scale or an accuracy would enter the correlations as a value
     keep = (np.isfinite(s) & (s > 0)).all(0) & np.isfinite(acc).all(0)
     if not keep.all():

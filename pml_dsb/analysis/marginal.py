@@ -3,7 +3,7 @@ r"""Marginal effect of semantic scale: how a class's scale grows with its sample
 For one class with ``n`` samples and each subset size ``m`` of a grid
 (``2 .. n`` by default), the curve holds the mean and standard deviation of
 :math:`S` (``pml_dsb.semantic_scale``, in bits) over ``r`` random subsets of
-size ``m`` (DEFINITIONS.md, "Marginal effect curve"). The subsets are
+size ``m`` (docs/DEFINITIONS.md, "Marginal effect curve"). The subsets are
 *nested*: repeat ``i`` draws one random permutation of the class and takes
 its first ``m`` samples for every ``m``, so each repeat is one random order in
 which the class could have been collected, and the increments of a repeat are
@@ -175,7 +175,7 @@ def marginal_effect_curve(
             :func:`marginal_sizes` ``(n, max_points)``. ``n`` is always added.
         repeats: random subsets (nested prefixes of random permutations) per size.
         seed: with ``label``, seeds ``numpy.random.default_rng([seed, label])``.
-        normalize: L2-normalise each vector first (DEFINITIONS.md default).
+        normalize: L2-normalise each vector first (docs/DEFINITIONS.md default).
         label: the class label (recorded, and part of the seed).
         max_points: see :func:`marginal_sizes`.
         dtype: precision of the statistics (float64 by default).

@@ -1,4 +1,4 @@
-"""Datasets of the benchmarks: contiguous labels per split, RGB images, no downloads.
+"""Datasets of the benchmarks: contiguous labels per split, RGB images (DigitsLT: 1x8x8 greyscale), no downloads.
 
 - :class:`CUB200`, :class:`Cars196`: retrieval on unseen classes (first half
   of the classes to train, second half to test).

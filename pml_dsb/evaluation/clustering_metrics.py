@@ -1,6 +1,6 @@
 r"""NMI of a k-means clustering of the embeddings against the labels.
 
-Definition (``DEFINITIONS.md``, "Retrieval metrics"): the embeddings are
+Definition (``docs/DEFINITIONS.md``, "Retrieval metrics"): the embeddings are
 L2-normalised, clustered by faiss k-means (Euclidean, seeded) into
 :math:`C` = number of distinct labels clusters, and
 

@@ -1,6 +1,6 @@
 r"""Recall@K from one exact k-nearest-neighbour search (faiss, inner product).
 
-Definitions (``DEFINITIONS.md``, "Retrieval metrics"):
+Definitions (``docs/DEFINITIONS.md``, "Retrieval metrics"):
 
 * Embeddings are L2-normalised, :math:`\hat x = x / \max(\lVert x\rVert_2, 10^{-12})`
   (a zero vector stays zero), and the similarity of a query :math:`q` and a

@@ -224,7 +224,7 @@ def semantic_scale(features: torch.Tensor, normalize: bool = True) -> torch.Tens
 
     Args:
         features: (m, d) tensor, one sample per row, any floating dtype and device.
-        normalize: L2-normalise each row first (default, as DEFINITIONS.md says).
+        normalize: L2-normalise each row first (default, as docs/DEFINITIONS.md says).
 
     Differentiable with respect to ``features`` (float64 gradients).
 

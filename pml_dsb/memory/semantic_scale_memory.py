@@ -2,7 +2,7 @@ r"""A cross-batch memory of embeddings that supplies per-class semantic scales.
 
 The memory is a ring buffer of the latest ``memory_size`` (M) detached,
 L2-normalised embeddings with their labels, like PML's ``CrossBatchMemory``.
-Its stage follows the number of samples enqueued (DEFINITIONS.md):
+Its stage follows the number of samples enqueued (docs/DEFINITIONS.md):
 
 1. fewer than M enqueued: the memory fills, losses stay unweighted;
 2. fewer than ``warmup_epochs * M``: oldest entries are replaced first in,

@@ -270,7 +270,7 @@ class DSBConfig:
 
     Attributes:
         warmup_epochs: n (paper: 5); weighting starts once ``n * M``
-            samples are enqueued (DEFINITIONS.md), from the last batch of
+            samples are enqueued (docs/DEFINITIONS.md), from the last batch of
             epoch n on (later with an index-addressed memory and
             ``drop_last`` or the m-per-class sampler, whose epochs enqueue
             fewer than M = the training-set size).
