@@ -167,7 +167,7 @@ def summarize(config: BenchConfig, runs: Mapping[str, Sequence[dict]], train_cou
     out: dict[str, Any] = {
         "format": RESULTS_FORMAT, "version": 1, "name": config.name, "dataset": config.dataset.name,
         "imbalance_factor": config.dataset.imbalance_factor, "closed_set": config.dataset.closed_set,
-        "train_class_counts": [int(c) for c in train_counts], "metrics": metrics,
+        "train_class_counts": [int(c) for c in train_counts], "metrics": metrics, "epochs": config.training.epochs,
         "methods": list(runs), "per_method": {}, "paired": {},
     }
     for method, results in runs.items():
@@ -204,6 +204,11 @@ def summarize(config: BenchConfig, runs: Mapping[str, Sequence[dict]], train_cou
             warnings.simplefilter("ignore", RuntimeWarning)  # a class without any evaluated query
             means = np.nanmean(per_class, axis=0) if per_class.size else np.array([])
         entry["per_class_recall_at_1_mean"] = [None if not math.isfinite(v) else float(v) for v in means]
+        staged = [r for r in results if any("dsb_stage" in h for h in r.get("history", ()))]
+        if staged:
+            # the first epoch that ended with the loss weighted (stage 3), per seed; None: never
+            entry["first_weighted_epoch"] = [
+                next((h["epoch"] for h in r["history"] if h.get("dsb_stage") == 3), None) for r in staged]
         out["per_method"][method] = entry
     out["seeds"] = seeds or []
     out["paired_last_epoch"] = {}
@@ -251,6 +256,25 @@ def _paired_rows(paired: Mapping[str, Any], metric_names: list[str]) -> list[lis
     return rows
 
 
+def _weighting_note(summary: Mapping[str, Any]) -> str:
+    """When the DSB methods' weighting began, from their epoch histories."""
+    first = {m: e["first_weighted_epoch"] for m, e in summary["per_method"].items() if "first_weighted_epoch" in e}
+    if not first:
+        return "The best epoch is chosen on the test split."
+    never = [m for m, epochs in first.items() if any(e is None for e in epochs)]
+    if never:
+        return (f"{', '.join(never)} never reached the weighted stage in some seeds (training ended within the "
+                "warm-up, [dsb] warmup_epochs): there its losses were its parent's throughout. Train for more "
+                "epochs than the warm-up.")
+    latest = max(max(epochs) for epochs in first.values())
+    note = (f"The best epoch is chosen on the test split and may fall before DSB's weighting starts (it starts "
+            f"within epoch {latest} at the latest, at the batch that completes the warm-up); the last epoch is "
+            "after it")
+    if latest == summary.get("epochs"):
+        return note + ", but in that epoch only the batches after the warm-up were weighted."
+    return note + "."
+
+
 def format_table_markdown(summary: Mapping[str, Any]) -> str:
     """``table.md``: the paper's table (best epoch), the paired tests, the same
     at the last epoch, the untrained network and, for closed-set data, the
@@ -287,9 +311,7 @@ def format_table_markdown(summary: Mapping[str, Any]) -> str:
                      "* marks p < 0.05 (the difference exceeds seed noise).")
         lines.append("")
         lines += _md_table(paired_head, _paired_rows(summary["paired"], metric_names))
-    lines += ["", "## At the last epoch", "",
-              "The best epoch is chosen on the test split and may fall before DSB's weighting starts; "
-              "the last epoch is always after it.", ""]
+    lines += ["", "## At the last epoch", "", _weighting_note(summary), ""]
     lines += _md_table(head, main_rows("last_mean", "last_std"))
     if summary.get("paired_last_epoch"):
         lines.append("")
@@ -435,9 +457,14 @@ def write_run_folder(run_dir: Union[str, os.PathLike], config: BenchConfig, summ
 def git_revision(path: Union[str, os.PathLike, None] = None) -> str:
     """``git rev-parse HEAD`` of the repository holding ``path`` (default: this
     package), with ``+dirty`` when tracked files changed; ``"unknown"`` outside
-    a git checkout or without git."""
-    folder = os.fspath(path) if path is not None else os.path.dirname(os.path.abspath(__file__))
+    a git checkout, without git, or when git does not track ``path`` (an
+    installed copy inside some other repository, e.g. a project's virtualenv)."""
+    target = os.fspath(path) if path is not None else os.path.abspath(__file__)
+    folder = target if os.path.isdir(target) else os.path.dirname(target)
     try:
+        # the enclosing repository must track the path itself, not merely contain it
+        subprocess.run(["git", "ls-files", "--error-unmatch", "--", os.path.basename(target) if folder != target
+                        else "."], cwd=folder, capture_output=True, text=True, timeout=10, check=True)
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,

@@ -94,3 +94,50 @@ def test_mismatched_seeds_are_refused():
     runs = {"NSM": [fake_result("NSM", 0, 0.5)], "ST": [fake_result("ST", 1, 0.5)]}
     with pytest.raises(ValueError, match="seeds"):
         summarize(cfg, runs, [1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("first_stage_3, needle", [
+    ([5, 5, 6], "it starts within epoch 6 at the latest"),
+    ([5, None, 5], "DSB-NSM never reached the weighted stage in some seeds"),
+])
+def test_the_table_says_when_dsb_weighting_began(first_stage_3, needle):
+    # from the epoch histories (dsb_stage at the end of each epoch), not from the config
+    cfg = config_from_dict({"name": "t", "dataset": {"name": "digits_lt", "imbalance_factor": 10},
+                            "methods": ["NSM", "DSB-NSM", "ST", "CB-ST"], "seeds": [0, 1, 2],
+                            "training": {"epochs": 6}})
+    runs = make_runs()
+    for run, first in zip(runs["DSB-NSM"], first_stage_3):
+        run["history"] = [{"epoch": 0}] + [
+            {"epoch": e, "dsb_stage": 3 if first is not None and e >= first else 2} for e in range(1, 7)]
+    summary = summarize(cfg, runs, [150, 50, 10, 5])
+    assert summary["per_method"]["DSB-NSM"]["first_weighted_epoch"] == first_stage_3
+    assert "first_weighted_epoch" not in summary["per_method"]["NSM"]
+    md = format_table_markdown(summary)
+    assert needle in md and ("the last epoch is after it" in md) == (None not in first_stage_3)
+    # weighting that began only in the final epoch is said to be partial
+    assert ("only the batches after the warm-up were weighted" in md) == (first_stage_3 == [5, 5, 6])
+
+
+def test_git_revision_only_of_a_repository_that_tracks_the_path(tmp_path):
+    import subprocess
+
+    from pml_dsb.runner.results import git_revision
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "own.txt").write_text("a user's project\n")
+    git("add", "own.txt")
+    git("commit", "-q", "-m", "first")
+    # an installed copy inside someone else's repository (a project's virtualenv)
+    site = tmp_path / "venv" / "pml_dsb"
+    site.mkdir(parents=True)
+    (site / "results.py").write_text("# installed\n")
+    assert git_revision(site / "results.py") == "unknown" and git_revision(site) == "unknown"
+    git("add", "venv")
+    git("commit", "-q", "-m", "vendored")
+    assert git_revision(site / "results.py") == git("rev-parse", "HEAD")
+    (site / "results.py").write_text("# changed\n")
+    assert git_revision(site) == git("rev-parse", "HEAD") + "+dirty"
