@@ -113,6 +113,13 @@ def _check_against_data(config: BenchConfig, data) -> None:
             f"{tr.batch_size}, drop_last = {str(tr.drop_last).lower()} and "
             f"{current_context().world_size} processes; lower batch_size"
         )
+    if dsb_methods and tr.epochs <= config.dsb.warmup_epochs:
+        # allowed (a warm-up-only run is a valid experiment), but rarely meant
+        logger.warning(
+            "%s: [training] epochs = %d <= [dsb] warmup_epochs = %d: the loss is weighted %s",
+            ", ".join(dsb_methods), tr.epochs, config.dsb.warmup_epochs,
+            "at one batch at most; these runs will hardly differ from their parents'"
+            if tr.epochs == config.dsb.warmup_epochs else "never; these runs will equal their parents'")
     if tr.sampler == "m_per_class" and tr.m_per_class * classes < tr.batch_size:
         raise ConfigError(
             f"[training] sampler = 'm_per_class' fills a batch of {tr.batch_size} from m_per_class = "

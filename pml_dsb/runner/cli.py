@@ -37,7 +37,7 @@ Backend: nccl with --device cuda (each process on cuda:LOCAL_RANK), else gloo.
 _EPILOG = """\
 examples:
   pml-dsb bench
-  pml-dsb bench --seeds 0 --epochs 5 --methods NSM,DSB-NSM --no-progress
+  pml-dsb bench --seeds 0 --epochs 8 --methods NSM,DSB-NSM --no-progress
   pml-dsb bench --config benchmarks/configs/cub200_dim64.toml --data-root ~/data --device cuda
   pml-dsb bench --config benchmarks/configs/cifar100lt_if50.toml --data-root ~/data --resume
   torchrun --nproc_per_node=2 -m pml_dsb.cli bench --seeds 0 --methods NSM,DSB-NSM --no-progress

@@ -210,3 +210,19 @@ def test_overrides():
     with pytest.raises(ConfigError):
         apply_overrides(cfg, epochs=0)
     assert dataclasses.replace(cfg) == cfg
+
+
+@pytest.mark.parametrize("epochs, needle", [(3, "weighted never; these runs will equal their parents'"),
+                                            (5, "weighted at one batch at most"), (6, None)])
+def test_a_dsb_run_within_its_warm_up_is_announced(caplog, epochs, needle):
+    from pml_dsb.runner.bench import _check_against_data
+    from pml_dsb.runner.builders import build_run_data
+
+    cfg = config_from_dict({"dataset": {"name": "digits_lt"}, "methods": ["NSM", "DSB-NSM"],
+                            "training": {"epochs": epochs}, "dsb": {"warmup_epochs": 5}})
+    with caplog.at_level("WARNING", logger="pml_dsb.runner.bench"):
+        _check_against_data(cfg, build_run_data(cfg))
+    if needle is None:
+        assert "warmup_epochs" not in caplog.text
+    else:
+        assert f"DSB-NSM: [training] epochs = {epochs} <= [dsb] warmup_epochs = 5: the loss is {needle}" in caplog.text
