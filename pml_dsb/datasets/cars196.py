@@ -88,7 +88,7 @@ class Cars196(LabelledDataset):
         self.split = check_split(split)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.root = os.fspath(root)
+        self.root = os.path.expanduser(os.fspath(root))
         self.transform = transform
         self.layout = _detect_layout(self.root) if layout == "auto" else layout
         reader = {"original": _read_original, "torchvision": _read_torchvision,

@@ -110,7 +110,7 @@ class CIFAR100LT(LabelledDataset):
         self.split = check_split(split)
         self.imbalance_factor = check_imbalance_factor(imbalance_factor)
         cifar100_lt_counts(self.imbalance_factor)  # validates the range before reading
-        self.root = os.fspath(root)
+        self.root = os.path.expanduser(os.fspath(root))
         self.transform = transform
         folder = os.path.join(self.root, _FOLDER)
         require_files(
@@ -121,10 +121,15 @@ class CIFAR100LT(LabelledDataset):
         try:
             base = CIFAR100(self.root, train=self.split == "train", download=False)
         except RuntimeError as err:
+            from torchvision.datasets.utils import check_integrity
+
+            expected = CIFAR100.train_list + CIFAR100.test_list + [[CIFAR100.meta["filename"], CIFAR100.meta["md5"]]]
+            bad = [name for name, md5 in expected if not check_integrity(os.path.join(folder, name), md5)]
+            # torchvision's own message suggests download=True: not an option here
             raise RuntimeError(
-                f"CIFAR100LT: torchvision's CIFAR100 refused the files in {folder!r} ({err}). "
-                f"They exist, so their md5 sums differ from the official python-version "
-                f"pickles. Required layout: {_LAYOUT}."
+                f"CIFAR100LT: the md5 sum of {', '.join(repr(n) for n in bad) or 'a file'} in {folder!r} differs "
+                f"from the official python-version pickles' (torchvision's CIFAR100 refused them): a partial "
+                f"or different copy. Required layout: {_LAYOUT}."
             ) from err
         targets = np.asarray(base.targets, dtype=np.int64)
         if self.split == "train":

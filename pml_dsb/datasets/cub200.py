@@ -1,4 +1,4 @@
-"""CUB-200-2011 for retrieval on unseen classes, on top of PML's ``CUB`` reader."""
+"""CUB-200-2011 for retrieval on unseen classes, split as PML's ``CUB`` reader splits it."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +6,6 @@ import os
 from typing import Callable, Optional, Union
 
 import numpy as np
-from pytorch_metric_learning.datasets import CUB as _PMLCUB
 
 from ._base import (
     LabelledDataset,
@@ -31,8 +30,8 @@ class CUB200(LabelledDataset):
     """CUB-200-2011 split by class for deep metric learning.
 
     ``split="train"`` holds classes 1-100 (5,864 images), ``split="test"``
-    classes 101-200 (5,924 images), as in PML's ``CUB`` reader, which this
-    class uses to list the files. Unlike PML's reader, labels are remapped
+    classes 101-200 (5,924 images), in ``images.txt`` order, as in PML's
+    ``CUB`` reader. Unlike PML's reader, labels are remapped
     to ``0..C-1`` per split (in increasing original class id; the original
     id of label ``k`` is ``source_classes[k]``), every image is converted to
     RGB (CUB holds a few grayscale images), and a missing or partial copy
@@ -58,7 +57,7 @@ class CUB200(LabelledDataset):
         transform: Optional[Callable] = None,
     ) -> None:
         self.split = check_split(split)
-        self.root = os.fspath(root)
+        self.root = os.path.expanduser(os.fspath(root))
         self.transform = transform
         folder = os.path.join(self.root, _FOLDER)
         if not os.path.isdir(folder) and os.path.isfile(os.path.join(self.root, "images.txt")):
@@ -70,17 +69,19 @@ class CUB200(LabelledDataset):
         images_txt = os.path.join(folder, "images.txt")
         labels_txt = os.path.join(folder, "image_class_labels.txt")
         require_files([images_txt, labels_txt, os.path.join(folder, "images")], "CUB200", _LAYOUT)
-        _check_index_files(images_txt, labels_txt)
-
-        pml = _PMLCUB(self.root, split=self.split, download=False)
-        self.paths = list(pml.paths)
+        # read here rather than by PML's reader, which pairs the two files line
+        # by line: a blank line shifts the pairs and drops images silently
+        relative, classes = _read_index_files(images_txt, labels_txt)
+        wanted = range(1, 101) if self.split == "train" else range(101, 201)
+        keep = [i for i, c in enumerate(classes) if c in wanted]
+        self.paths = [os.path.join(folder, "images", relative[i]) for i in keep]
         if not self.paths:
             raise ValueError(
                 f"CUB200: {labels_txt!r} lists no image of the {self.split!r} classes "
                 f"({'1-100' if self.split == 'train' else '101-200'})"
             )
         require_images(self.paths, "CUB200", _LAYOUT)
-        self.labels, self.source_classes = remap_labels(pml.labels)
+        self.labels, self.source_classes = remap_labels([classes[i] for i in keep])
         if len(self.paths) != self.FULL_SIZES[self.split]:
             logger.warning(
                 "CUB200 %s split has %d images; the full dataset has %d",
@@ -97,9 +98,10 @@ class CUB200(LabelledDataset):
         return image, int(self.labels[index])
 
 
-def _read_ids(path: str, integer_values: bool) -> list[int]:
-    """Image ids (first field) of a CUB index file, checking each line's form."""
-    ids = []
+def _read_ids(path: str, integer_values: bool) -> tuple[list[int], list[str]]:
+    """Image ids (first field) and values (second) of a CUB index file, checking
+    each line's form; blank lines are skipped."""
+    ids, values = [], []
     with open(path) as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
@@ -114,14 +116,15 @@ def _read_ids(path: str, integer_values: bool) -> list[int]:
                     f"'<image id> <{'class id' if integer_values else 'relative path'}>'"
                 )
             ids.append(int(fields[0]))
-    return ids
+            values.append(fields[1])
+    return ids, values
 
 
-def _check_index_files(images_txt: str, labels_txt: str) -> None:
-    """PML pairs the two files line by line and silently drops mismatches:
-    refuse files whose image ids differ instead."""
-    image_ids = _read_ids(images_txt, integer_values=False)
-    label_ids = _read_ids(labels_txt, integer_values=True)
+def _read_index_files(images_txt: str, labels_txt: str) -> tuple[list[str], list[int]]:
+    """Relative image paths and class ids, in ``images.txt`` order; files whose
+    image ids differ are refused (PML's reader would drop the mismatches)."""
+    image_ids, relative = _read_ids(images_txt, integer_values=False)
+    label_ids, classes = _read_ids(labels_txt, integer_values=True)
     if image_ids != label_ids:
         raise ValueError(
             f"CUB200: {images_txt!r} ({len(image_ids)} lines) and {labels_txt!r} "
@@ -130,3 +133,4 @@ def _check_index_files(images_txt: str, labels_txt: str) -> None:
         )
     if len(np.unique(image_ids)) != len(image_ids):
         raise ValueError(f"CUB200: {images_txt!r} lists an image id twice")
+    return relative, [int(c) for c in classes]

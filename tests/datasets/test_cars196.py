@@ -203,3 +203,9 @@ def test_bad_arguments(tmp_path):
         Cars196(tmp_path, split="all")
     with pytest.raises(ValueError, match="layout"):
         Cars196(tmp_path, layout="zip")
+
+
+def test_root_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    make_original(tmp_path / "cars")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Cars196("~/cars", split="test").paths == Cars196(tmp_path / "cars", split="test").paths

@@ -149,3 +149,29 @@ def test_truncated_index_file_is_refused(cub_root):
 def test_bad_split(cub_root):
     with pytest.raises(ValueError, match="split"):
         CUB200(cub_root, split="val")
+
+
+@pytest.mark.parametrize("edit", ["trailing blank lines", "crlf and a blank last line", "blank line inside"])
+def test_blank_lines_in_the_index_files_change_nothing(cub_root, edit):
+    # PML's reader pairs the two files line by line: a blank line crashed it or
+    # silently dropped every image after it
+    clean = {split: CUB200(cub_root, split=split) for split in ("train", "test")}
+    folder = cub_root / "CUB_200_2011"
+    for name in ("images.txt", "image_class_labels.txt"):
+        lines = (folder / name).read_text().splitlines(keepends=True)
+        if edit == "trailing blank lines":
+            lines += ["\n", "  \n"]
+        elif edit == "crlf and a blank last line":
+            lines = [line.replace("\n", "\r\n") for line in lines] + ["\r\n"]
+        elif name == "images.txt":
+            lines.insert(4, "\n")
+        (folder / name).write_bytes("".join(lines).encode())
+    for split, expected in clean.items():
+        ds = CUB200(cub_root, split=split)
+        assert ds.paths == expected.paths and ds.labels.tolist() == expected.labels.tolist()
+
+
+def test_root_with_a_tilde_is_the_home_folder(cub_root, monkeypatch):
+    monkeypatch.setenv("HOME", str(cub_root.parent))
+    ds = CUB200(f"~/{cub_root.name}", split="test")
+    assert ds.paths == CUB200(cub_root, split="test").paths
