@@ -17,6 +17,7 @@ is a complete DSB loss. :func:`dsb_class_weights` gives the same weights for
 from __future__ import annotations
 
 import functools
+import math
 import inspect
 from typing import Optional
 
@@ -68,7 +69,7 @@ def weight_losses_by_class(
             )
         weights = class_weights.to(device=losses.device, dtype=losses.dtype)
         if kind == "element" and element_indices == "classes":
-            entry["losses"] = losses * weights[entry["indices"]]
+            entry["losses"] = losses * _along_first_dim(weights[entry["indices"]], losses, name)
             continue
         anchors = _ANCHOR_OF[kind](entry["indices"])
         if kind == "element" and (anchors.shape[0] != losses.shape[0] or int(anchors.max()) >= labels.shape[0]):
@@ -77,8 +78,18 @@ def weight_losses_by_class(
                 f"to {int(anchors.max())}, not by samples of the batch of {labels.shape[0]}; for losses "
                 f"indexed by class pass element_indices='classes'"
             )
-        entry["losses"] = losses * weights[labels[anchors]]
+        entry["losses"] = losses * _along_first_dim(weights[labels[anchors]], losses, name)
     return loss_dict
+
+
+def _along_first_dim(weights: torch.Tensor, losses: torch.Tensor, name: str) -> torch.Tensor:
+    """``weights`` (one per element) shaped to scale ``losses`` along its first
+    dimension: some PML losses return a (N, 1) column (MultiSimilarityLoss,
+    CircleLoss, LiftedStructureLoss, ...), which a (N,) vector would broadcast
+    into an (N, N) matrix."""
+    if weights.shape[0] != losses.shape[0]:
+        raise ValueError(f"loss {name!r} has {losses.shape[0]} losses but {weights.shape[0]} element indices")
+    return weights.reshape(-1, *[1] * (losses.dim() - 1))
 
 
 def dsb_class_weights(
@@ -131,6 +142,10 @@ class DSBWeightingMixin:
             must equal the memory's.
         update_memory: enqueue each batch (default). When several losses share
             one memory and see the same batch, let only one of them enqueue.
+            Under ``torch.no_grad()`` (or inference mode) the memory is also
+            left as it is: a validation loss reads the current weights without
+            storing validation samples. ``eval()`` mode does not matter (PML's
+            trainers put a loss listed in ``freeze_these`` in eval mode).
             When the memory gathers across ranks, a batch refused on one rank
             (by the memory's checks or the parent's) raises on every rank; a
             loss that does not enqueue makes one more small collective call
@@ -153,7 +168,8 @@ class DSBWeightingMixin:
     Recorded attributes (PML record-keeper / ``HookContainer``): ``dsb_stage``,
     ``dsb_num_enqueued``, ``dsb_fill_level``, and in stage 3
     ``dsb_mean_scale``, ``dsb_min_scale``, ``dsb_max_scale``,
-    ``dsb_min_weight``, ``dsb_max_weight`` (``None``, so not recorded, before).
+    ``dsb_min_weight``, ``dsb_max_weight`` (NaN before: every column is there
+    from the first logged iteration, which record-keeper's CSV files need).
     """
 
     #: What the parent's "element" losses are indexed by: "samples" (one loss
@@ -230,8 +246,9 @@ class DSBWeightingMixin:
         self._sample_indices = None
         self._validated = None  # the embeddings forward() checked, while it runs
         self._enqueue_due = False  # while forward() runs: the memory's enqueue is still to come
+        self._enqueues = None  # while forward() runs: whether this call enqueues
         for name in self._DSB_RECORDS:
-            setattr(self, name, None)
+            setattr(self, name, math.nan)
         self.add_to_recordable_attributes(list_of_names=list(self._DSB_RECORDS), is_stat=False)
 
     def forward(
@@ -245,7 +262,9 @@ class DSBWeightingMixin:
     ):
         # every check before anything changes; collective when the memory gathers,
         # so that a batch bad on one rank raises on every rank
-        self.memory.validate_batch(embeddings, labels, sample_indices if self.update_memory else None)
+        # not train()/eval(): PML's trainers put a loss in freeze_these in eval mode
+        enqueues = self.update_memory and torch.is_grad_enabled()
+        self.memory.validate_batch(embeddings, labels, sample_indices if enqueues else None, enqueue=enqueues)
         labels = labels.to(torch.long)  # any integer dtype (PML's parents need int64)
         params = dict(self.named_parameters(recurse=False))
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in params.values()], embeddings.dtype)
@@ -257,9 +276,9 @@ class DSBWeightingMixin:
         self._parameters.update(narrow)
         self._sample_indices = sample_indices
         self._validated = embeddings
-        self._enqueue_due = self.update_memory
+        self._enqueues = self._enqueue_due = enqueues
         # a loss that does not enqueue agrees with the other ranks after its parent ran
-        reader = not self.update_memory and should_gather(self.memory.distributed)
+        reader = not enqueues and should_gather(self.memory.distributed)
         try:
             out = super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         except Exception as err:
@@ -272,6 +291,7 @@ class DSBWeightingMixin:
             self._parameters.update(saved)
             self._sample_indices = None
             self._validated = None
+            self._enqueues = None
             self._enqueue_due = False
         if reader:  # raises if the parent refused the batch on another rank
             check_batch_collectively(None, embeddings, labels)
@@ -296,7 +316,7 @@ class DSBWeightingMixin:
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         # the parent's losses first: if it rejects the input, the memory is untouched
         loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if self.update_memory:
+        if self.update_memory if self._enqueues is None else self._enqueues:
             # forward() validated this very batch before the parent saw it
             validated = embeddings is getattr(self, "_validated", None)
             self._enqueue_due = False  # the enqueue makes its own collective calls, failing or not
@@ -304,6 +324,8 @@ class DSBWeightingMixin:
         self.dsb_stage = self.memory.stage
         self.dsb_num_enqueued = self.memory.num_enqueued
         self.dsb_fill_level = self.memory.fill_level
+        for name in self._DSB_RECORDS[3:]:  # a restored memory may start below stage 3
+            setattr(self, name, math.nan)
         if self.dsb_stage == 3:
             scales = self.memory.scales()
             weights = self.memory.weights(scales)

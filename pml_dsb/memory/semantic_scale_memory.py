@@ -293,6 +293,7 @@ class SemanticScaleMemory(torch.nn.Module):
             raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")
         self.distributed = distributed
         self.exact_refresh_every = exact_refresh_every
+        self._addressing_unknown = False  # True after loading a state saved without its addressing
 
         capacity = min(memory_size, max(16, 2 * math.ceil(memory_size / num_classes)))
         self.register_buffer("embedding_memory", torch.zeros(memory_size, embedding_size))
@@ -371,6 +372,7 @@ class SemanticScaleMemory(torch.nn.Module):
             buf.zero_()
         for buf in (self.stale, self.cache_valid, self.index_addressed, self.statistics_built):
             buf.zero_()
+        self._addressing_unknown = False
 
     def _apply(self, fn, recurse=True):
         """Device moves apply, dtype casts do not (see the module docstring):
@@ -418,6 +420,7 @@ class SemanticScaleMemory(torch.nn.Module):
         if not isinstance(self._buffers, _UnrecordedBuffers):  # pickled by a release that kept a dict
             object.__setattr__(self, "_buffers", _UnrecordedBuffers(self._buffers))
         self.__dict__.setdefault("exact_refresh_every", 64)
+        self.__dict__.setdefault("_addressing_unknown", "index_addressed" not in self._buffers)
         with torch.inference_mode(False):
             for name, value in self._late_state_defaults().items():
                 if name not in self._buffers:
@@ -430,6 +433,8 @@ class SemanticScaleMemory(torch.nn.Module):
             # strict=False): nothing to fill in, the missing keys are reported
             return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         defaults = self._late_state_defaults()
+        # saved before the memory recorded its addressing: the next batch decides it
+        self._addressing_unknown = prefix + "index_addressed" not in state_dict
         if not any(prefix + name in state_dict for name in self._CACHE_STATE):
             for name in self._CACHE_STATE:
                 state_dict[prefix + name] = defaults[name]
@@ -450,21 +455,26 @@ class SemanticScaleMemory(torch.nn.Module):
         embeddings: torch.Tensor,
         labels: torch.Tensor,
         indices: Optional[torch.Tensor] = None,
+        enqueue: bool = True,
     ) -> None:
-        """Raise ``TypeError``/``ValueError`` for a batch :meth:`enqueue` would reject.
+        """Raise ``TypeError``/``ValueError`` for a batch :meth:`enqueue` would reject
+        (``enqueue=False``: for a batch that will only be read, e.g. by a loss
+        that does not enqueue; its size and the memory's addressing are then
+        not checked).
 
         When the memory gathers across ranks (see ``distributed``) the check is
         collective: every rank must call it, and a batch rejected on any rank
         raises the same :class:`~pml_dsb.distributed.BatchRejectedError` (a
         ``ValueError``) on every rank, as does a global batch larger than the memory.
         """
+        check = functools.partial(self._validate_local_batch, enqueue=enqueue)
         if not should_gather(self.distributed):
-            self._validate_local_batch(embeddings, labels, indices)
+            check(embeddings, labels, indices)
             return
-        sizes, with_indices = check_batch_collectively(self._validate_local_batch, embeddings, labels, indices)
+        sizes, with_indices = check_batch_collectively(check, embeddings, labels, indices)
         # distinct dataset indices in [0, M) always fit; a sample repeated across
         # ranks (DistributedSampler's padding) is enqueued once
-        if not with_indices and sum(sizes) > self.memory_size:
+        if enqueue and not with_indices and sum(sizes) > self.memory_size:
             raise ValueError(
                 f"the global batch of {sum(sizes)} embeddings ({sizes} per rank) is larger than "
                 f"memory_size={self.memory_size}"
@@ -475,6 +485,7 @@ class SemanticScaleMemory(torch.nn.Module):
         embeddings: torch.Tensor,
         labels: torch.Tensor,
         indices: Optional[torch.Tensor] = None,
+        enqueue: bool = True,
     ) -> None:
         """The checks of :meth:`validate_batch` on this process's batch alone."""
         if not isinstance(embeddings, torch.Tensor):
@@ -489,7 +500,7 @@ class SemanticScaleMemory(torch.nn.Module):
         batch = embeddings.shape[0]
         if batch == 0:
             raise ValueError("embeddings is an empty batch (0 rows); expected at least one sample")
-        if batch > self.memory_size:
+        if enqueue and batch > self.memory_size:
             raise ValueError(
                 f"batch of {batch} embeddings is larger than memory_size={self.memory_size}"
             )
@@ -539,6 +550,15 @@ class SemanticScaleMemory(torch.nn.Module):
                 raise ValueError(
                     f"indices contain duplicates {values[counts > 1].tolist()}; each sample needs its own slot"
                 )
+        if enqueue and int(self.enqueued_count) > 0 and not self._addressing_unknown \
+                and bool(self.index_addressed) != (indices is not None):
+            # a slot would then hold a sample of one addressing and be overwritten by the other's
+            raise ValueError(
+                "the memory was filled with dataset indices; this batch has none: pass the indices with every "
+                "batch, or reset() the memory" if bool(self.index_addressed) else
+                "the memory was filled first in, first out (without dataset indices); this batch has indices: "
+                "pass them from the first batch on, or reset() the memory"
+            )
 
     # ---------------------------------------------------------------- enqueue
     def enqueue(
@@ -604,6 +624,7 @@ class SemanticScaleMemory(torch.nn.Module):
         if indices is None:
             self.queue_idx.copy_((self.queue_idx + batch) % self.memory_size)
         self.index_addressed.fill_(indices is not None)
+        self._addressing_unknown = False
         self.enqueued_count += batch
 
     def _reject_collectively(self, error: BaseException) -> None:

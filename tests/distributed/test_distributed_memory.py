@@ -73,7 +73,8 @@ def test_bad_batch_on_any_rank_raises_everywhere_and_changes_nothing(ranks):
     assert "rank 1: ValueError: embeddings contain NaN or Inf in 1 of 7 rows" in r0["errors"][1][1]
     assert r0["errors"][1][2] == [1] and r1["errors"][1][3] == "ValueError" and r0["errors"][1][3] is None
     assert "rank 0: ValueError: labels must lie in [0, num_classes=5)" in r1["errors"][2][1]
-    assert "sample indices were passed on ranks [0]" in r1["errors"][3][1]
+    # rank 0 passed indices to a first-in-first-out memory (its own check refuses them)
+    assert "rank 0: ValueError: the memory was filled first in, first out" in r1["errors"][3][1]
     assert r0["errors"][4][2] == [0, 1] and "rank 0: TypeError" in r0["errors"][4][1]
     assert r0["errors"][4][3] == "TypeError" and r1["errors"][4][3] == "ValueError"
     assert "rank 1: ValueError: labels are required" in r0["errors"][5][1]

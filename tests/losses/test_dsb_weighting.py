@@ -2,6 +2,9 @@
 checked on every DSB loss against its PML parent (exact, uniform weights) and a
 hand-written weighted formula mean_i(w[y_i] * parent_element_loss_i) in stage 3,
 with w from float64 numpy over the memory's contents."""
+import csv
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -262,7 +265,7 @@ def test_recordable_attributes(case, gen, np_ref):
         assert dsb.dsb_fill_level == pytest.approx(len(model.labels) / M)
         stats = [getattr(dsb, n) for n in names[3:]]
         if model.stage(2) < 3:
-            assert stats == [None] * 5
+            assert all(math.isnan(v) for v in stats)  # NaN: columns from the first logged iteration
             continue
         s = model.scales(np_ref, C)
         w = model.weights(np_ref, C)
@@ -310,12 +313,19 @@ def test_pml_hook_container_logs_dsb_stats_and_not_the_memory(case, gen, tmp_pat
     logged = {name: list(series.values()) for name, series in writer.records[group].items()}
     assert logged["dsb_stage"] == stages
     assert logged["dsb_num_enqueued"] == [16, 32, 48, 64, 80, 96]
-    assert len(logged["dsb_mean_scale"]) == 3  # stage 3 only
+    # NaN before stage 3, so that every column exists from the first row on
+    assert [math.isnan(v) for v in logged["dsb_mean_scale"]] == [True] * 3 + [False] * 3
     assert logged["dsb_max_weight"][-1] == pytest.approx(float(loss.memory.weights().max()))
     buffers = {name for name, _ in loss.memory.named_buffers()}
     for name, series in writer.records.items():
         assert not buffers & set(series), f"memory buffers logged in {name}"
     keeper.save_records()  # the CSV and database writers take what was logged
+    # record-keeper writes a CSV's header with its first row: the stage-3 columns
+    # were missing from it, and their values fell under no header
+    with open(tmp_path / "csv" / f"{group}.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and all(None not in row for row in rows)
+    assert float(rows[-1]["dsb_max_weight"]) == pytest.approx(logged["dsb_max_weight"][-1])
 
 
 # ------------------------------------------------------------ mixed precision
@@ -444,6 +454,12 @@ OTHER_LOSSES = {
     "margin": (pml_losses.MarginLoss, {"margin": 0.3}),  # names num_classes, not embedding_size
     "nca": (pml_losses.NCALoss, {}),  # element losses of some samples only
     "proxy_nca": (pml_losses.ProxyNCALoss, {}),  # integer proxy_labels
+    # (N, 1) or (P, 1) columns of losses: weights must scale rows, not broadcast
+    "circle": (pml_losses.CircleLoss, {}),
+    "lifted_structure": (pml_losses.LiftedStructureLoss, {}),
+    "generalized_lifted_structure": (pml_losses.GeneralizedLiftedStructureLoss, {}),
+    "tuplet_margin": (pml_losses.TupletMarginLoss, {}),
+    "angular": (pml_losses.AngularLoss, {}),
 }
 
 
@@ -493,7 +509,23 @@ def test_other_pml_losses_are_weighted_by_anchor_or_class_in_stage_3(name, gen):
             continue
         index = entry["indices"] if entry["reduction_type"] == "element" else entry["indices"][0]
         factor = w[index] if by_class else w[labels[index]]
+        factor = factor.reshape(-1, *[1] * (entry["losses"].dim() - 1))  # one weight per row
+        assert got[key]["losses"].shape == entry["losses"].shape
         torch.testing.assert_close(got[key]["losses"], entry["losses"] * factor, rtol=1e-6, atol=0)
+
+
+def test_column_losses_under_the_mean_reducer_equal_the_weighted_mean(gen):
+    # MultiSimilarityLoss returns a (N, 1) column: the weighted loss is the mean
+    # of w[y_i] * l_i, not mean(l) * mean(w) as a broadcast (N, N) product gave
+    dsb, parent = _other_pair("multi_similarity", gen, 8, 1)
+    emb, labels = _batch(gen, 8, probs=torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    e1 = leaf(emb.double())
+    got = dsb(e1, labels)
+    w = dsb.memory.weights()
+    raw = parent.compute_loss(emb.double(), labels, None, emb.double(), labels)["loss"]
+    want = (raw["losses"].reshape(-1) * w[labels[raw["indices"]]])
+    want = want[want > 0].mean()  # MultiSimilarity's default reducer: AvgNonZeroReducer
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
 def test_a_mixin_subclass_of_proxy_anchor_weights_its_losses_by_class():
@@ -640,3 +672,59 @@ def test_non_default_arguments_equal_parent_before_stage_3(case, gen):
         got, want = dsb(e1, labels), parent(e2, labels)
         _assert_same_loss_and_grads(dsb, parent, got, want, e1, e2)
     assert dsb.memory.stage == 2
+
+
+def test_a_call_without_gradients_reads_the_memory_and_leaves_it(gen, np_ref):
+    """A validation loss (under no_grad or inference mode) is weighted by the
+    memory as it stands and stores nothing; eval() mode alone still enqueues
+    (PML's trainers put a loss listed in freeze_these in eval mode)."""
+    dsb, _, flat = make_pair("norm_softmax", gen, C, D, 12, 1)
+    for _ in range(3):  # 18 samples: stage 3
+        dsb(*_batch(gen, 6))
+    assert dsb.memory.stage == 3
+    emb, labels = _batch(gen, 20)  # larger than the memory: fine, nothing is stored
+    for context in (torch.no_grad, torch.inference_mode):
+        before = {k: v.clone() for k, v in dsb.memory.state_dict().items()}
+        with context():
+            got = dsb(emb, labels)
+        after = dsb.memory.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        w = dsb.memory.weights().float()
+        raw = flat(emb, labels)["loss"]
+        torch.testing.assert_close(got, (raw["losses"] * w[labels[raw["indices"]]]).mean(), rtol=1e-6, atol=0)
+    dsb.eval()
+    dsb(*_batch(gen, 6))
+    assert dsb.memory.num_enqueued == 24
+
+
+def test_cross_batch_memory_around_a_dsb_triplet_loss(gen):
+    """PML's CrossBatchMemory refuses DSBTripletMarginLoss by its name;
+    DSBCrossBatchMemory takes it. Before stage 3 it equals PML's wrapper around
+    the parent; in stage 3 each triplet is weighted by its anchor's class."""
+    from pytorch_metric_learning.losses import CrossBatchMemory
+
+    from pml_dsb import DSBCrossBatchMemory
+
+    dsb_cls = with_dsb_weighting(pml_losses.TripletMarginLoss)
+    with pytest.raises(Exception, match="CrossBatchMemory not supported for DSBTripletMarginLoss"):
+        CrossBatchMemory(dsb_cls(C, D, memory_size=12), embedding_size=D, memory_size=16)
+    with pytest.raises(TypeError, match="wraps a DSB loss"):
+        DSBCrossBatchMemory(pml_losses.TripletMarginLoss(), embedding_size=D)
+    ours = DSBCrossBatchMemory(dsb_cls(C, D, memory_size=12, warmup_epochs=1), embedding_size=D, memory_size=16)
+    plain = CrossBatchMemory(pml_losses.TripletMarginLoss(), embedding_size=D, memory_size=16)
+    flat = CrossBatchMemory(pml_losses.TripletMarginLoss(reducer=reducers.DoNothingReducer()),
+                            embedding_size=D, memory_size=16)
+    for step in range(4):  # 6 samples per step, M = 12, one warm-up epoch: stage 3 from the 2nd step
+        emb, labels = _batch(gen, 6)
+        e1, e2 = leaf(emb.double()), leaf(emb.double())
+        got, raw = ours(e1, labels), flat(emb.double(), labels)["loss"]
+        if ours.loss.memory.stage < 3:
+            want = plain(e2, labels)
+            assert torch.equal(got, want)
+        else:
+            plain(e2, labels)  # keeps PML's queue in step
+            w = ours.loss.memory.weights()
+            weighted = raw["losses"] * w[labels[raw["indices"][0]]]
+            want = weighted[weighted > 0].mean()  # TripletMarginLoss's AvgNonZeroReducer
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert ours.loss.memory.stage == 3

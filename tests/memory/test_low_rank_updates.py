@@ -287,9 +287,11 @@ def test_gram_inverses_are_allocated_only_for_cached_classes(gen, np_ref):
 
 
 # ---------------------------------------------------------------- mixed usage
-def test_fifo_relabels_and_index_enqueues_mixed(gen, np_ref):
-    """Index-addressed enqueues interleaved with FIFO ones and with relabelled
-    dataset indices: scales stay exact, and every count change drops the cache."""
+def test_relabels_among_index_enqueues_and_fifo_batches_refused(gen, np_ref):
+    """Index-addressed enqueues with relabelled dataset indices: scales stay
+    exact, and every count change drops the cache. A batch without indices
+    in between is refused and changes nothing (its first-in-first-out slots
+    would hold samples that indices later overwrite)."""
     labels, centres = _dataset(gen)
     batches = _sampler(gen, labels, centres, batch=6)
     memory = _memory(BOTH_FORMS, exact_refresh_every=8)
@@ -298,8 +300,11 @@ def test_fifo_relabels_and_index_enqueues_mixed(gen, np_ref):
         emb, y, idx = next(batches)
         valid_before, counts_before = memory.cache_valid.clone(), memory.class_counts.clone()
         if step % 9 == 8:
-            # FIFO enqueue (no indices): overwrites the slots after queue_idx
-            low_total += _enqueue(memory, emb, y).long()
+            before = {k: v.clone() for k, v in memory.state_dict().items()}
+            with pytest.raises(ValueError, match="filled with dataset indices; this batch has none"):
+                memory.enqueue(emb, y)
+            after = memory.state_dict()
+            assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
             fifo_steps += 1
         else:
             if step % 7 == 6:

@@ -36,6 +36,9 @@ BAD_BATCHES = {
     "indices-negative": (_emb(3), torch.tensor([0, 1, 2]), torch.tensor([0, -4, 1]), ValueError, ["indices", "-4"]),
     "indices-float": (_emb(3), torch.tensor([0, 1, 2]), torch.tensor([0.0, 1.0, 2.0]), TypeError, ["indices", "float32"]),
     "indices-length": (_emb(3), torch.tensor([0, 1, 2]), torch.tensor([0, 1]), ValueError, ["indices", "(2,)"]),
+    # valid indices, but the memory has been filled first in, first out
+    "indices-to-fifo-memory": (_emb(3), torch.tensor([0, 1, 2]), torch.tensor([0, 5, 1]), ValueError,
+                               ["first in, first out", "reset()"]),
 }
 
 
@@ -155,3 +158,34 @@ def test_bad_constructor_arguments(kwargs, exc, words):
         SemanticScaleMemory(**kwargs)
     for w in words:
         assert w in str(info.value)
+
+
+def test_a_batch_without_indices_is_refused_by_an_index_addressed_memory():
+    g = torch.Generator().manual_seed(7)
+    mem = SemanticScaleMemory(C, D, M, warmup_epochs=1)
+    mem.enqueue(torch.randn(M, D, generator=g), torch.arange(M) % C, torch.arange(M))
+    mem.scales()
+    before = _snapshot(mem)
+    with pytest.raises(ValueError, match="filled with dataset indices; this batch has none"):
+        mem.enqueue(_emb(3), torch.tensor([0, 1, 2]))
+    assert_state_unchanged(before, mem)
+    # a batch that is only read (a loss that does not enqueue) is not refused, whatever its size
+    mem.validate_batch(_emb(M + 4), torch.zeros(M + 4, dtype=torch.long), enqueue=False)
+    mem.reset()  # a reset memory takes either addressing again
+    mem.enqueue(_emb(3), torch.tensor([0, 1, 2]))
+    assert mem.num_enqueued == 3 and not bool(mem.index_addressed)
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_state_saved_without_its_addressing_takes_either(indexed):
+    # index_addressed came after the first release: the next batch decides it
+    g = torch.Generator().manual_seed(8)
+    mem = SemanticScaleMemory(C, D, M, warmup_epochs=1)
+    mem.enqueue(torch.randn(6, D, generator=g), torch.arange(6) % C)
+    old = {k: v for k, v in mem.state_dict().items() if k not in SemanticScaleMemory._CACHE_STATE}
+    fresh = SemanticScaleMemory(C, D, M, warmup_epochs=1)
+    fresh.load_state_dict(old)
+    fresh.enqueue(_emb(3), torch.tensor([0, 1, 2]), torch.tensor([7, 8, 9]) if indexed else None)
+    assert bool(fresh.index_addressed) == indexed
+    with pytest.raises(ValueError, match="this batch has"):  # decided now
+        fresh.enqueue(_emb(3), torch.tensor([0, 1, 2]), None if indexed else torch.tensor([7, 8, 9]))
