@@ -7,6 +7,7 @@ from .functional import class_balanced_weights, class_semantic_scales, dsb_weigh
 from .losses import (
     DSBArcFaceLoss,
     DSBCosFaceLoss,
+    DSBCrossBatchMemory,
     DSBNormalizedSoftmaxLoss,
     DSBSoftTripleLoss,
     DSBWeightingMixin,
@@ -29,6 +30,7 @@ __all__ = [
     "DSBNormalizedSoftmaxLoss",
     "DSBArcFaceLoss",
     "DSBCosFaceLoss",
+    "DSBCrossBatchMemory",
     "DSBWeightingMixin",
     "weight_losses_by_class",
     "dsb_class_weights",
