@@ -318,7 +318,8 @@ def _add_data_options(p: argparse.ArgumentParser, dataset_default: Optional[str]
                    help="dataset whose train split is analysed (default: %(default)s)")
     p.add_argument("--root", help="data folder (every dataset but digits-lt); nothing is downloaded")
     p.add_argument("--imbalance-factor", type=float, default=None,
-                   help="imbalance factor of digits-lt / cifar100-lt (default 10)")
+                   help="imbalance factor of digits-lt / cifar100-lt (default 10; the built-in "
+                        "`pml-dsb bench` run trains digits-lt at 50)")
     p.add_argument("--split", choices=("train", "test"), default="train", help="split (default: train)")
     p.add_argument("--split-seed", type=int, default=0, help="digits-lt's train/test split seed (default 0)")
     p.add_argument("--checkpoint", help="<run>/checkpoints/<method>/seed<k>/best.pt of `pml-dsb bench`: analyse "

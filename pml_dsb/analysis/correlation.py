@@ -306,7 +306,9 @@ def compare_predictors(
     paper's hypothesis), ``no_clear_sign`` (predictors whose interval spans
     0: no sign is claimed for them), ``undefined`` (constant predictors) and
     ``statement``, a plain sentence. Predictors and accuracy must be finite
-    (``ValueError`` otherwise).
+    (``ValueError`` otherwise). Each interval is a plain 95% (``confidence``)
+    interval, not adjusted for looking at several predictors: on pure noise
+    some predictor gets a "clear" sign more often than 5% of the time.
 
     >>> r = compare_predictors({"semantic_scale": [1, 2, 3, 4, 5], "train_count": [5, 1, 4, 2, 3]},
     ...                        [0.1, 0.2, 0.3, 0.4, 0.5], n_boot=200)
@@ -487,5 +489,5 @@ def scale_bias_analysis(
         if unavailable:
             comp["statement"] += " Not compared (missing or non-positive values): " + ", ".join(
                 _fmt(n) for n in unavailable) + "."
-        logger.info("%s: %s", m, comp["statement"])
+        logger.debug("%s: %s", m, comp["statement"])  # the CLI prints it
     return {"correlations": [c.to_dict() for c in cors], "comparison": comparison, "unavailable": unavailable}

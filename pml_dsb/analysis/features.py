@@ -70,10 +70,15 @@ def load_dataset(
     return datasets.Cars196(root, split=split, transform=transform)
 
 
-def _labels(dataset) -> np.ndarray:
+def _labels(dataset, seen=None) -> np.ndarray:
+    """``dataset.labels``, else the labels its items gave (``seen``: a list of
+    label batches, e.g. from a ``TensorDataset``)."""
     labels = getattr(dataset, "labels", None)
+    if labels is None and seen:
+        labels = torch.cat([torch.as_tensor(y).reshape(-1) for y in seen])
     if labels is None:
-        raise ValueError(f"{type(dataset).__name__} has no `labels` attribute")
+        raise ValueError(f"{type(dataset).__name__} has no `labels` attribute and yields no labels: its items "
+                         "must be (input, label) pairs")
     return np.asarray(labels, dtype=np.int64)
 
 
@@ -88,14 +93,14 @@ def raw_features(dataset, batch_size: int = 256) -> tuple[torch.Tensor, np.ndarr
     >>> tuple(x.shape), np.bincount(y).tolist()
     ((500, 64), [50, 50, 50, 50, 50, 50, 50, 50, 50, 50])
     """
-    labels = _labels(dataset)
     data = getattr(dataset, "data", None)
     if isinstance(data, torch.Tensor) and getattr(dataset, "transform", None) is None:
-        return data.reshape(len(data), -1).float(), labels
-    rows = []
-    for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        return data.reshape(len(data), -1).float(), _labels(dataset)
+    rows, seen = [], []
+    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         rows.append(images.reshape(len(images), -1).float())
-    return torch.cat(rows), labels
+        seen.append(labels)
+    return torch.cat(rows), _labels(dataset, seen)
 
 
 @torch.no_grad()
@@ -119,14 +124,14 @@ def embed_dataset(
         device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    out, seen = [], []
     try:
-        out = [
-            model(images.to(device)).float().cpu()
-            for images, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        ]
+        for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            out.append(model(images.to(device)).float().cpu())
+            seen.append(labels)
     finally:
         model.train(was_training)
-    return torch.cat(out), _labels(dataset)
+    return torch.cat(out), _labels(dataset, seen)
 
 
 def find_run_folder(checkpoint: Union[str, os.PathLike]) -> str:

@@ -14,7 +14,10 @@ Metrics (the keys of ``get_accuracy``'s result):
 
 * ``recall_at_<k>`` for every k in ``recall_ks``: Recall@k, lone queries left
   out (see :mod:`pml_dsb.evaluation.retrieval_metrics`); ``recall_at_1``
-  equals PML's ``precision_at_1``.
+  equals PML's ``precision_at_1`` on L2-normalised embeddings (as PML's
+  testers pass them by default). Neighbours here are always by cosine
+  similarity; PML's own ``AccuracyCalculator`` searches raw embeddings by
+  L2 distance, so on unnormalised embeddings the two can differ.
 * ``NMI``: faiss k-means, ``nredo`` restarts, fixed ``nmi_seed``
   (see :mod:`pml_dsb.evaluation.clustering_metrics`).
 * ``num_lone_queries``: how many queries were left out of Recall@K.

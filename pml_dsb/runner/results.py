@@ -326,7 +326,7 @@ def format_table_markdown(summary: Mapping[str, Any]) -> str:
         sizes = {g: sum(1 for c in counts if (c > 100 if g == "many" else c < 20 if g == "few" else 20 <= c <= 100))
                  for g in ("many", "medium", "few")}
         lines += ["", "## Recall@1 by training count at the best epoch (many > 100, medium 20-100, few < 20)", ""]
-        head = ["Method"] + [f"{g} ({sizes[g]} classes)" for g in ("many", "medium", "few")]
+        head = ["Method"] + [f"{g} ({sizes[g]} class{'' if sizes[g] == 1 else 'es'})" for g in ("many", "medium", "few")]
         rows = []
         for method in methods:
             groups = summary["per_method"][method].get("groups", {})

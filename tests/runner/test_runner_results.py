@@ -60,7 +60,7 @@ def test_closed_set_run_folder(tmp_path):
     md = format_table_markdown(summary)
     assert "| 10 | NSM | 60.00 ± 10.00 |" in md
     assert "| DSB-NSM | NSM | +5.00 ± 3.00 |" in md
-    assert "many (1 classes)" in md and "Untrained network (epoch 0, mean over runs): R@1 30.00" in md
+    assert "many (1 class)" in md and "Untrained network (epoch 0, mean over runs): R@1 30.00" in md
     paths = write_run_folder(tmp_path, cfg, summary)
     assert json.loads(open(paths["results.json"]).read())["paired"]["DSB-NSM"]["parent"] == "NSM"
     with open(paths["per_class.csv"]) as fh:

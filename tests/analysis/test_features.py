@@ -1,0 +1,19 @@
+"""Embedding a dataset for the analysis: a model's features and the labels, in order."""
+import numpy as np
+import torch
+
+from pml_dsb.analysis.features import embed_dataset, raw_features
+
+
+def test_a_dataset_without_a_labels_attribute_gives_its_items_labels():
+    # a TensorDataset has no .labels: they come from its (input, label) items
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(37, 5, generator=g), torch.randint(0, 4, (37,), generator=g)
+    data = torch.utils.data.TensorDataset(x, y)
+    model = torch.nn.Linear(5, 3).train()
+    features, labels = embed_dataset(model, data, batch_size=8)
+    with torch.no_grad():
+        torch.testing.assert_close(features, model(x), rtol=1e-6, atol=1e-7)
+    assert labels.dtype == np.int64 and labels.tolist() == y.tolist() and model.training
+    raw, raw_labels = raw_features(data, batch_size=10)
+    assert torch.equal(raw, x) and raw_labels.tolist() == y.tolist()
