@@ -85,7 +85,9 @@ class DistributedDSBLossWrapper(DistributedLossWrapper):
             given = [name for name, value in unsupported.items() if value is not None]
             if given:
                 raise ValueError(f"DistributedDSBLossWrapper does not support {given}")
-            memory.validate_batch(emb, lab)
+            # as the wrapped loss will check it: a batch it only reads is not checked
+            # against the memory's size or addressing
+            memory.validate_batch(emb, lab, enqueue=self.loss.update_memory and torch.is_grad_enabled())
 
         batch = gather_batch(embeddings, labels, check=check, drop_duplicate_indices=False, widest_dtype=True)
         # every rank computes in the widest dtype of the ranks' rows, on the same

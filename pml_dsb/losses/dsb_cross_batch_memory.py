@@ -18,6 +18,10 @@ class DSBCrossBatchMemory(CrossBatchMemory):
     else is PML's. Each call passes the batch as queries and PML's queue as
     references: the DSB loss enqueues the batch into its own memory and
     weights every pair or triplet by its anchor's class (a batch sample).
+    With ``enqueue_mask``, the DSB memory gets the batch's unmasked rows only
+    (the queries PML passes to the loss), and a mask that queues the whole
+    batch leaves no query: PML's wrapper then returns 0, this one raises the
+    DSB loss's empty-batch ``ValueError``.
 
     >>> from pytorch_metric_learning.losses import TripletMarginLoss
     >>> from pml_dsb import with_dsb_weighting

@@ -426,6 +426,11 @@ class SemanticScaleMemory(torch.nn.Module):
                 if name not in self._buffers:
                     self.register_buffer(name, value)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._addressing_unknown:  # still unknown: saved as the older release saved it, without it
+            destination.pop(prefix + "index_addressed", None)
+
     @_plain_mode
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "embedding_memory" not in state_dict:
@@ -440,6 +445,8 @@ class SemanticScaleMemory(torch.nn.Module):
                 state_dict[prefix + name] = defaults[name]
         if prefix + "statistics_built" not in state_dict:
             state_dict[prefix + "statistics_built"] = defaults["statistics_built"]
+        if prefix + "index_addressed" not in state_dict:
+            state_dict[prefix + "index_addressed"] = defaults["index_addressed"]
         # these grow with the largest class and the number of large classes:
         # take the saved sizes (other dimensions must match).
         for name in ("class_slots", "moment_sum", "moment_outer", "gram_inverse", "moment_inverse"):

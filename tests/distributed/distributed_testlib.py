@@ -401,6 +401,45 @@ def reference_dsb_wrapper(world=2):
     return recs
 
 
+def _read_only_loss():
+    """A loss that only reads a memory filled (locally, with dataset indices) into stage 3."""
+    from pml_dsb import SemanticScaleMemory
+
+    memory = SemanticScaleMemory(C, D, M, warmup_epochs=1, distributed=False)
+    g = torch.Generator().manual_seed(11)
+    memory.enqueue(torch.randn(M, D, generator=g), torch.arange(M) % C, torch.arange(M))
+    return new_loss(memory=memory, memory_size=M, warmup_epochs=1, update_memory=False)
+
+
+def scenario_dsb_wrapper_read(rank, world):
+    """DistributedDSBLossWrapper around a loss that does not enqueue: an
+    index-addressed memory's addressing, and its size, are not checked against
+    batches it only reads (with gradients, and under no_grad past M rows)."""
+    from pml_dsb.distributed import DistributedDSBLossWrapper
+
+    loss = _read_only_loss()
+    wrapped = DistributedDSBLossWrapper(loss)
+    rec = {"loss": []}
+    for emb, labels in (make_batches(3, UNEVEN, 1)[0][rank], make_batches(4, (M + 1, M + 1), 1)[0][rank]):
+        emb = emb.clone().requires_grad_(True)
+        if len(emb) > M:
+            with torch.no_grad():
+                rec["loss"].append(wrapped(emb, labels).detach())
+        else:
+            rec["loss"].append(wrapped(emb, labels).detach())
+    rec["state"] = state_of(loss.memory)
+    return rec
+
+
+def reference_dsb_wrapper_read(world=2):
+    ref = _read_only_loss()
+    values = []
+    for step in (make_batches(3, UNEVEN, 1)[0], make_batches(4, (M + 1, M + 1), 1)[0]):
+        with torch.no_grad():
+            values.append(ref(*concat(step)) * world)
+    return {"loss": values, "state": state_of(ref.memory)}
+
+
 SHARD_N, SHARD_BATCH = 29, 9  # 4 global batches: 9, 9, 9, 2 samples
 
 
@@ -524,6 +563,7 @@ SCENARIOS = {
     "pml_wrapper": scenario_pml_wrapper,
     "pml_wrapper_auto": scenario_pml_wrapper_auto,
     "dsb_wrapper": scenario_dsb_wrapper,
+    "dsb_wrapper_read": scenario_dsb_wrapper_read,
     "wide": scenario_wide,
     "reader": scenario_reader,
 }

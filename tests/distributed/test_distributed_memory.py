@@ -203,3 +203,12 @@ def test_a_loss_that_does_not_enqueue_shares_its_parents_verdict(ranks):
     r0, r1 = records(ranks, "reader")
     assert r0["errors"] == r1["errors"] == [None, None, ("BatchRejectedError", [1]), None]
     assert r0["enqueued"] == r1["enqueued"] == [12, 24, 36, 48]
+
+
+def test_dsb_wrapper_around_a_loss_that_only_reads(ranks):
+    recs, ref = records(ranks, "dsb_wrapper_read"), lib.reference_dsb_wrapper_read()
+    for rec in recs:
+        assert len(rec["loss"]) == 2
+        for got, want in zip(rec["loss"], ref["loss"]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert_same_state(rec["state"], ref["state"])  # nothing enqueued

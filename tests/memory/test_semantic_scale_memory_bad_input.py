@@ -185,6 +185,10 @@ def test_a_state_saved_without_its_addressing_takes_either(indexed):
     old = {k: v for k, v in mem.state_dict().items() if k not in SemanticScaleMemory._CACHE_STATE}
     fresh = SemanticScaleMemory(C, D, M, warmup_epochs=1)
     fresh.load_state_dict(old)
+    # saved again before its next batch, it is still undecided
+    resaved = SemanticScaleMemory(C, D, M, warmup_epochs=1)
+    resaved.load_state_dict(fresh.state_dict())
+    fresh = resaved
     fresh.enqueue(_emb(3), torch.tensor([0, 1, 2]), torch.tensor([7, 8, 9]) if indexed else None)
     assert bool(fresh.index_addressed) == indexed
     with pytest.raises(ValueError, match="this batch has"):  # decided now
