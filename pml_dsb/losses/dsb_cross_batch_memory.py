@@ -36,8 +36,9 @@ class DSBCrossBatchMemory(CrossBatchMemory):
                 f"{type(loss).__name__}; use PML's CrossBatchMemory for other losses"
             )
         # the name PML checks: that of the first PML class under the weighting
+        # (set before Module.__init__, which runs the check)
         mro = type(loss).__mro__
-        object.__setattr__(self, "_checked_name", mro[mro.index(DSBWeightingMixin) + 1].__name__)  # before Module.__init__
+        object.__setattr__(self, "_checked_name", mro[mro.index(DSBWeightingMixin) + 1].__name__)
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
 
     def check_loss_support(self, loss_name):

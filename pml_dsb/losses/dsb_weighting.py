@@ -17,8 +17,8 @@ is a complete DSB loss. :func:`dsb_class_weights` gives the same weights for
 from __future__ import annotations
 
 import functools
-import math
 import inspect
+import math
 from typing import Optional
 
 import torch
@@ -316,7 +316,8 @@ class DSBWeightingMixin:
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         # the parent's losses first: if it rejects the input, the memory is untouched
         loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if self.update_memory if self._enqueues is None else self._enqueues:
+        enqueues = self.update_memory if self._enqueues is None else self._enqueues  # None: not via forward()
+        if enqueues:
             # forward() validated this very batch before the parent saw it
             validated = embeddings is getattr(self, "_validated", None)
             self._enqueue_due = False  # the enqueue makes its own collective calls, failing or not
