@@ -111,6 +111,14 @@ def _as_seed_class(name: str, value, num_seeds: Optional[int] = None) -> np.ndar
     return a
 
 
+def scored_classes(scale: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+    """(C,) mask of the classes with a scale (``S > 0``) and a finite accuracy
+    in every seed (rows of the (seeds, C) arrays). S = 0 is "no scale yet"
+    (fewer than 2 samples, docs/DEFINITIONS.md): such a class, or one without
+    an accuracy, would enter the correlations as a value."""
+    return (np.isfinite(scale) & (scale > 0)).all(0) & np.isfinite(accuracy).all(0)
+
+
 def _finite(name: str, a: np.ndarray) -> np.ndarray:
     """``a`` unchanged; a ``ValueError`` naming the classes if any value is NaN
     or infinite (a NaN would make every correlation NaN, which reads as
@@ -466,9 +474,7 @@ def scale_bias_analysis(
     if not s.shape[1] == c.shape[1] == acc.shape[1]:
         raise ValueError(f"scale, counts and accuracy must have the same classes, got {s.shape}, {c.shape}, "
                          f"{acc.shape}")
-    # S = 0 is "no scale yet" (fewer than 2 samples, docs/DEFINITIONS.md): a class
-    # without a scale or an accuracy would enter the correlations as a value
-    keep = (np.isfinite(s) & (s > 0)).all(0) & np.isfinite(acc).all(0)
+    keep = scored_classes(s, acc)
     if not keep.all():
         logger.warning("%d of %d classes have no scale (S <= 0 or missing) or a non-finite accuracy in some "
                        "seed; left out", int((~keep).sum()), len(keep))

@@ -24,6 +24,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .correlation import scored_classes
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunTable", "load_run_table", "PER_CLASS_COLUMNS"]
@@ -75,7 +77,7 @@ class RunTable:
         if method not in self.scale:
             raise KeyError(f"method {method!r} is not in the run (it has {self.methods})")
         s, a = self.scale[method], self.accuracy[method]
-        keep = (np.isfinite(s) & (s > 0)).all(0) & np.isfinite(a).all(0)
+        keep = scored_classes(s, a)
         dropped = int((~keep).sum())
         if dropped:
             logger.warning("%s: %d of %d classes lack a scale (S = 0 or missing) or a Recall@1 in some seed; "

@@ -557,8 +557,9 @@ class SemanticScaleMemory(torch.nn.Module):
                 raise ValueError(
                     f"indices contain duplicates {values[counts > 1].tolist()}; each sample needs its own slot"
                 )
-        if enqueue and int(self.enqueued_count) > 0 and not self._addressing_unknown \
-                and bool(self.index_addressed) != (indices is not None):
+        # the count only when the addressing differs: one host sync per batch on a GPU, not two
+        if enqueue and not self._addressing_unknown and bool(self.index_addressed) != (indices is not None) \
+                and int(self.enqueued_count) > 0:
             # a slot would then hold a sample of one addressing and be overwritten by the other's
             raise ValueError(
                 "the memory was filled with dataset indices; this batch has none: pass the indices with every "
