@@ -56,6 +56,10 @@ def _logdet_spd_lapack(a: torch.Tensor, sizes: Optional[list[int]] = None):
     Returns None if a matrix is not positive definite.
     """
     potrf = _lapack.dpotrf if a.dtype == torch.float64 else _lapack.spotrf
+    # a C-ordered symmetric matrix is its own Fortran-ordered transpose, so either
+    # triangle serves: OpenBLAS (one thread) factorised the lower one ~1.3x faster
+    # below n = 128 in float64 (n = 256 in float32), the upper one ~1.15x faster above
+    lower_below = 128 if a.dtype == torch.float64 else 256
     arrays = a.detach().numpy().reshape(-1, a.shape[-2], a.shape[-1])
     # the factors' diagonals, 1 past each leading block; logs summed once at
     # the end (a numpy log and sum per matrix cost ~2-10 us, potrf ~15 at n = 64)
@@ -66,8 +70,7 @@ def _logdet_spd_lapack(a: torch.Tensor, sizes: Optional[list[int]] = None):
                 continue
             # a leading block is not contiguous: potrf works on a small copy
             matrix = _np.ascontiguousarray(matrix[: sizes[k], : sizes[k]])
-        # a C-ordered symmetric matrix is its own Fortran-ordered transpose
-        factor, info = potrf(matrix.T, lower=0, overwrite_a=1, clean=0)
+        factor, info = potrf(matrix.T, lower=int(len(matrix) < lower_below), overwrite_a=1, clean=0)
         if info != 0:
             return None
         diagonals[k, : len(factor)] = factor.diagonal()

@@ -76,6 +76,10 @@ _CHUNK_VALUES = 1 << 22
 #: block that stays in a core's cache (1 MiB in float64) until it is used.
 _CACHED_VALUES = 1 << 17
 
+#: Most values of the per-sample outer products that a moment update on CPU
+#: builds at once (a batch's, at small d); larger updates go class by class.
+_PER_SAMPLE_VALUES = 1 << 22
+
 
 def _is_integer_tensor(x: torch.Tensor) -> bool:
     return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
@@ -883,9 +887,16 @@ class SemanticScaleMemory(torch.nn.Module):
         z = z.to(torch.float64)
         signed = z * sign.unsqueeze(1)
         self.moment_sum.index_add_(0, index, signed)
+        d, cpu = self.embedding_size, z.device.type == "cpu"
+        if cpu and d < 256 and len(index) * d * d <= _PER_SAMPLE_VALUES:
+            # a batch's samples on CPU (small d): each sample's outer product, summed
+            # into its row by index_add_, half the time of the grouped, padded
+            # products below at d = 64 (those win for the many samples per class
+            # of a first build)
+            self.moment_outer.index_add_(0, index, signed.unsqueeze(2) * z.unsqueeze(1))
+            return
         rows, inverse, counts = torch.unique(index, return_inverse=True, return_counts=True)
-        d = self.embedding_size
-        if d >= 256 and z.device.type == "cpu":
+        if cpu:
             # big d x d blocks on CPU: update each row in place, no (rows, d, d)
             # temporary (elsewhere a kernel launch per class costs more)
             order = torch.argsort(inverse, stable=True)
@@ -946,7 +957,10 @@ class SemanticScaleMemory(torch.nn.Module):
         classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         rank = _rank_within_groups(inverse, counts)
         widths = self._class_width(classes)
+        cpu = emb.device.type == "cpu"
         for bucket in self._buckets(widths):
+            if cpu:  # most new samples first: each part below is padded to its own first class's
+                bucket = bucket[torch.argsort(counts[bucket], descending=True, stable=True)]
             width, kmax = int(widths[bucket].max()), int(counts[bucket].max())
             # new samples of the bucket's classes, as (classes, kmax, d) blocks
             local = torch.full((len(classes),), -1, dtype=torch.long, device=emb.device)
@@ -962,10 +976,13 @@ class SemanticScaleMemory(torch.nn.Module):
             # rows is multiplied while still in cache: at d = 512 a whole bucket's
             # block is ~15 MiB in float64, written out and read back from memory.
             # Elsewhere one product per bucket: each part costs kernel launches
-            step = max(1, _CACHED_VALUES // (width * emb.shape[1])) if emb.device.type == "cpu" else len(bucket)
-            for start in range(0, len(bucket), step):
+            step = max(1, _CACHED_VALUES // (width * emb.shape[1])) if cpu else len(bucket)
+            # rows that each part needs (rank < count): on CPU its first class's,
+            # as the bucket is sorted; elsewhere one part, the bucket's most
+            firsts = counts[bucket[::step]].tolist() if cpu else [kmax]
+            for start, k in zip(range(0, len(bucket), step), firsts):
                 part = slice(start, start + step)
-                torch.bmm(new[part], self._gather_rows(slots[part]).transpose(1, 2), out=products[part])
+                products[part, :k] = torch.bmm(new[part, :k], self._gather_rows(slots[part]).transpose(1, 2))
             rows = products[local[inverse[mine]], rank[mine]]  # (k, width)
             rows = rows.to(torch.float64) * (slots[local[inverse[mine]]] >= 0)
             c, p = labels[mine].unsqueeze(1), positions[mine].unsqueeze(1)

@@ -321,13 +321,14 @@ def test_cuda_matches_numpy(gen, np_ref, normalize):
 def _float32_only_failure():
     """A float32 matrix whose float32 Cholesky fails while float64 succeeds on
     the same values (rank one plus 1e-7 I: rounding decides), found by scanning
-    seeds and checked with LAPACK directly."""
+    seeds and checked with LAPACK directly, factorising either triangle."""
     from scipy.linalg import lapack
 
     for seed in range(200):
         v = torch.randn(6, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         matrix = (v @ v.T + 1e-7 * torch.eye(6, dtype=torch.float64)).float()
-        if lapack.spotrf(matrix.numpy().copy())[1] != 0 and lapack.dpotrf(matrix.double().numpy().copy())[1] == 0:
+        fails32 = all(lapack.spotrf(matrix.numpy().copy(), lower=lower)[1] != 0 for lower in (0, 1))
+        if fails32 and lapack.dpotrf(matrix.double().numpy().copy())[1] == 0:
             return matrix
     raise AssertionError("no float32-only Cholesky failure among 200 seeds")
 
@@ -364,6 +365,22 @@ def test_logdet_spd_sizes_give_the_leading_blocks_log_det(path, dtype):
     want = [np.linalg.slogdet(block)[1] if block.size else 0.0 for block in blocks]
     np.testing.assert_allclose(got.detach().double().numpy(), want, rtol=1e-5 if dtype == torch.float32 else 1e-12)
     assert not np.isclose(want[1], np.linalg.slogdet(batch.detach().double()[1].numpy())[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logdet_spd_either_triangle_gives_the_log_det(dtype):
+    """The LAPACK path factorises the lower triangle of small matrices and the
+    upper one of large ones (whichever is faster): sizes either side of both
+    switches (128 in float64, 256 in float32), against numpy's float64 slogdet."""
+    from pml_dsb.functional.semantic_scale import logdet_spd
+
+    g = torch.Generator().manual_seed(5)
+    for n in (127, 128, 255, 256):
+        x = torch.randn(2, n, n // 2, generator=g, dtype=torch.float64)
+        batch = torch.eye(n, dtype=torch.float64) + (2 / n) * x @ x.transpose(1, 2)
+        got = logdet_spd(batch.to(dtype))
+        want = [np.linalg.slogdet(m.to(dtype).double().numpy())[1] for m in batch]
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
 def test_logdet_spd_rejects_bad_sizes():

@@ -96,14 +96,19 @@ def test_small_chunks_and_coarse_buckets_give_the_same_scales(gen, np_ref, monke
     """Batched updates gather a bounded number of values at once, and classes of
     similar size share one padded batch: one class per chunk (the build, the
     moment updates and the Gram rows of new samples) and the coarse batches
-    chosen on GPUs (max_buckets) must change nothing but rounding."""
+    chosen on GPUs (max_buckets) must change nothing but rounding; nor must a
+    batch's moments summed per sample (CPU, small d) or class by class."""
     import pml_dsb.memory.semantic_scale_memory as module
 
     stream = _batches(gen, indexed)
     batches = [next(stream) for _ in range(25)]
     results = {}
-    for variant in ("default", "one-class-chunks", "coarse-buckets", "one-bucket"):
+    for variant in ("default", "one-class-chunks", "coarse-buckets", "one-bucket", "grouped-moments"):
         memory = _memory(gram_size=6)  # both forms, FIFO and index-addressed
+        if variant == "grouped-moments":  # a batch's moments class by class, not per sample
+            monkeypatch.setattr(module, "_PER_SAMPLE_VALUES", 0)
+        else:
+            monkeypatch.setattr(module, "_PER_SAMPLE_VALUES", 1 << 22)
         if variant == "coarse-buckets":
             memory.max_buckets = 3
         elif variant == "one-bucket":
