@@ -1235,7 +1235,8 @@ class SemanticScaleMemory(torch.nn.Module):
             if d >= 256:
                 # big d x d inverses: each pool row in place, no gathered copy
                 inverses = [self.moment_inverse[row] for row in index.tolist()]
-                change, ok = _low_rank_logdet_update_each(inverses, u, core)
+                real = torch.cat([new_real, old_real, torch.ones_like(new_real[:, :1])], 1)
+                change, ok = _low_rank_logdet_update_each(inverses, u, core, real)
             else:
                 inverse = self.moment_inverse.index_select(0, index)
                 change, ok = _low_rank_logdet_update(inverse, u, core)
@@ -1283,7 +1284,7 @@ class SemanticScaleMemory(torch.nn.Module):
         # each class's n x n inverse in place, at its own n: no gathered, padded copy
         rows = self.gram_inverse_index[classes].tolist()
         inverses = [self.gram_inverse[row, :n, :n] for row, n in zip(rows, counts.tolist())]
-        change, ok = _low_rank_logdet_update_each(inverses, u, core)
+        change, ok = _low_rank_logdet_update_each(inverses, u, core, torch.cat([real, real], 1))
         self._finish_low_rank(classes, change, ok, m)
 
     def _finish_low_rank(
@@ -1341,17 +1342,36 @@ def _low_rank_logdet_update(inverse: torch.Tensor, u: torch.Tensor, core: torch.
     return change, ok
 
 
-def _low_rank_logdet_update_each(inverses: list[torch.Tensor], u: torch.Tensor, core: torch.Tensor):
+def _low_rank_logdet_update_each(
+    inverses: list[torch.Tensor], u: torch.Tensor, core: torch.Tensor, real: Optional[torch.Tensor] = None
+):
     """:func:`_low_rank_logdet_update` on matrices updated in place one by one
     (views into a pool; the i-th is n_i x n_i, with u[i] zero past row n_i):
-    the n x n products matrix by matrix, the small k x k algebra batched."""
+    the n x n products matrix by matrix, the small k x k algebra batched.
+
+    ``real`` (t, k): the columns of each U in use; the others must be zero in
+    U and in C's rows and columns. Each matrix's products then take only its
+    own columns, not the most changed class's k that the batch pads to (the
+    products read and write each inverse whatever k: 0.94x the memory step at
+    imagenetlt512, index-addressed, in benchmarks/bench_memory_ab.py)."""
+    ranks = [u.shape[2]] * len(inverses)
+    if real is not None:
+        # the columns in use first (a permutation of U's columns and of C alike)
+        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+        u = torch.gather(u, 2, order.unsqueeze(1).expand_as(u))
+        core = torch.gather(core, 1, order.unsqueeze(2).expand_as(core))
+        core = torch.gather(core, 2, order.unsqueeze(1).expand_as(core))
+        ranks = real.sum(1).tolist()
     w = torch.zeros_like(u)
-    for i, inverse in enumerate(inverses):
-        torch.mm(inverse, u[i, : len(inverse)], out=w[i, : len(inverse)])
+    for i, (inverse, r) in enumerate(zip(inverses, ranks)):
+        n = len(inverse)
+        w[i, :n, :r] = torch.mm(inverse, u[i, :n, :r])
     change, ok, x = _woodbury_core(u, w, core)
+    # x is zero in the unused rows and columns: W X W^T takes the used ones only
     wx = w @ x
-    for i, inverse in enumerate(inverses):
-        inverse.addmm_(wx[i, : len(inverse)], w[i, : len(inverse)].T, alpha=-1.0)
+    for i, (inverse, r) in enumerate(zip(inverses, ranks)):
+        n = len(inverse)
+        inverse.addmm_(wx[i, :n, :r], w[i, :n, :r].T, alpha=-1.0)
     return change, ok
 
 
