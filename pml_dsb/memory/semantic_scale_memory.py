@@ -1342,9 +1342,7 @@ def _low_rank_logdet_update(inverse: torch.Tensor, u: torch.Tensor, core: torch.
     return change, ok
 
 
-def _low_rank_logdet_update_each(
-    inverses: list[torch.Tensor], u: torch.Tensor, core: torch.Tensor, real: Optional[torch.Tensor] = None
-):
+def _low_rank_logdet_update_each(inverses: list[torch.Tensor], u: torch.Tensor, core: torch.Tensor, real: torch.Tensor):
     """:func:`_low_rank_logdet_update` on matrices updated in place one by one
     (views into a pool; the i-th is n_i x n_i, with u[i] zero past row n_i):
     the n x n products matrix by matrix, the small k x k algebra batched.
@@ -1354,14 +1352,12 @@ def _low_rank_logdet_update_each(
     own columns, not the most changed class's k that the batch pads to (the
     products read and write each inverse whatever k: 0.94x the memory step at
     imagenetlt512, index-addressed, in benchmarks/bench_memory_ab.py)."""
-    ranks = [u.shape[2]] * len(inverses)
-    if real is not None:
-        # the columns in use first (a permutation of U's columns and of C alike)
-        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
-        u = torch.gather(u, 2, order.unsqueeze(1).expand_as(u))
-        core = torch.gather(core, 1, order.unsqueeze(2).expand_as(core))
-        core = torch.gather(core, 2, order.unsqueeze(1).expand_as(core))
-        ranks = real.sum(1).tolist()
+    # the columns in use first (a permutation of U's columns and of C alike)
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+    u = torch.gather(u, 2, order.unsqueeze(1).expand_as(u))
+    core = torch.gather(core, 1, order.unsqueeze(2).expand_as(core))
+    core = torch.gather(core, 2, order.unsqueeze(1).expand_as(core))
+    ranks = real.sum(1).tolist()
     w = torch.zeros_like(u)
     for i, (inverse, r) in enumerate(zip(inverses, ranks)):
         n = len(inverse)
