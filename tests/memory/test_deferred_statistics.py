@@ -105,10 +105,6 @@ def test_small_chunks_and_coarse_buckets_give_the_same_scales(gen, np_ref, monke
     results = {}
     for variant in ("default", "one-class-chunks", "coarse-buckets", "one-bucket", "grouped-moments"):
         memory = _memory(gram_size=6)  # both forms, FIFO and index-addressed
-        if variant == "grouped-moments":  # a batch's moments class by class, not per sample
-            monkeypatch.setattr(module, "_PER_SAMPLE_VALUES", 0)
-        else:
-            monkeypatch.setattr(module, "_PER_SAMPLE_VALUES", 1 << 22)
         if variant == "coarse-buckets":
             memory.max_buckets = 3
         elif variant == "one-bucket":
@@ -117,6 +113,8 @@ def test_small_chunks_and_coarse_buckets_give_the_same_scales(gen, np_ref, monke
             if variant == "one-class-chunks":
                 patch.setattr(module, "_CHUNK_VALUES", 1)
                 patch.setattr(module, "_CACHED_VALUES", 1)  # the Gram rows of new samples too
+            elif variant == "grouped-moments":  # a batch's moments class by class, not per sample
+                patch.setattr(module, "_PER_SAMPLE_VALUES", 0)
             for i, batch in enumerate(batches):
                 memory.enqueue(*batch)
                 if i >= 8:  # built at the 9th batch, then kept up to date
