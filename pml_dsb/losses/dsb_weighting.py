@@ -297,6 +297,15 @@ class DSBWeightingMixin:
             check_batch_collectively(None, embeddings, labels)
         return out
 
+    def __reduce_ex__(self, protocol):
+        reduced = super().__reduce_ex__(protocol)
+        built_from = type(self).__dict__.get("_dsb_built_from")
+        if built_from is None:
+            return reduced
+        # a class built by with_dsb_weighting lives in no module, so pickle could
+        # not look it up by name: it is rebuilt from its (importable) parent
+        return (_new_built_dsb_loss, (built_from,), *reduced[2:])
+
     def cast_types(self, dtype, device):
         """Check instead of re-typing parameters' ``.data`` as PML does; the
         parent's other tensors (e.g. ``LargeMarginSoftmaxLoss``'s ``n_range``)
@@ -348,10 +357,24 @@ def with_dsb_weighting(loss_class: type) -> type:
     Its constructor takes ``num_classes`` and ``embedding_size`` first, also
     for losses that do not (pair and triplet losses): the memory needs them.
     ``ProxyAnchorLoss`` and its subclasses weight their per-class losses by class.
+    Each parent gets one class (a second call returns the same one), and its
+    instances pickle (``torch.save(loss)``, ``copy.deepcopy``) like any loss.
     """
     if not isinstance(loss_class, type):
         raise TypeError(f"loss_class must be a class, got {loss_class!r}")
-    return type(f"DSB{loss_class.__name__}", (DSBWeightingMixin, loss_class), {"__module__": loss_class.__module__})
+    return _built_dsb_class(loss_class)
+
+
+@functools.cache  # one class per parent: pickles and isinstance checks find the same class again
+def _built_dsb_class(loss_class: type) -> type:
+    namespace = {"__module__": loss_class.__module__, "_dsb_built_from": loss_class}
+    return type(f"DSB{loss_class.__name__}", (DSBWeightingMixin, loss_class), namespace)
+
+
+def _new_built_dsb_loss(loss_class: type):
+    """An empty instance of ``with_dsb_weighting(loss_class)``, which pickle then fills."""
+    cls = _built_dsb_class(loss_class)
+    return cls.__new__(cls)
 
 
 def _parent_takes(cls: type) -> tuple[str, ...]:

@@ -442,6 +442,36 @@ def test_with_dsb_weighting_builds_a_subclass():
         with_dsb_weighting(pml_losses.CosFaceLoss(C, D))
 
 
+class _UserDSBArcFace(with_dsb_weighting(pml_losses.ArcFaceLoss)):
+    """A user's subclass of a built class: pickled by its own module and name."""
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "subclass"])
+def test_with_dsb_weighting_losses_pickle_whole_and_resume_identically(how, gen):
+    import io
+    import pickle
+
+    cls = _UserDSBArcFace if how == "subclass" else with_dsb_weighting(pml_losses.ArcFaceLoss)
+    assert with_dsb_weighting(pml_losses.ArcFaceLoss) is with_dsb_weighting(pml_losses.ArcFaceLoss)
+    loss = cls(C, D, memory_size=12, warmup_epochs=1)
+    randomize_parameters(loss, gen)
+    for _ in range(4):  # past 2M enqueued samples: weighted (stage 3)
+        loss(*_batch(gen, 6))
+    assert loss.memory.stage == 3
+    if how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(loss, buffer)
+        buffer.seek(0)
+        restored = torch.load(buffer, weights_only=False)
+    else:
+        restored = pickle.loads(pickle.dumps(loss))
+    assert type(restored) is cls and restored.memory is not loss.memory
+    for _ in range(3):
+        batch = _batch(gen, 6)
+        assert torch.equal(restored(*batch), loss(*batch))
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), loss.state_dict().values()))
+
+
 # PML losses that are not classification losses: pair, triplet and
 # per-sample losses without num_classes, and proxy losses indexed by class
 OTHER_LOSSES = {
