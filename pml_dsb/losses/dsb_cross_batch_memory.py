@@ -1,7 +1,9 @@
 """PML's ``CrossBatchMemory`` around a DSB pair or triplet loss."""
 from __future__ import annotations
 
+import torch
 from pytorch_metric_learning.losses import CrossBatchMemory
+from pytorch_metric_learning.utils import common_functions as c_f
 
 from .dsb_weighting import DSBWeightingMixin
 
@@ -19,9 +21,15 @@ class DSBCrossBatchMemory(CrossBatchMemory):
     references: the DSB loss enqueues the batch into its own memory and
     weights every pair or triplet by its anchor's class (a batch sample).
     With ``enqueue_mask``, the DSB memory gets the batch's unmasked rows only
-    (the queries PML passes to the loss), and a mask that queues the whole
-    batch leaves no query: PML's wrapper then returns 0, this one raises the
-    DSB loss's empty-batch ``ValueError``.
+    (the queries PML passes to the loss); a mask that queues the whole batch
+    leaves no query, and the call returns PML's zero loss with the DSB memory
+    as it was.
+
+    Every row is checked (as :meth:`SemanticScaleMemory.validate_batch` checks a
+    batch that is read, not stored) before PML's queue takes any: a bad batch
+    raises and leaves both memories as they were. When the DSB memory gathers
+    across ranks, the ranks must agree on whether a call has queries (a
+    queue-only call makes none of the loss's collective calls).
 
     >>> from pytorch_metric_learning.losses import TripletMarginLoss
     >>> from pml_dsb import with_dsb_weighting
@@ -43,3 +51,27 @@ class DSBCrossBatchMemory(CrossBatchMemory):
 
     def check_loss_support(self, loss_name):
         super().check_loss_support(self._checked_name)
+
+    def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        # PML's wrapper writes its queue before the loss sees the batch: check first
+        self.loss.memory.validate_batch(embeddings, labels, enqueue=False)
+        if enqueue_mask is None:
+            return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
+        if not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool:
+            kind = enqueue_mask.dtype if isinstance(enqueue_mask, torch.Tensor) else type(enqueue_mask).__name__
+            raise TypeError(f"enqueue_mask must be a bool tensor, got {kind}")
+        if enqueue_mask.shape != (len(embeddings),):
+            raise ValueError(
+                f"enqueue_mask has shape {tuple(enqueue_mask.shape)}; expected ({len(embeddings)},), "
+                f"one flag per embedding"
+            )
+        if indices_tuple is not None or not bool(enqueue_mask.all()):
+            return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
+        # every row goes to the queue and none is a query: PML's wrapper returns
+        # its zero loss; the DSB memory, which stores queries only, stays as it is
+        self.reset_stats()
+        labels = c_f.to_device(labels, device=embeddings.device)
+        self.embedding_memory = c_f.to_device(self.embedding_memory, device=embeddings.device, dtype=embeddings.dtype)
+        self.label_memory = c_f.to_device(self.label_memory, device=embeddings.device, dtype=labels.dtype)
+        self.add_to_memory(embeddings, labels, len(embeddings))
+        return torch.sum(embeddings[:0] * 0)

@@ -758,3 +758,58 @@ def test_cross_batch_memory_around_a_dsb_triplet_loss(gen):
             want = weighted[weighted > 0].mean()  # TripletMarginLoss's AvgNonZeroReducer
             torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     assert ours.loss.memory.stage == 3
+
+
+def _states(wrapper):
+    """PML's queue (its buffers and counters) and the DSB memory's state."""
+    queue = [wrapper.embedding_memory.clone(), wrapper.label_memory.clone(), wrapper.queue_idx,
+             wrapper.has_been_filled]
+    return queue, {k: v.clone() for k, v in wrapper.loss.memory.state_dict().items()}
+
+
+def _assert_same_states(a, b):
+    (qa, ma), (qb, mb) = a, b
+    assert all(torch.equal(x, y) if torch.is_tensor(x) else x == y for x, y in zip(qa, qb))
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_cross_batch_memory_queue_only_batches_and_bad_input(gen):
+    """A mask that queues every row leaves no query: PML's zero loss and PML's
+    queue, the DSB memory untouched. Bad rows (queued or not) and bad masks
+    raise before PML's queue or the DSB memory changes."""
+    from pytorch_metric_learning.losses import CrossBatchMemory
+
+    from pml_dsb import DSBCrossBatchMemory
+
+    dsb_cls = with_dsb_weighting(pml_losses.TripletMarginLoss)
+    ours = DSBCrossBatchMemory(dsb_cls(C, D, memory_size=12, warmup_epochs=1), embedding_size=D, memory_size=16)
+    plain = CrossBatchMemory(pml_losses.TripletMarginLoss(), embedding_size=D, memory_size=16)
+    for step in range(3):
+        emb, labels = _batch(gen, 6)
+        mask = torch.tensor([True, False] * 3) if step != 1 else torch.ones(6, dtype=torch.bool)
+        dsb_before = {k: v.clone() for k, v in ours.loss.memory.state_dict().items()}
+        e1, e2 = leaf(emb.double()), leaf(emb.double())
+        got, want = ours(e1, labels, enqueue_mask=mask), plain(e2, labels, enqueue_mask=mask)
+        assert torch.equal(got, want) and got.requires_grad
+        assert torch.equal(ours.embedding_memory, plain.embedding_memory) and ours.queue_idx == plain.queue_idx
+        dsb_after = ours.loss.memory.state_dict()
+        unchanged = all(torch.equal(dsb_before[k], dsb_after[k]) for k in dsb_before)
+        assert unchanged == (step == 1)  # queries are enqueued; a queue-only batch has none
+    assert ours.loss.memory.num_enqueued == 6
+
+    emb, labels = _batch(gen, 6)
+    half = torch.tensor([True, False] * 3)
+    nan_in_queued_row = emb.clone()
+    nan_in_queued_row[0, 1] = float("nan")  # row 0 goes to PML's queue only
+    bad = [
+        ((nan_in_queued_row, labels), {"enqueue_mask": half}, ValueError, "NaN"),
+        ((nan_in_queued_row, labels), {}, ValueError, "NaN"),
+        ((emb, torch.full((6,), C)), {"enqueue_mask": half}, ValueError, "labels"),
+        ((emb, labels), {"enqueue_mask": half.long()}, TypeError, "enqueue_mask must be a bool tensor"),
+        ((emb, labels), {"enqueue_mask": half[:5]}, ValueError, r"enqueue_mask has shape \(5,\)"),
+    ]
+    for args, kwargs, error, match in bad:
+        before = _states(ours)
+        with pytest.raises(error, match=match):
+            ours(*args, **kwargs)
+        _assert_same_states(before, _states(ours))
