@@ -5,7 +5,7 @@ and mean time of the parent loss step (forward + backward) and of the DSB
 step (enqueue + scale refresh + weighted loss, forward + backward), measured
 in alternation in one process with one thread, and their ratios (the mean is
 the amortised cost). Each shape runs with both memories: ``fifo`` (the ring
-buffer a PML trainer gets, which passes no dataset indices) and ``index``
+buffer a PML trainer gets unless a SampleIndicesGetter passes indices) and ``index``
 (``sample_indices`` passed: one slot per training sample, the faithful form,
 where class counts stay fixed; on CPU, classes whose matrix has at least 128
 rows are then updated in low rank, and "low-rank" gives the share of touched
@@ -250,7 +250,7 @@ def bench_shape(
 
 
 def bench_warmup_stage(shape: Shape, iters: int, seed: int, device: torch.device = torch.device("cpu")) -> list[dict]:
-    """The DSB step during warm-up (stage 2, FIFO, as under a PML trainer). The
+    """The DSB step during warm-up (stage 2, FIFO, as under a PML trainer by default). The
     memory then only stores the batch; for comparison, a memory whose
     statistics were built before filling (a scales() call on the empty memory)
     keeps them up to date at every enqueue, as all memories did before the

@@ -11,6 +11,7 @@ from .losses import (
     DSBNormalizedSoftmaxLoss,
     DSBSoftTripleLoss,
     DSBWeightingMixin,
+    SampleIndicesGetter,
     class_balanced_reducer,
     dsb_class_weights,
     weight_losses_by_class,
@@ -36,4 +37,5 @@ __all__ = [
     "dsb_class_weights",
     "with_dsb_weighting",
     "class_balanced_reducer",
+    "SampleIndicesGetter",
 ]

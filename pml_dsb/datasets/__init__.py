@@ -7,11 +7,13 @@
 
 Every dataset has ``labels`` (``numpy.int64``, ``0..C-1``), ``num_classes``,
 ``class_counts()`` and ``source_classes``; ``dataset[i]`` is ``(image, label)``.
+:class:`IndexedDataset` appends each item's index (for index-addressed DSB memories).
 """
 from .cars196 import Cars196
 from .cifar100_lt import CIFAR100LT, cifar100_lt_counts, cifar100_lt_indices
 from .cub200 import CUB200
 from .digits_lt import DigitsLT, digits_lt_counts, digits_lt_indices
+from .indexed import IndexedDataset
 from .transforms import default_transform
 
 __all__ = [
@@ -24,4 +26,5 @@ __all__ = [
     "digits_lt_counts",
     "digits_lt_indices",
     "default_transform",
+    "IndexedDataset",
 ]

@@ -6,6 +6,7 @@ from .dsb_cross_batch_memory import DSBCrossBatchMemory
 from .dsb_normalized_softmax_loss import DSBNormalizedSoftmaxLoss
 from .dsb_soft_triple_loss import DSBSoftTripleLoss
 from .dsb_weighting import DSBWeightingMixin, dsb_class_weights, weight_losses_by_class, with_dsb_weighting
+from .sample_indices import SampleIndicesGetter
 
 __all__ = [
     "DSBSoftTripleLoss",
@@ -18,4 +19,5 @@ __all__ = [
     "dsb_class_weights",
     "with_dsb_weighting",
     "class_balanced_reducer",
+    "SampleIndicesGetter",
 ]

@@ -152,7 +152,9 @@ class DSBWeightingMixin:
             per call to share its parent's verdict.
 
     ``forward`` also takes ``sample_indices``: dataset indices of the batch,
-    making the memory index-addressed (one slot per sample).
+    making the memory index-addressed (one slot per sample). Under PML's
+    trainers, which cannot pass them, :class:`~pml_dsb.losses.SampleIndicesGetter`
+    announces them through :meth:`expect_sample_indices`.
 
     Parameters are never re-typed in ``forward`` (PML's ``cast_types`` rewrites
     ``.data``): the loss is computed in the wider of the embeddings' and the
@@ -244,6 +246,7 @@ class DSBWeightingMixin:
         self.memory = memory
         self.update_memory = update_memory
         self._sample_indices = None
+        self._pending_sample_indices = None  # from expect_sample_indices(), for the next call
         self._validated = None  # the embeddings forward() checked, while it runs
         self._enqueue_due = False  # while forward() runs: the memory's enqueue is still to come
         self._enqueues = None  # while forward() runs: whether this call enqueues
@@ -260,6 +263,16 @@ class DSBWeightingMixin:
         ref_labels=None,
         sample_indices: Optional[torch.Tensor] = None,
     ):
+        # indices announced by expect_sample_indices() serve this call only, even a failing one
+        pending = getattr(self, "_pending_sample_indices", None)  # absent from older pickles
+        self._pending_sample_indices = None
+        if pending is not None:
+            if sample_indices is not None:
+                raise ValueError(
+                    "sample_indices were passed to this call and also announced by expect_sample_indices() "
+                    "(a SampleIndicesGetter); give them one way"
+                )
+            sample_indices = pending
         # every check before anything changes; collective when the memory gathers,
         # so that a batch bad on one rank raises on every rank
         # not train()/eval(): PML's trainers put a loss in freeze_these in eval mode
@@ -305,6 +318,13 @@ class DSBWeightingMixin:
         # a class built by with_dsb_weighting lives in no module, so pickle could
         # not look it up by name: it is rebuilt from its (importable) parent
         return (_new_built_dsb_loss, (built_from,), *reduced[2:])
+
+    def expect_sample_indices(self, indices: torch.Tensor) -> None:
+        """Announce the dataset indices of the next call's batch, for loops that
+        cannot pass ``sample_indices=`` (PML's trainers call ``loss(embeddings,
+        labels, indices_tuple)``: give them a :class:`~pml_dsb.losses.SampleIndicesGetter`).
+        The next call alone uses them, checked as ``sample_indices`` are."""
+        self._pending_sample_indices = indices
 
     def cast_types(self, dtype, device):
         """Check instead of re-typing parameters' ``.data`` as PML does; the

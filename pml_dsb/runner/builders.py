@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..datasets.indexed import IndexedDataset
 from .config import BenchConfig, DatasetConfig, ModelConfig, TrainingConfig
 
 logger = logging.getLogger(__name__)
@@ -29,21 +30,6 @@ __all__ = [
 ]
 
 _TRANSFORM_NAMES = {"digits_lt": "digitslt", "cub200": "cub200", "cars196": "cars196", "cifar100_lt": "cifar100lt"}
-
-
-class IndexedDataset(Dataset):
-    """``(image, label, index)`` for each item of ``dataset``: the index feeds
-    the DSB loss's index-addressed memory (``sample_indices=``)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        image, label = self.dataset[index]
-        return image, label, index
 
 
 def build_dataset(config: DatasetConfig, split: str, augment: Optional[bool] = None):
