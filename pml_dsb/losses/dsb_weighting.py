@@ -131,7 +131,9 @@ class DSBWeightingMixin:
     enqueues the batch (detached) into ``self.memory``; in stage 3 every
     sample's loss is multiplied by :math:`w_{y}` before the reducer. Before
     stage 3 the loss is exactly the parent's. Regularisation losses of the
-    parent are never weighted.
+    parent are never weighted (see ``dsb_unweighted_losses``). A parent whose
+    losses come already reduced (``HistogramLoss``, ``PNPLoss``, ...) has
+    nothing to weight: its first call raises ``TypeError`` before the enqueue.
 
     Args (in addition to the parent's):
         memory_size: M for a new memory (the training-set size in the paper).
@@ -173,6 +175,18 @@ class DSBWeightingMixin:
     ``dsb_min_weight``, ``dsb_max_weight`` (NaN before: every column is there
     from the first logged iteration, which record-keeper's CSV files need).
     """
+
+    #: Sub-losses (of the parent's ``_sub_loss_names()``) left unweighted: those
+    #: that regularise the parent's own parameters rather than score samples.
+    #: PML's ``regularization_loss_names()`` are never weighted either.
+    dsb_unweighted_losses = ("beta_reg_loss",)  # MarginLoss's penalty on its learned betas
+
+    #: Which of ``num_classes`` and ``embedding_size`` the parent's constructor
+    #: gets. None (default): those it requires; an optional one keeps the
+    #: parent's default (``MarginLoss``'s ``num_classes=None``: one learned
+    #: beta, as in PML). A subclass may name them, e.g. ``("num_classes",)``
+    #: for one beta per class.
+    dsb_parent_gets: Optional[tuple] = None
 
     #: What the parent's "element" losses are indexed by: "samples" (one loss
     #: per sample of the batch) or "classes" (one per class or proxy, as
@@ -232,10 +246,10 @@ class DSBWeightingMixin:
             for name, (value, unset) in given.items():
                 if value is not unset and value != getattr(memory, name):
                     raise ValueError(f"{name}={value!r} conflicts with memory.{name}={getattr(memory, name)!r}")
-        # the memory needs both; the parent gets those it names (pair and triplet
-        # losses none, MarginLoss num_classes alone), by position only where they
-        # lead its other positional arguments
-        takes = _parent_takes(type(self))
+        # the memory needs both; the parent gets those it requires (pair and
+        # triplet losses none), by position only where they lead its other
+        # positional arguments
+        takes = _parent_takes(type(self)) if self.dsb_parent_gets is None else tuple(self.dsb_parent_gets)
         if args and takes == ("num_classes", "embedding_size"):
             super().__init__(num_classes, embedding_size, *args, **kwargs)
         else:  # by keyword: some parents read them from **kwargs (SubCenterArcFaceLoss)
@@ -345,6 +359,8 @@ class DSBWeightingMixin:
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         # the parent's losses first: if it rejects the input, the memory is untouched
         loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        names = self._weighted_loss_names()
+        self._check_weightable(loss_dict, names)  # at every call, not first in stage 3
         enqueues = self.update_memory if self._enqueues is None else self._enqueues  # None: not via forward()
         if enqueues:
             # forward() validated this very batch before the parent saw it
@@ -360,7 +376,7 @@ class DSBWeightingMixin:
             scales = self.memory.scales()
             weights = self.memory.weights(scales)
             weight_losses_by_class(
-                loss_dict, labels, weights, names=self._sub_loss_names(), element_indices=self.dsb_element_indices
+                loss_dict, labels, weights, names=names, element_indices=self.dsb_element_indices
             )
             self.dsb_mean_scale = float(scales.mean())
             self.dsb_min_scale = float(scales.min())
@@ -368,6 +384,23 @@ class DSBWeightingMixin:
             self.dsb_min_weight = float(weights.min())
             self.dsb_max_weight = float(weights.max())
         return loss_dict
+
+    def _weighted_loss_names(self) -> list:
+        """The sub-losses that stage 3 weights (regularisers excluded)."""
+        return [name for name in self._sub_loss_names() if name not in self.dsb_unweighted_losses]
+
+    def _check_weightable(self, loss_dict: dict, names: list) -> None:
+        """Raise ``TypeError`` for a parent whose losses come already reduced
+        (``HistogramLoss``, ``ManifoldLoss``, ``PNPLoss``, ...): no per-sample
+        loss to weight. PML's zero loss (a plain ``0``) passes."""
+        for name in names:
+            entry = loss_dict[name]
+            if torch.is_tensor(entry["losses"]) and entry["reduction_type"] not in _ANCHOR_OF:
+                raise TypeError(
+                    f"{type(self).__name__} cannot weight loss {name!r}: its parent returns it with "
+                    f"reduction_type {entry['reduction_type']!r}, not per sample, pair or triplet "
+                    f"({sorted(_ANCHOR_OF)}); the memory was not changed"
+                )
 
 
 def with_dsb_weighting(loss_class: type) -> type:
@@ -398,11 +431,13 @@ def _new_built_dsb_loss(loss_class: type):
 
 
 def _parent_takes(cls: type) -> tuple[str, ...]:
-    """Which of ``num_classes`` and ``embedding_size`` the constructors after
-    :class:`DSBWeightingMixin` in ``cls``'s MRO name, in that order."""
+    """Which of ``num_classes`` and ``embedding_size`` a constructor after
+    :class:`DSBWeightingMixin` in ``cls``'s MRO requires (names without a
+    default), in that order."""
     after = cls.__mro__[cls.__mro__.index(DSBWeightingMixin) + 1 :]
-    names = set()
+    required = set()
     for k in after:
         if "__init__" in k.__dict__:
-            names |= set(inspect.signature(k.__dict__["__init__"]).parameters)
-    return tuple(name for name in ("num_classes", "embedding_size") if name in names)
+            params = inspect.signature(k.__dict__["__init__"]).parameters.values()
+            required |= {p.name for p in params if p.default is inspect.Parameter.empty}
+    return tuple(name for name in ("num_classes", "embedding_size") if name in required)

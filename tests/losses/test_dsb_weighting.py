@@ -481,7 +481,9 @@ OTHER_LOSSES = {
     "subcenter_arcface": (pml_losses.SubCenterArcFaceLoss, {"sub_centers": 2}),
     "proxy_anchor": (pml_losses.ProxyAnchorLoss, {}),
     "large_margin_softmax": (pml_losses.LargeMarginSoftmaxLoss, {}),
-    "margin": (pml_losses.MarginLoss, {"margin": 0.3}),  # names num_classes, not embedding_size
+    "margin": (pml_losses.MarginLoss, {"margin": 0.3}),  # num_classes optional: not given
+    # one learned beta, as in PML; its regulariser comes already reduced, unweighted
+    "margin_learn_beta": (pml_losses.MarginLoss, {"learn_beta": True, "nu": 0.1}),
     "nca": (pml_losses.NCALoss, {}),  # element losses of some samples only
     "proxy_nca": (pml_losses.ProxyNCALoss, {}),  # integer proxy_labels
     # (N, 1) or (P, 1) columns of losses: weights must scale rows, not broadcast
@@ -497,7 +499,7 @@ def _other_pair(name, gen, M, n, reducer=None):
     parent_cls, kwargs = OTHER_LOSSES[name]
     if reducer is not None:
         kwargs = {**kwargs, "reducer": reducer}
-    takes = {"subcenter_arcface": 2, "proxy_anchor": 2, "large_margin_softmax": 2, "proxy_nca": 2, "margin": 1}
+    takes = {"subcenter_arcface": 2, "proxy_anchor": 2, "large_margin_softmax": 2, "proxy_nca": 2}
     given = dict(list({"num_classes": C, "embedding_size": D}.items())[: takes.get(name, 0)])
     parent = parent_cls(**given, **kwargs)
     randomize_parameters(parent, gen)
@@ -542,6 +544,45 @@ def test_other_pml_losses_are_weighted_by_anchor_or_class_in_stage_3(name, gen):
         factor = factor.reshape(-1, *[1] * (entry["losses"].dim() - 1))  # one weight per row
         assert got[key]["losses"].shape == entry["losses"].shape
         torch.testing.assert_close(got[key]["losses"], entry["losses"] * factor, rtol=1e-6, atol=0)
+
+
+def test_margin_loss_per_class_betas_on_request_and_their_regulariser_stays_unweighted(gen):
+    """PML's MarginLoss(learn_beta=True) learns one beta unless given num_classes;
+    the DSB form keeps that default, and a subclass naming num_classes gets one
+    beta per class. The beta regulariser is then per anchor: never weighted."""
+    single = with_dsb_weighting(pml_losses.MarginLoss)(C, D, memory_size=8, learn_beta=True)
+    assert single.beta.shape == pml_losses.MarginLoss(learn_beta=True).beta.shape == (1,)
+
+    class PerClassBetas(DSBWeightingMixin, pml_losses.MarginLoss):
+        dsb_parent_gets = ("num_classes",)
+
+    kwargs = {"learn_beta": True, "nu": 0.1, "reducer": reducers.DoNothingReducer()}
+    dsb = PerClassBetas(C, D, memory_size=8, warmup_epochs=1, **kwargs)
+    parent = pml_losses.MarginLoss(num_classes=C, **kwargs)
+    randomize_parameters(parent, gen)
+    dsb.load_state_dict({**dsb.state_dict(), **parent.state_dict()})
+    assert dsb.beta.shape == (C,)
+    emb, labels = _batch(gen, 8, probs=torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    got, want = dsb(emb, labels), parent(emb, labels)
+    w = dsb.memory.weights().float()
+    assert dsb.memory.stage == 3 and not torch.allclose(w, torch.ones_like(w))
+    margin, reg = want["margin_loss"], want["beta_reg_loss"]
+    assert reg["reduction_type"] == "element" and reg["losses"].numel() > 0  # precondition: a loss to weight
+    torch.testing.assert_close(got["margin_loss"]["losses"], margin["losses"] * w[labels[margin["indices"][0]]])
+    assert torch.equal(got["beta_reg_loss"]["losses"], reg["losses"])
+
+
+@pytest.mark.parametrize("parent_cls", [pml_losses.HistogramLoss, pml_losses.PNPLoss])
+def test_parents_with_already_reduced_losses_raise_at_the_first_call_memory_unchanged(parent_cls, gen):
+    """Nothing per sample to weight: said at the first call, in stage 1, before
+    the enqueue (not epochs later when stage 3 begins)."""
+    loss = with_dsb_weighting(parent_cls)(C, D, memory_size=8, warmup_epochs=1)
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    emb, labels = _batch(gen, 6)
+    with pytest.raises(TypeError, match=r"cannot weight loss 'loss'.*reduction_type 'already_reduced'"):
+        loss(emb, labels)
+    assert loss.memory.num_enqueued == 0
+    assert all(torch.equal(v, loss.state_dict()[k]) for k, v in before.items())
 
 
 def test_column_losses_under_the_mean_reducer_equal_the_weighted_mean(gen):
