@@ -26,10 +26,13 @@ class DSBCrossBatchMemory(CrossBatchMemory):
     as it was.
 
     Every row is checked (as :meth:`SemanticScaleMemory.validate_batch` checks a
-    batch that is read, not stored) before PML's queue takes any: a bad batch
-    raises and leaves both memories as they were. When the DSB memory gathers
-    across ranks, the ranks must agree on whether a call has queries (a
-    queue-only call makes none of the loss's collective calls).
+    batch that is read, not stored), and the queries as the DSB memory will
+    store them (their number, the memory's addressing), before PML's queue
+    takes any: a bad batch raises and leaves both memories as they were.
+    Dataset indices announced for the batch (a
+    :class:`~pml_dsb.losses.SampleIndicesGetter`) go with its queries. When
+    the DSB memory gathers across ranks, the ranks must agree on whether a
+    call has queries (a queue-only call makes none of the loss's collective calls).
 
     >>> from pytorch_metric_learning.losses import TripletMarginLoss
     >>> from pml_dsb import with_dsb_weighting
@@ -54,24 +57,39 @@ class DSBCrossBatchMemory(CrossBatchMemory):
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
         # PML's wrapper writes its queue before the loss sees the batch: check first
-        self.loss.memory.validate_batch(embeddings, labels, enqueue=False)
-        if enqueue_mask is None:
-            return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
-        if not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool:
-            kind = enqueue_mask.dtype if isinstance(enqueue_mask, torch.Tensor) else type(enqueue_mask).__name__
-            raise TypeError(f"enqueue_mask must be a bool tensor, got {kind}")
-        if enqueue_mask.shape != (len(embeddings),):
-            raise ValueError(
-                f"enqueue_mask has shape {tuple(enqueue_mask.shape)}; expected ({len(embeddings)},), "
-                f"one flag per embedding"
-            )
-        if indices_tuple is not None or not bool(enqueue_mask.all()):
+        memory = self.loss.memory
+        memory.validate_batch(embeddings, labels, enqueue=False)  # every row is read
+        if enqueue_mask is not None:
+            self._check_enqueue_mask(enqueue_mask, len(embeddings))
+        queries = slice(None) if enqueue_mask is None else ~enqueue_mask
+        # dataset indices announced for the batch (SampleIndicesGetter) go with its queries
+        announced = self.loss._pending_sample_indices
+        self.loss._pending_sample_indices = None
+        if announced is not None and isinstance(announced, torch.Tensor) and announced.shape == labels.shape:
+            announced = announced[queries]
+        has_queries = enqueue_mask is None or not bool(enqueue_mask.all())
+        if has_queries and self.loss.update_memory and torch.is_grad_enabled():
+            # the loss stores the queries: their size and the memory's addressing too
+            memory.validate_batch(embeddings[queries], labels[queries], announced, enqueue=True)
+        self.loss._pending_sample_indices = announced
+        if indices_tuple is not None or has_queries:
             return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
         # every row goes to the queue and none is a query: PML's wrapper returns
         # its zero loss; the DSB memory, which stores queries only, stays as it is
+        self.loss._pending_sample_indices = None
         self.reset_stats()
         labels = c_f.to_device(labels, device=embeddings.device)
         self.embedding_memory = c_f.to_device(self.embedding_memory, device=embeddings.device, dtype=embeddings.dtype)
         self.label_memory = c_f.to_device(self.label_memory, device=embeddings.device, dtype=labels.dtype)
         self.add_to_memory(embeddings, labels, len(embeddings))
         return torch.sum(embeddings[:0] * 0)
+
+    @staticmethod
+    def _check_enqueue_mask(enqueue_mask, batch: int) -> None:
+        if not isinstance(enqueue_mask, torch.Tensor) or enqueue_mask.dtype != torch.bool:
+            kind = enqueue_mask.dtype if isinstance(enqueue_mask, torch.Tensor) else type(enqueue_mask).__name__
+            raise TypeError(f"enqueue_mask must be a bool tensor, got {kind}")
+        if enqueue_mask.shape != (batch,):
+            raise ValueError(
+                f"enqueue_mask has shape {tuple(enqueue_mask.shape)}; expected ({batch},), one flag per embedding"
+            )

@@ -848,9 +848,36 @@ def test_cross_batch_memory_queue_only_batches_and_bad_input(gen):
         ((emb, torch.full((6,), C)), {"enqueue_mask": half}, ValueError, "labels"),
         ((emb, labels), {"enqueue_mask": half.long()}, TypeError, "enqueue_mask must be a bool tensor"),
         ((emb, labels), {"enqueue_mask": half[:5]}, ValueError, r"enqueue_mask has shape \(5,\)"),
+        # queries the DSB memory would refuse to store: too many for it (PML's queue takes 16)
+        (_batch(gen, 14), {}, ValueError, "larger than memory_size=12"),
+        ((emb, labels), {"sample_indices_announced": torch.arange(6)}, ValueError, "filled first in, first out"),
     ]
     for args, kwargs, error, match in bad:
         before = _states(ours)
+        if "sample_indices_announced" in kwargs:
+            ours.loss.expect_sample_indices(kwargs.pop("sample_indices_announced"))
         with pytest.raises(error, match=match):
             ours(*args, **kwargs)
         _assert_same_states(before, _states(ours))
+
+
+def test_cross_batch_memory_gives_announced_indices_to_its_queries(gen):
+    """Indices announced for the whole batch (SampleIndicesGetter) address the
+    queries' slots; once the DSB memory is index-addressed, a batch without
+    indices raises before PML's queue changes."""
+    from pml_dsb import DSBCrossBatchMemory
+
+    loss = with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=20, warmup_epochs=1)
+    ours = DSBCrossBatchMemory(loss, embedding_size=D, memory_size=16)
+    emb, labels = _batch(gen, 6)
+    half = torch.tensor([True, False] * 3)
+    indices = torch.tensor([3, 9, 4, 17, 0, 11])
+    loss.expect_sample_indices(indices)
+    ours(emb, labels, enqueue_mask=half)
+    stored = loss.memory.embedding_memory[indices[~half]]
+    torch.testing.assert_close(stored, F.normalize(emb[~half], dim=1))
+    assert loss.memory.num_enqueued == 3 and int(ours.queue_idx) == 3
+    before = _states(ours)
+    with pytest.raises(ValueError, match="filled with dataset indices; this batch has none"):
+        ours(*_batch(gen, 6))
+    _assert_same_states(before, _states(ours))
