@@ -203,7 +203,7 @@ def padded_class_scales(
         if normalize:
             z = F.normalize(z, dim=-1, eps=torch.finfo(dtype).tiny)
         valid = mask.to(dtype).unsqueeze(-1)
-        z = z * valid
+        z = torch.where(mask.unsqueeze(-1), z, 0.0)  # not z * valid: a padded NaN or Inf times 0 is NaN
         m = mask.sum(1)
         ok = m >= 2
         if not bool(ok.any()):

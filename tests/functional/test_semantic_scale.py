@@ -254,6 +254,9 @@ def test_padded_class_scales_ignore_masked_rows(gen, np_ref):
     n, d = 7, 3
     block = torch.randn(len(sizes), n, d, generator=gen, dtype=torch.float64) * 100.0  # garbage
     mask = torch.arange(n).unsqueeze(0) < torch.tensor(sizes).unsqueeze(1)
+    block[0, 5], block[2, 6:] = float("nan"), float("inf")  # in masked-out rows: ignored too
+    mask[2, 6] = False
+    sizes[2] = 6
     got = padded_class_scales(block, mask)
     want = [np_ref.semantic_scale(block[i, : sizes[i]].numpy()) for i in range(len(sizes))]
     np.testing.assert_allclose(got.numpy(), want, rtol=RTOL)
