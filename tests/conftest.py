@@ -35,7 +35,9 @@ def half_dtype(request):
 def _np_semantic_scale(z, normalize=True, form="dxd"):
     """S = 0.5 * log2 det(I_d + (d/m) Zc Zc^T), rows of ``z`` are the samples.
 
-    ``form="mxm"`` uses Sylvester's I_m + (d/m) Zc^T Zc instead. m < 2 gives 0.
+    ``form="mxm"`` uses Sylvester's I_m + (d/m) Zc^T Zc instead; ``form="svd"``
+    the singular values s of Zc, 0.5 * sum log2(1 + (d/m) s^2), which keeps its
+    accuracy where huge features swamp the identity term. m < 2 gives 0.
     """
     z = np.asarray(z, dtype=np.float64)
     m, d = z.shape
@@ -44,6 +46,9 @@ def _np_semantic_scale(z, normalize=True, form="dxd"):
     if normalize:
         z = z / np.linalg.norm(z, axis=1, keepdims=True)
     zc = (z - z.mean(axis=0, keepdims=True)).T  # d x m, columns are samples
+    if form == "svd":
+        s = np.linalg.svd(zc, compute_uv=False)
+        return 0.5 * np.log1p((d / m) * s**2).sum() / np.log(2.0)
     if form == "dxd":
         a = np.eye(d) + (d / m) * zc @ zc.T
     else:

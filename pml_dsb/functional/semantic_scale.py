@@ -25,9 +25,29 @@ import torch
 import torch.nn.functional as F
 from scipy.linalg import lapack as _lapack
 
-__all__ = ["semantic_scale", "class_semantic_scales", "padded_class_scales"]
+__all__ = ["semantic_scale", "class_semantic_scales", "padded_class_scales", "unnormalized_norm_limit"]
 
 _LOG2 = math.log(2.0)
+
+_EPS64 = torch.finfo(torch.float64).eps
+
+#: Above this trace of (d/m)·Zc·Zcᵀ, float64 rounding of I + (d/m)·Zc·Zcᵀ can move
+#: a unit eigenvalue (a direction of no spread) by more than 1e-6, and near
+#: 1/eps the Cholesky factorisation fails: such classes (only reachable
+#: without normalisation) take the singular values of Zc instead.
+SPREAD_LIMIT = 1e-6 / _EPS64
+
+
+def unnormalized_norm_limit(embedding_size: int, singular_values: bool = True) -> float:
+    """The largest feature norm at which float64 scales of unnormalised
+    features stay within 1e-6 nats per direction: through Zc's singular values
+    (the functions here: the rounding of Zc itself, eps times the norm, must
+    stay below 1e-3 after the d/m factor) or through a factorisation of
+    I + (d/m)·Zc·Zcᵀ (``singular_values=False``, the memory's running
+    statistics: eps times d times the squared norm below 1e-6)."""
+    if singular_values:
+        return 1e-3 / (_EPS64 * math.sqrt(embedding_size))
+    return math.sqrt(SPREAD_LIMIT / embedding_size)
 
 
 def _check_features(features: torch.Tensor, name: str = "features") -> None:
@@ -204,6 +224,8 @@ def padded_class_scales(
             z = F.normalize(z, dim=-1, eps=torch.finfo(dtype).tiny)
         valid = mask.to(dtype).unsqueeze(-1)
         z = torch.where(mask.unsqueeze(-1), z, 0.0)  # not z * valid: a padded NaN or Inf times 0 is NaN
+        if not normalize:
+            _check_unnormalized_norms(z, d)
         m = mask.sum(1)
         ok = m >= 2
         if not bool(ok.any()):
@@ -217,9 +239,34 @@ def padded_class_scales(
         else:  # covariance (d x d) form
             gram = zc.transpose(1, 2) @ zc
         eye = torch.eye(gram.shape[-1], dtype=dtype, device=gram.device)
-        # in place only in float64: a float32 matrix may need its original for a float64 redo
-        out[ok] = logdet_spd(eye + alpha * gram, overwrite=dtype == torch.float64) / (2.0 * _LOG2)
+        wide = None
+        if not normalize:  # unit vectors bound the trace by d: never wide
+            wide = alpha.view(-1) * gram.diagonal(dim1=-2, dim2=-1).sum(-1) > SPREAD_LIMIT
+        if wide is None or not bool(wide.any()):
+            # in place only in float64: a float32 matrix may need its original for a float64 redo
+            out[ok] = logdet_spd(eye + alpha * gram, overwrite=dtype == torch.float64) / (2.0 * _LOG2)
+            return out
+        bits = torch.empty(len(gram), dtype=dtype, device=gram.device)
+        narrow = ~wide
+        if bool(narrow.any()):
+            bits[narrow] = logdet_spd(eye + alpha[narrow] * gram[narrow]) / (2.0 * _LOG2)
+        # singular values of Zc: accurate to eps times the largest, so no lost identity term
+        sigma = torch.linalg.svdvals(zc[wide].double())
+        bits[wide] = (torch.log1p(alpha[wide].view(-1, 1).double() * sigma**2).sum(-1) / (2.0 * _LOG2)).to(dtype)
+        out[ok] = bits
     return out
+
+
+def _check_unnormalized_norms(z: torch.Tensor, d: int) -> None:
+    """Raise ``ValueError`` where float64 cannot resolve a class's spread."""
+    norm = float(z.detach().double().norm(dim=-1).amax())
+    limit = unnormalized_norm_limit(d)
+    if norm > limit:
+        raise ValueError(
+            f"features reach norm {norm:.4g}; without normalisation float64 resolves a class's spread "
+            f"(the identity term of I + (d/m)·Zc·Zcᵀ) only for norms up to {limit:.4g} at d={d}: "
+            f"scale them down or normalise them"
+        )
 
 
 def semantic_scale(features: torch.Tensor, normalize: bool = True) -> torch.Tensor:

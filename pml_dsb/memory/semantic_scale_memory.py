@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed.gather import check_batch_collectively, gather_batch, should_gather
-from ..functional.semantic_scale import logdet_and_inverse_spd, logdet_spd, size_buckets
+from ..functional.semantic_scale import logdet_and_inverse_spd, logdet_spd, size_buckets, unnormalized_norm_limit
 from ..functional.weights import check_normalize, dsb_weights
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,11 @@ class SemanticScaleMemory(torch.nn.Module):
         eps: scales at or below this count as "no scale yet".
         l2_normalize: store L2-normalised embeddings (default, as the
             definition of semantic scale says); otherwise they are stored as
-            given, in float32 (values beyond its range are rejected).
+            given, in float32. Rows of norm beyond
+            ``unnormalized_norm_limit(embedding_size, singular_values=False)``
+            (2966 at d = 512) are rejected: float64 rounding in the running
+            statistics would then swallow a class's unit eigenvalues in
+            ``I + (d/m)·Zc·Zcᵀ`` (drifting scales, then a failed factorisation).
         scale_dtype: precision of the scale computation (float64 default).
             float32 is faster (1.2-1.3x per DSB step at the d = 512 shapes of
             benchmarks/bench_dsb_step.py) and agrees within ~1e-7 relative for
@@ -538,11 +542,17 @@ class SemanticScaleMemory(torch.nn.Module):
             raise ValueError(
                 f"embeddings contain NaN or Inf in {bad} of {batch} rows; the memory was not changed"
             )
-        if not self.l2_normalize and float(largest) > torch.finfo(torch.float32).max:
-            raise ValueError(
-                f"embeddings reach magnitude {float(largest):.3g}, beyond float32's range: the memory "
-                f"stores them in float32 as given (l2_normalize=False); the memory was not changed"
-            )
+        if not self.l2_normalize:
+            # the trace of (d/m)·Zc·Zcᵀ is at most d times the largest squared norm
+            norm = float(embeddings.detach().double().norm(dim=1).max())
+            limit = unnormalized_norm_limit(self.embedding_size, singular_values=False)
+            if norm > limit:
+                raise ValueError(
+                    f"embeddings reach norm {norm:.4g}; with l2_normalize=False the memory's scales stay "
+                    f"accurate for norms up to {limit:.4g} at embedding_size={self.embedding_size} (float64 "
+                    f"rounding of I + (d/m)·Zc·Zcᵀ beyond): scale them down or keep l2_normalize=True; "
+                    f"the memory was not changed"
+                )
         if indices is not None:
             if not isinstance(indices, torch.Tensor) or not _is_integer_tensor(indices):
                 got = indices.dtype if isinstance(indices, torch.Tensor) else type(indices).__name__

@@ -4,6 +4,7 @@ numpy implementation of DEFINITIONS.md's formula (``np_ref`` in tests/conftest.p
     S = 0.5 * log2 det(I_d + (d/m) Zc Zc^T)      (d x d, np.linalg.slogdet)
       = 0.5 * log2 det(I_m + (d/m) Zc^T Zc)      (Sylvester, m x m)
 """
+import math
 import textwrap
 
 import numpy as np
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pml_dsb import class_semantic_scales, semantic_scale
-from pml_dsb.functional import padded_class_scales
+from pml_dsb.functional import padded_class_scales, unnormalized_norm_limit
 
 RTOL = 1e-10  # the package computes in float64, like the reference
 
@@ -120,6 +121,42 @@ def test_unnormalised_scale_matches_numpy_at_large_and_small_norms(gen, np_ref, 
     x = _randn(gen, 6, 5, torch.float32) * (2.0 ** exponent)
     want = np_ref.semantic_scale(x.double().numpy(), normalize=False)
     np.testing.assert_allclose(float(semantic_scale(x, normalize=False)), want, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("exponent", [27, 38], ids=lambda v: f"2^{v}")
+def test_unnormalised_huge_rank_deficient_classes_match_singular_values(gen, np_ref, exponent):
+    """Where huge features leave directions without spread (centring's in the
+    m x m form, a low-rank class's in the d x d form), float64 rounding once
+    swallowed their unit eigenvalues: scales drifted, then the factorisation
+    failed. Such classes take Zc's singular values, beside ordinary ones;
+    within 1e-6 nats per direction up to the norm limit."""
+    big = 2.0**exponent
+    few = _randn(gen, 3, 4, torch.float64) * big  # m x m form, one null direction
+    flat = _randn(gen, 8, 2, torch.float64) @ _randn(gen, 2, 4, torch.float64) * big  # rank 2 in d = 4
+    plain = _randn(gen, 3, 4, torch.float64)  # beside them, in the same buckets
+    features = torch.cat([few, flat, plain, plain[:2] + 1.0])
+    labels = torch.tensor([0] * 3 + [1] * 8 + [2] * 3 + [3] * 2)
+    got = class_semantic_scales(features, labels, 4, normalize=False)
+    want = [np_ref.semantic_scale(features[labels == c].numpy(), normalize=False, form="svd") for c in range(4)]
+    assert float(features.norm(dim=1).max()) < unnormalized_norm_limit(4)  # precondition
+    atol = 4 * 1e-6 / math.log(2)
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=atol)
+    np.testing.assert_allclose(float(semantic_scale(few, normalize=False)), want[0], rtol=0, atol=atol)
+
+
+def test_unnormalised_features_float64_cannot_resolve_raise(gen):
+    """Past the limit the rounding of Zc itself outweighs the identity term:
+    no float64 method gives S there, so every entry point says so."""
+    x = _randn(gen, 3, 4, torch.float64)
+    x = x / x.norm(dim=1, keepdim=True) * unnormalized_norm_limit(4) * 1.01
+    labels = torch.tensor([0, 0, 0])
+    for call in (lambda: semantic_scale(x, normalize=False),
+                 lambda: class_semantic_scales(x, labels, 1, normalize=False),
+                 lambda: padded_class_scales(x.unsqueeze(0), torch.ones(1, 3, dtype=torch.bool), normalize=False)):
+        with pytest.raises(ValueError, match=r"features reach norm .* only for norms up to .* at d=4"):
+            call()
+    assert float(semantic_scale(x * 0.98, normalize=False)) > 0  # below it: a scale
+    assert float(semantic_scale(x)) > 0  # normalised: no limit
 
 
 @pytest.mark.parametrize("m,d", [(5, 8), (12, 4)], ids=["m<d", "m>d"])
@@ -268,7 +305,7 @@ _HANG_SCRIPT = textwrap.dedent(
     import json, torch
     torch.set_num_threads(2)
     from pml_dsb import SemanticScaleMemory, semantic_scale
-    from pml_dsb.functional import padded_class_scales
+    from pml_dsb.functional import padded_class_scales, unnormalized_norm_limit
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 300, generator=g)
     y = torch.randn(300, 256, generator=g)

@@ -1,9 +1,14 @@
 """Issue 2 part 6: every bad input raises a ValueError/TypeError naming the argument
 and the value, before anything changes (state_dict identical, tensor by tensor)."""
+import math
+import re
+
+import numpy as np
 import pytest
 import torch
 
 from pml_dsb import SemanticScaleMemory
+from pml_dsb.functional import unnormalized_norm_limit
 
 C, D, M = 5, 4, 12
 NAN, INF = float("nan"), float("inf")
@@ -102,24 +107,34 @@ def test_a_nan_or_inf_anywhere_is_rejected(dtype):
 
 
 @pytest.mark.parametrize("built", [True, False], ids=["built", "deferred"])
-def test_values_beyond_float32_are_rejected_when_stored_as_given(built):
-    """Without L2 normalisation the memory stores float32 as given: a finite
-    float64 value past float32's range would be stored as inf (and poison its
-    class's running moments for good)."""
+def test_norms_beyond_float64_accuracy_are_rejected_when_stored_as_given(built, np_ref):
+    """Without L2 normalisation, rows of norm past the memory's limit would
+    let float64 rounding swallow the identity term of I + (d/m)·Zc·Zcᵀ (scales
+    drifting, then a failed factorisation); a float64 value past float32's
+    range would be stored as inf. Both raise with the memory unchanged; rows
+    at the limit give the float64 reference's scales."""
     g = torch.Generator().manual_seed(5)
+    limit = unnormalized_norm_limit(D, singular_values=False)
     mem = SemanticScaleMemory(C, D, M, warmup_epochs=1, l2_normalize=False)
     mem.enqueue(torch.randn(M, D, generator=g), torch.arange(M) % C)
     if built:
         mem.scales()
     before = _snapshot(mem)
     emb = torch.randn(3, D, dtype=torch.float64, generator=g)
-    emb[1, 2] = -1e39
-    with pytest.raises(ValueError, match="1e[+]39, beyond float32's range"):
-        mem.enqueue(emb, torch.tensor([0, 1, 2]))
-    assert_state_unchanged(before, mem)
-    emb[1, 2] = -float(torch.finfo(torch.float32).max)  # the edge of the range passes
-    mem.enqueue(emb, torch.tensor([0, 1, 2]))
-    assert bool(torch.isfinite(mem.contents()[0]).all())
+    for value, shown in [(-1e39, "1e[+]39"), (limit * 1.001, re.escape(f"{limit * 1.001:.4g}"))]:
+        bad = emb.clone()
+        bad[1] = 0.0
+        bad[1, 2] = value
+        with pytest.raises(ValueError, match=f"norm {shown}; .* up to {re.escape(f'{limit:.4g}')} at embedding_size={D}"):
+            mem.enqueue(bad, torch.tensor([0, 1, 2]))
+        assert_state_unchanged(before, mem)
+    wide = torch.nn.functional.normalize(torch.randn(M, D, generator=g, dtype=torch.float64), dim=1) * limit
+    labels = torch.arange(M) % C
+    mem.enqueue(wide, labels)  # the limit passes
+    stored, stored_labels = mem.contents()
+    want = [np_ref.semantic_scale(stored[stored_labels == c].double().numpy(), normalize=False, form="svd") for c in range(C)]
+    # the limit's promise: each of the <= D directions off by at most 1e-6 nats
+    np.testing.assert_allclose(mem.scales().numpy(), want, rtol=0, atol=D * 1e-6 / math.log(2))
 
 
 def test_rejected_batch_does_not_disturb_later_scales(np_ref):
