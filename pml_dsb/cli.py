@@ -27,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: What a subcommand raises for bad input or missing data, with a message
+#: What a subcommand raises for bad input, missing data or a missing extra
+#: (ImportError: pml_dsb._optional names the pip command), with a message
 #: that says what to fix: reported without a traceback (exit code 2).
-USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError)
+USER_ERRORS = (ValueError, KeyError, OSError, RuntimeError, ImportError)
 
 
 def main(argv=None) -> int:

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from pml_dsb import _optional
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["register"]
@@ -71,6 +73,8 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def _out_dir(args, command: str) -> str:
+    # every command plots: a missing matplotlib fails before any work or file
+    _optional.matplotlib_pyplot()
     out = args.out or os.path.join(DEFAULT_OUT, command)
     os.makedirs(out, exist_ok=True)
     return out

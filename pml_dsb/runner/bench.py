@@ -128,6 +128,16 @@ def _check_against_data(config: BenchConfig, data) -> None:
         )
 
 
+def _import_optional_modules() -> None:
+    """faiss (evaluation) and matplotlib (the per-class plot): a missing extra
+    raises ``ModuleNotFoundError`` with its pip command before any training,
+    not after it with a half-written run folder."""
+    from .. import _optional
+
+    _optional.faiss()
+    _optional.matplotlib_pyplot()
+
+
 def run_benchmark(
     config: BenchConfig,
     out: Union[str, os.PathLike] = "results",
@@ -154,13 +164,16 @@ def run_benchmark(
         RunFolderExistsError: the folder holds a run and neither ``resume`` nor
             ``overwrite`` is set.
         ConfigError: ``resume`` with a config that differs from the folder's.
+        ModuleNotFoundError: faiss or matplotlib is missing (the ``cpu`` and
+            ``plot`` extras), before anything is written.
     """
     device = torch.device(device)
     ctx = current_context()
     run_dir = os.path.join(os.fspath(out), config.name)
     on_main(_check_run_folder, run_dir, config, resume, overwrite)
     started, t0 = now_iso(), time.perf_counter()
-    # missing data or weights fail here, before the run folder is written
+    # missing extras, data or weights fail here, before the run folder is written
+    _import_optional_modules()
     data = build_run_data(config)
     _check_against_data(config, data)
     with torch.random.fork_rng(devices=[]):

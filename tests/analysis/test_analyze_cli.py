@@ -1,6 +1,7 @@
 """`pml-dsb analyze ...` on tiny data: each command writes its plots, numbers and a table."""
 import csv
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -159,3 +160,12 @@ def test_bootstrap_needs_ten_replicates(tmp_path, capsys):
         main(["analyze", "imbalance", "--run", str(run_dir), "--bootstrap", "9", "--out", str(tmp_path / "i")])
     assert info.value.code == 2 and "must be at least 10" in capsys.readouterr().err
     run(["analyze", "imbalance", "--run", str(run_dir), "--bootstrap", "10", "--out", str(tmp_path / "i")], capsys)
+
+
+@pytest.mark.parametrize("argv", [["marginal", "--dataset", "digits-lt", "--repeats", "2", "--no-progress"],
+                                  ["manifold", "--factors", "1", "2"]], ids=["marginal", "manifold"])
+def test_without_matplotlib_analyze_says_which_extra_before_any_work(tmp_path, caplog, monkeypatch, argv):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError, as when not installed
+    assert main(["analyze", *argv, "--out", str(tmp_path / "out")]) == 2
+    assert 'pip install "pml-dsb[plot]"' in caplog.text and "Traceback" not in caplog.text
+    assert not (tmp_path / "out").exists()

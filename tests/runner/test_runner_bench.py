@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -100,6 +101,20 @@ def test_bench_writes_every_output(tmp_path, capsys):
 
     # a second run into the same folder must not silently overwrite the first
     assert bench(config_path, out, "--seeds", "0") == 2
+
+
+@pytest.mark.parametrize("module,extra", [("matplotlib", "plot"), ("faiss", "cpu")])
+def test_a_missing_extra_stops_bench_before_training_with_its_pip_command(tmp_path, monkeypatch, caplog, module,
+                                                                         extra):
+    """Once the per-class plot came after every run had trained, and crashed
+    with a traceback over a half-written run folder."""
+    config_path, _ = tiny_config(tmp_path)
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError, as when not installed
+    trained = []
+    monkeypatch.setattr("pml_dsb.runner.bench.train_one", lambda *a, **k: trained.append(a))
+    assert bench(config_path, tmp_path / "out") == 2
+    assert f'pip install "pml-dsb[{extra}]"' in caplog.text and "Traceback" not in caplog.text
+    assert trained == [] and not (tmp_path / "out").exists()
 
 
 def _model_state(path):
