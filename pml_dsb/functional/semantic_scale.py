@@ -219,11 +219,12 @@ def padded_class_scales(
     if t == 0 or n == 0:
         return out
     with torch.autocast(device_type=features.device.type, enabled=False):
-        z = features.to(dtype)
+        # not z * mask: a padded NaN or Inf times 0 is NaN (before the
+        # normalisation too, whose gradient would carry it)
+        z = torch.where(mask.unsqueeze(-1), features.to(dtype), 0.0)
         if normalize:
             z = F.normalize(z, dim=-1, eps=torch.finfo(dtype).tiny)
         valid = mask.to(dtype).unsqueeze(-1)
-        z = torch.where(mask.unsqueeze(-1), z, 0.0)  # not z * valid: a padded NaN or Inf times 0 is NaN
         if not normalize:
             _check_unnormalized_norms(z, d)
         m = mask.sum(1)

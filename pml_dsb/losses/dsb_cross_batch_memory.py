@@ -56,27 +56,30 @@ class DSBCrossBatchMemory(CrossBatchMemory):
         super().check_loss_support(self._checked_name)
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
+        # dataset indices announced for the batch (SampleIndicesGetter) serve this
+        # call only, even a failing one, and go with its queries
+        announced = self.loss._pending_sample_indices
+        self.loss._pending_sample_indices = None
         # PML's wrapper writes its queue before the loss sees the batch: check first
         memory = self.loss.memory
         memory.validate_batch(embeddings, labels, enqueue=False)  # every row is read
         if enqueue_mask is not None:
             self._check_enqueue_mask(enqueue_mask, len(embeddings))
         queries = slice(None) if enqueue_mask is None else ~enqueue_mask
-        # dataset indices announced for the batch (SampleIndicesGetter) go with its queries
-        announced = self.loss._pending_sample_indices
-        self.loss._pending_sample_indices = None
-        if announced is not None and isinstance(announced, torch.Tensor) and announced.shape == labels.shape:
+        if isinstance(announced, torch.Tensor) and announced.shape == labels.shape:
             announced = announced[queries]
         has_queries = enqueue_mask is None or not bool(enqueue_mask.all())
         if has_queries and self.loss.update_memory and torch.is_grad_enabled():
             # the loss stores the queries: their size and the memory's addressing too
             memory.validate_batch(embeddings[queries], labels[queries], announced, enqueue=True)
-        self.loss._pending_sample_indices = announced
         if indices_tuple is not None or has_queries:
-            return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
+            self.loss._pending_sample_indices = announced  # for the loss's call inside PML's forward
+            try:
+                return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
+            finally:
+                self.loss._pending_sample_indices = None  # also where PML raised before calling it
         # every row goes to the queue and none is a query: PML's wrapper returns
         # its zero loss; the DSB memory, which stores queries only, stays as it is
-        self.loss._pending_sample_indices = None
         self.reset_stats()
         labels = c_f.to_device(labels, device=embeddings.device)
         self.embedding_memory = c_f.to_device(self.embedding_memory, device=embeddings.device, dtype=embeddings.dtype)

@@ -22,7 +22,7 @@ import math
 from typing import Optional
 
 import torch
-from pytorch_metric_learning.losses import ProxyAnchorLoss
+from pytorch_metric_learning.losses import MarginLoss, ProxyAnchorLoss
 
 from ..distributed.gather import check_batch_collectively, should_gather
 from ..memory.semantic_scale_memory import SemanticScaleMemory
@@ -133,7 +133,10 @@ class DSBWeightingMixin:
     stage 3 the loss is exactly the parent's. Regularisation losses of the
     parent are never weighted (see ``dsb_unweighted_losses``). A parent whose
     losses come already reduced (``HistogramLoss``, ``PNPLoss``, ...) has
-    nothing to weight: its first call raises ``TypeError`` before the enqueue.
+    nothing to weight: the first call that gives a loss (not PML's plain zero
+    loss for a batch without pairs or triplets) raises ``TypeError`` before its
+    batch is stored (with a gathering memory the other ranks raise
+    :class:`~pml_dsb.distributed.BatchRejectedError`).
 
     Args (in addition to the parent's):
         memory_size: M for a new memory (the training-set size in the paper).
@@ -182,10 +185,9 @@ class DSBWeightingMixin:
     dsb_unweighted_losses = ("beta_reg_loss",)  # MarginLoss's penalty on its learned betas
 
     #: Which of ``num_classes`` and ``embedding_size`` the parent's constructor
-    #: gets. None (default): those it requires; an optional one keeps the
-    #: parent's default (``MarginLoss``'s ``num_classes=None``: one learned
-    #: beta, as in PML). A subclass may name them, e.g. ``("num_classes",)``
-    #: for one beta per class.
+    #: gets. None (default): those it names. ``MarginLoss`` and its subclasses
+    #: default to ``()``: its optional ``num_classes`` would turn PML's one
+    #: learned beta into one per class; set ``("num_classes",)`` for that.
     dsb_parent_gets: Optional[tuple] = None
 
     #: What the parent's "element" losses are indexed by: "samples" (one loss
@@ -198,6 +200,9 @@ class DSBWeightingMixin:
         chosen = any("dsb_element_indices" in k.__dict__ for k in cls.__mro__[: cls.__mro__.index(DSBWeightingMixin)])
         if issubclass(cls, ProxyAnchorLoss) and not chosen:
             cls.dsb_element_indices = "classes"  # one loss per proxy, indexed by class
+        before_mixin = cls.__mro__[: cls.__mro__.index(DSBWeightingMixin)]
+        if issubclass(cls, MarginLoss) and not any("dsb_parent_gets" in k.__dict__ for k in before_mixin):
+            cls.dsb_parent_gets = ()  # PML's default: one learned beta
 
     _DSB_RECORDS = (
         "dsb_stage",
@@ -246,7 +251,7 @@ class DSBWeightingMixin:
             for name, (value, unset) in given.items():
                 if value is not unset and value != getattr(memory, name):
                     raise ValueError(f"{name}={value!r} conflicts with memory.{name}={getattr(memory, name)!r}")
-        # the memory needs both; the parent gets those it requires (pair and
+        # the memory needs both; the parent gets those it names (pair and
         # triplet losses none), by position only where they lead its other
         # positional arguments
         takes = _parent_takes(type(self)) if self.dsb_parent_gets is None else tuple(self.dsb_parent_gets)
@@ -359,7 +364,7 @@ class DSBWeightingMixin:
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         # the parent's losses first: if it rejects the input, the memory is untouched
         loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        names = self._weighted_loss_names()
+        names = self._weighted_loss_names(loss_dict)
         self._check_weightable(loss_dict, names)  # at every call, not first in stage 3
         enqueues = self.update_memory if self._enqueues is None else self._enqueues  # None: not via forward()
         if enqueues:
@@ -385,9 +390,12 @@ class DSBWeightingMixin:
             self.dsb_max_weight = float(weights.max())
         return loss_dict
 
-    def _weighted_loss_names(self) -> list:
-        """The sub-losses that stage 3 weights (regularisers excluded)."""
-        return [name for name in self._sub_loss_names() if name not in self.dsb_unweighted_losses]
+    def _weighted_loss_names(self, loss_dict: dict) -> list:
+        """The sub-losses that stage 3 weights: those the parent returned (not
+        ``_sub_loss_names()``: ``SmoothAPLoss`` names "loss" but returns
+        "ap_loss"), regularisers excluded."""
+        skip = set(self.all_regularization_loss_names()) | set(self.dsb_unweighted_losses)
+        return [name for name in loss_dict if name not in skip]
 
     def _check_weightable(self, loss_dict: dict, names: list) -> None:
         """Raise ``TypeError`` for a parent whose losses come already reduced
@@ -399,7 +407,7 @@ class DSBWeightingMixin:
                 raise TypeError(
                     f"{type(self).__name__} cannot weight loss {name!r}: its parent returns it with "
                     f"reduction_type {entry['reduction_type']!r}, not per sample, pair or triplet "
-                    f"({sorted(_ANCHOR_OF)}); the memory was not changed"
+                    f"({sorted(_ANCHOR_OF)}); this batch was not stored"
                 )
 
 
@@ -431,13 +439,11 @@ def _new_built_dsb_loss(loss_class: type):
 
 
 def _parent_takes(cls: type) -> tuple[str, ...]:
-    """Which of ``num_classes`` and ``embedding_size`` a constructor after
-    :class:`DSBWeightingMixin` in ``cls``'s MRO requires (names without a
-    default), in that order."""
+    """Which of ``num_classes`` and ``embedding_size`` the constructors after
+    :class:`DSBWeightingMixin` in ``cls``'s MRO name, in that order."""
     after = cls.__mro__[cls.__mro__.index(DSBWeightingMixin) + 1 :]
-    required = set()
+    names = set()
     for k in after:
         if "__init__" in k.__dict__:
-            params = inspect.signature(k.__dict__["__init__"]).parameters.values()
-            required |= {p.name for p in params if p.default is inspect.Parameter.empty}
-    return tuple(name for name in ("num_classes", "embedding_size") if name in required)
+            names |= set(inspect.signature(k.__dict__["__init__"]).parameters)
+    return tuple(name for name in ("num_classes", "embedding_size") if name in names)

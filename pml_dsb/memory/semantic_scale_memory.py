@@ -178,7 +178,8 @@ class SemanticScaleMemory(torch.nn.Module):
             definition of semantic scale says); otherwise they are stored as
             given, in float32. Rows of norm beyond
             ``unnormalized_norm_limit(embedding_size, singular_values=False)``
-            (2966 at d = 512) are rejected: float64 rounding in the running
+            (2966 at d = 512) are not stored (``ValueError``; a batch only
+            read, by a validation loss, may exceed it): float64 rounding in the running
             statistics would then swallow a class's unit eigenvalues in
             ``I + (d/m)·Zc·Zcᵀ`` (drifting scales, then a failed factorisation).
         scale_dtype: precision of the scale computation (float64 default).
@@ -542,7 +543,11 @@ class SemanticScaleMemory(torch.nn.Module):
             raise ValueError(
                 f"embeddings contain NaN or Inf in {bad} of {batch} rows; the memory was not changed"
             )
-        if not self.l2_normalize:
+        if not self.l2_normalize and not enqueue and float(largest) > torch.finfo(torch.float32).max:
+            raise ValueError(
+                f"embeddings reach magnitude {float(largest):.3g}, beyond float32's range (l2_normalize=False)"
+            )
+        if not self.l2_normalize and enqueue:
             # the trace of (d/m)·Zc·Zcᵀ is at most d times the largest squared norm
             norm = float(embeddings.detach().double().norm(dim=1).max())
             limit = unnormalized_norm_limit(self.embedding_size, singular_values=False)

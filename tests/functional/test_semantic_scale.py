@@ -286,6 +286,17 @@ def test_class_scales_reject_bad_num_classes(gen, num_classes):
         class_semantic_scales(_randn(gen, 3, 2), torch.tensor([0, 1, 1]), num_classes)
 
 
+@pytest.mark.parametrize("normalize", [True, False], ids=["l2", "raw"])
+def test_padded_class_scales_masked_nan_rows_get_zero_gradients(gen, normalize):
+    x = torch.randn(2, 4, 3, generator=gen, dtype=torch.float64)
+    x[0, 3], x[1, 2:] = float("nan"), float("inf")
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    x.requires_grad_(True)
+    padded_class_scales(x, mask, normalize=normalize).sum().backward()
+    assert bool(torch.isfinite(x.grad[mask]).all()) and bool((x.grad[mask] != 0).any())
+    assert bool((x.grad[~mask] == 0).all())
+
+
 def test_padded_class_scales_ignore_masked_rows(gen, np_ref):
     sizes = [4, 2, 7, 1, 0]
     n, d = 7, 3

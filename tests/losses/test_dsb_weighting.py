@@ -481,7 +481,7 @@ OTHER_LOSSES = {
     "subcenter_arcface": (pml_losses.SubCenterArcFaceLoss, {"sub_centers": 2}),
     "proxy_anchor": (pml_losses.ProxyAnchorLoss, {}),
     "large_margin_softmax": (pml_losses.LargeMarginSoftmaxLoss, {}),
-    "margin": (pml_losses.MarginLoss, {"margin": 0.3}),  # num_classes optional: not given
+    "margin": (pml_losses.MarginLoss, {"margin": 0.3}),  # num_classes not given: PML's one beta
     # one learned beta, as in PML; its regulariser comes already reduced, unweighted
     "margin_learn_beta": (pml_losses.MarginLoss, {"learn_beta": True, "nu": 0.1}),
     "nca": (pml_losses.NCALoss, {}),  # element losses of some samples only
@@ -570,6 +570,40 @@ def test_margin_loss_per_class_betas_on_request_and_their_regulariser_stays_unwe
     assert reg["reduction_type"] == "element" and reg["losses"].numel() > 0  # precondition: a loss to weight
     torch.testing.assert_close(got["margin_loss"]["losses"], margin["losses"] * w[labels[margin["indices"][0]]])
     assert torch.equal(got["beta_reg_loss"]["losses"], reg["losses"])
+
+
+def test_a_parent_naming_optional_sizes_gets_the_dsb_losss_own():
+    """Optional num_classes / embedding_size of a user's parent take the DSB
+    loss's values, not the parent's defaults (a silent 100-way softmax)."""
+
+    class MyProxyLoss(pml_losses.BaseMetricLossFunction):
+        def __init__(self, num_classes=100, embedding_size=128, **kwargs):
+            super().__init__(**kwargs)
+            self.W = torch.nn.Parameter(torch.randn(embedding_size, num_classes))
+
+        def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+            losses = F.cross_entropy(embeddings @ self.W, labels, reduction="none")
+            return {"loss": {"losses": losses, "indices": torch.arange(len(labels)), "reduction_type": "element"}}
+
+    loss = with_dsb_weighting(MyProxyLoss)(C, D, memory_size=8)
+    assert loss.W.shape == (D, C)
+
+
+def test_smooth_ap_losses_are_weighted_under_the_key_the_parent_returns(gen):
+    """SmoothAPLoss names its loss "loss" in _sub_loss_names() but returns "ap_loss"."""
+    kwargs = {"reducer": reducers.DoNothingReducer()}
+    dsb = with_dsb_weighting(pml_losses.SmoothAPLoss)(C, D, memory_size=8, warmup_epochs=1, **kwargs)
+    parent = pml_losses.SmoothAPLoss(**kwargs)
+    emb = torch.randn(8, D, generator=gen)
+    dsb(emb, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))  # fills the memory: stage 3 from the next call
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    got, want = dsb(emb, labels), parent(emb, labels)
+    w = dsb.memory.weights().float()
+    assert dsb.memory.stage == 3 and not torch.allclose(w[labels], torch.ones(8))
+    entry = want["ap_loss"]
+    assert entry["reduction_type"] == "element"
+    factor = w[labels[entry["indices"]]].reshape(-1, *[1] * (entry["losses"].dim() - 1))
+    torch.testing.assert_close(got["ap_loss"]["losses"], entry["losses"] * factor)
 
 
 @pytest.mark.parametrize("parent_cls", [pml_losses.HistogramLoss, pml_losses.PNPLoss])
@@ -881,3 +915,24 @@ def test_cross_batch_memory_gives_announced_indices_to_its_queries(gen):
     with pytest.raises(ValueError, match="filled with dataset indices; this batch has none"):
         ours(*_batch(gen, 6))
     _assert_same_states(before, _states(ours))
+
+
+@pytest.mark.parametrize("bad", ["nan", "mask", "pml"])
+def test_cross_batch_memory_announced_indices_serve_one_call_even_a_rejected_one(gen, bad):
+    """Indices announced for a rejected batch must not address the next one."""
+    from pml_dsb import DSBCrossBatchMemory
+
+    loss = with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=20, warmup_epochs=1)
+    ours = DSBCrossBatchMemory(loss, embedding_size=D, memory_size=16)
+    emb, labels = _batch(gen, 6)
+    half = torch.tensor([True, False] * 3)
+    args = {"nan": ((emb * float("nan"), labels), {"enqueue_mask": half}),
+            "mask": ((emb, labels), {"enqueue_mask": half.long()}),
+            # PML's own check, after the DSB checks passed
+            "pml": ((emb, labels), {"enqueue_mask": half, "indices_tuple": (torch.tensor([0]),) * 3})}[bad]
+    loss.expect_sample_indices(torch.arange(10, 16))
+    with pytest.raises((ValueError, TypeError)):
+        ours(*args[0], **args[1])
+    ours(emb, labels, enqueue_mask=half)  # first in, first out: slots 0-2
+    assert loss.memory.num_enqueued == 3 and not bool(loss.memory.index_addressed)
+    torch.testing.assert_close(loss.memory.embedding_memory[:3], F.normalize(emb[~half], dim=1))

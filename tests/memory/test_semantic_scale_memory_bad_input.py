@@ -128,6 +128,13 @@ def test_norms_beyond_float64_accuracy_are_rejected_when_stored_as_given(built, 
         with pytest.raises(ValueError, match=f"norm {shown}; .* up to {re.escape(f'{limit:.4g}')} at embedding_size={D}"):
             mem.enqueue(bad, torch.tensor([0, 1, 2]))
         assert_state_unchanged(before, mem)
+    # a batch only read (a validation loss, a reader) is never stored: norms pass, float32's range does not
+    big = emb.clone()
+    big[1, 2] = limit * 10
+    mem.validate_batch(big, torch.tensor([0, 1, 2]), enqueue=False)
+    big[1, 2] = -1e39
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        mem.validate_batch(big, torch.tensor([0, 1, 2]), enqueue=False)
     wide = torch.nn.functional.normalize(torch.randn(M, D, generator=g, dtype=torch.float64), dim=1) * limit
     labels = torch.arange(M) % C
     mem.enqueue(wide, labels)  # the limit passes
