@@ -58,7 +58,7 @@ class DSBCrossBatchMemory(CrossBatchMemory):
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):
         # dataset indices announced for the batch (SampleIndicesGetter) serve this
         # call only, even a failing one, and go with its queries
-        announced = self.loss._pending_sample_indices
+        announced = getattr(self.loss, "_pending_sample_indices", None)  # absent from older pickles
         self.loss._pending_sample_indices = None
         # PML's wrapper writes its queue before the loss sees the batch: check first
         memory = self.loss.memory

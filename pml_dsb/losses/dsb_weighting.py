@@ -185,9 +185,9 @@ class DSBWeightingMixin:
     dsb_unweighted_losses = ("beta_reg_loss",)  # MarginLoss's penalty on its learned betas
 
     #: Which of ``num_classes`` and ``embedding_size`` the parent's constructor
-    #: gets. None (default): those it names. ``MarginLoss`` and its subclasses
-    #: default to ``()``: its optional ``num_classes`` would turn PML's one
-    #: learned beta into one per class; set ``("num_classes",)`` for that.
+    #: gets. None (default): those it names, except ``MarginLoss``'s own
+    #: optional ``num_classes``, which would turn PML's one learned beta into
+    #: one per class (set ``("num_classes",)`` for that).
     dsb_parent_gets: Optional[tuple] = None
 
     #: What the parent's "element" losses are indexed by: "samples" (one loss
@@ -200,9 +200,6 @@ class DSBWeightingMixin:
         chosen = any("dsb_element_indices" in k.__dict__ for k in cls.__mro__[: cls.__mro__.index(DSBWeightingMixin)])
         if issubclass(cls, ProxyAnchorLoss) and not chosen:
             cls.dsb_element_indices = "classes"  # one loss per proxy, indexed by class
-        before_mixin = cls.__mro__[: cls.__mro__.index(DSBWeightingMixin)]
-        if issubclass(cls, MarginLoss) and not any("dsb_parent_gets" in k.__dict__ for k in before_mixin):
-            cls.dsb_parent_gets = ()  # PML's default: one learned beta
 
     _DSB_RECORDS = (
         "dsb_stage",
@@ -252,14 +249,16 @@ class DSBWeightingMixin:
                 if value is not unset and value != getattr(memory, name):
                     raise ValueError(f"{name}={value!r} conflicts with memory.{name}={getattr(memory, name)!r}")
         # the memory needs both; the parent gets those it names (pair and
-        # triplet losses none), by position only where they lead its other
-        # positional arguments
+        # triplet losses none); with extra positional arguments, those that
+        # lead its positional parameters go first, in its order
         takes = _parent_takes(type(self)) if self.dsb_parent_gets is None else tuple(self.dsb_parent_gets)
-        if args and takes == ("num_classes", "embedding_size"):
-            super().__init__(num_classes, embedding_size, *args, **kwargs)
-        else:  # by keyword: some parents read them from **kwargs (SubCenterArcFaceLoss)
-            given = {"num_classes": num_classes, "embedding_size": embedding_size}
-            super().__init__(*args, **{name: given[name] for name in takes}, **kwargs)
+        given = {"num_classes": num_classes, "embedding_size": embedding_size}
+        lead = _leading_sizes(type(self)) if args else ()
+        if not set(lead) <= set(takes):
+            lead = ()
+        # by keyword where possible: some parents read them from **kwargs (SubCenterArcFaceLoss)
+        super().__init__(*[given[name] for name in lead], *args,
+                         **{name: given[name] for name in takes if name not in lead}, **kwargs)
         self.num_classes = num_classes
         self.embedding_size = embedding_size  # PML records it but never sets it
         self.memory = memory
@@ -438,12 +437,39 @@ def _new_built_dsb_loss(loss_class: type):
     return cls.__new__(cls)
 
 
+def _parent_constructors(cls: type):
+    """The parameters of each constructor after :class:`DSBWeightingMixin` in
+    ``cls``'s MRO, nearest first, with the class that defines it."""
+    for k in cls.__mro__[cls.__mro__.index(DSBWeightingMixin) + 1 :]:
+        if "__init__" in k.__dict__:
+            yield k, list(inspect.signature(k.__dict__["__init__"]).parameters.values())[1:]  # no self
+
+
 def _parent_takes(cls: type) -> tuple[str, ...]:
     """Which of ``num_classes`` and ``embedding_size`` the constructors after
-    :class:`DSBWeightingMixin` in ``cls``'s MRO name, in that order."""
-    after = cls.__mro__[cls.__mro__.index(DSBWeightingMixin) + 1 :]
+    :class:`DSBWeightingMixin` in ``cls``'s MRO name, in that order; not
+    ``MarginLoss``'s own optional ``num_classes`` (per-class betas)."""
     names = set()
-    for k in after:
-        if "__init__" in k.__dict__:
-            names |= set(inspect.signature(k.__dict__["__init__"]).parameters)
+    for k, params in _parent_constructors(cls):
+        if k is MarginLoss:
+            params = [p for p in params if p.default is inspect.Parameter.empty]
+        names |= {p.name for p in params}
     return tuple(name for name in ("num_classes", "embedding_size") if name in names)
+
+
+def _leading_sizes(cls: type) -> tuple[str, ...]:
+    """The sizes (``num_classes``, ``embedding_size``) that the parent's
+    positional parameters begin with, in its order: in the first constructor
+    that does not just pass ``*args`` on (SubCenterArcFaceLoss passes them to
+    ArcFaceLoss)."""
+    for _, params in _parent_constructors(cls):
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not positional and any(p.kind == p.VAR_POSITIONAL for p in params):
+            continue
+        lead = []
+        for name in positional:
+            if name not in ("num_classes", "embedding_size"):
+                break
+            lead.append(name)
+        return tuple(lead)
+    return ()

@@ -589,6 +589,33 @@ def test_a_parent_naming_optional_sizes_gets_the_dsb_losss_own():
     assert loss.W.shape == (D, C)
 
 
+def test_sizes_reach_the_parameters_they_name_whatever_their_place():
+    """Extra positional arguments go after the sizes only where the parent's
+    positional parameters begin with them; MarginLoss's optional num_classes
+    alone is withheld, not a subclass's required one."""
+
+    class Optional_(pml_losses.BaseMetricLossFunction):
+        def __init__(self, margin=0.1, num_classes=100, embedding_size=128, **kwargs):
+            super().__init__(**kwargs)
+            self.margin, self.sizes = margin, (num_classes, embedding_size)
+
+    class Reversed(pml_losses.BaseMetricLossFunction):
+        def __init__(self, embedding_size, num_classes, scale=1.0, **kwargs):
+            super().__init__(**kwargs)
+            self.scale, self.sizes = scale, (num_classes, embedding_size)
+
+    class PerClassMargin(pml_losses.MarginLoss):
+        def __init__(self, num_classes, margin=0.2, **kwargs):
+            super().__init__(margin=margin, learn_beta=True, num_classes=num_classes, **kwargs)
+
+    opt = with_dsb_weighting(Optional_)(C, D, 0.3, memory_size=8)
+    assert (opt.margin, opt.sizes) == (0.3, (C, D))
+    rev = with_dsb_weighting(Reversed)(C, D, 2.0, memory_size=8)
+    assert (rev.scale, rev.sizes) == (2.0, (C, D))
+    assert with_dsb_weighting(PerClassMargin)(C, D, 0.5, memory_size=8).beta.shape == (C,)
+    assert with_dsb_weighting(pml_losses.MarginLoss)(C, D, 0.5, memory_size=8).margin == 0.5
+
+
 def test_smooth_ap_losses_are_weighted_under_the_key_the_parent_returns(gen):
     """SmoothAPLoss names its loss "loss" in _sub_loss_names() but returns "ap_loss"."""
     kwargs = {"reducer": reducers.DoNothingReducer()}
@@ -915,6 +942,16 @@ def test_cross_batch_memory_gives_announced_indices_to_its_queries(gen):
     with pytest.raises(ValueError, match="filled with dataset indices; this batch has none"):
         ours(*_batch(gen, 6))
     _assert_same_states(before, _states(ours))
+
+
+def test_cross_batch_memory_takes_a_loss_pickled_before_announced_indices(gen):
+    from pml_dsb import DSBCrossBatchMemory
+
+    loss = with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=20)
+    del loss._pending_sample_indices  # as in a loss pickled by an older release
+    ours = DSBCrossBatchMemory(loss, embedding_size=D, memory_size=16)
+    ours(*_batch(gen, 6))
+    assert loss.memory.num_enqueued == 6
 
 
 @pytest.mark.parametrize("bad", ["nan", "mask", "pml"])
