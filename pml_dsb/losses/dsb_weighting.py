@@ -179,7 +179,7 @@ class DSBWeightingMixin:
     from the first logged iteration, which record-keeper's CSV files need).
     """
 
-    #: Sub-losses (of the parent's ``_sub_loss_names()``) left unweighted: those
+    #: Sub-losses (keys of the parent's loss dict) left unweighted: those
     #: that regularise the parent's own parameters rather than score samples.
     #: PML's ``regularization_loss_names()`` are never weighted either.
     dsb_unweighted_losses = ("beta_reg_loss",)  # MarginLoss's penalty on its learned betas
