@@ -32,7 +32,8 @@ class DSBCrossBatchMemory(CrossBatchMemory):
     Dataset indices announced for the batch (a
     :class:`~pml_dsb.losses.SampleIndicesGetter`) go with its queries. When
     the DSB memory gathers across ranks, the ranks must agree on whether a
-    call has queries (a queue-only call makes none of the loss's collective calls).
+    call passes ``enqueue_mask`` and whether it has queries (the checks make
+    different collective calls; a queue-only call makes none of the loss's).
 
     >>> from pytorch_metric_learning.losses import TripletMarginLoss
     >>> from pml_dsb import with_dsb_weighting
@@ -62,16 +63,21 @@ class DSBCrossBatchMemory(CrossBatchMemory):
         self.loss._pending_sample_indices = None
         # PML's wrapper writes its queue before the loss sees the batch: check first
         memory = self.loss.memory
-        memory.validate_batch(embeddings, labels, enqueue=False)  # every row is read
-        if enqueue_mask is not None:
-            self._check_enqueue_mask(enqueue_mask, len(embeddings))
-        queries = slice(None) if enqueue_mask is None else ~enqueue_mask
-        if isinstance(announced, torch.Tensor) and announced.shape == labels.shape:
-            announced = announced[queries]
-        has_queries = enqueue_mask is None or not bool(enqueue_mask.all())
-        if has_queries and self.loss.update_memory and torch.is_grad_enabled():
-            # the loss stores the queries: their size and the memory's addressing too
-            memory.validate_batch(embeddings[queries], labels[queries], announced, enqueue=True)
+        stores = self.loss.update_memory and torch.is_grad_enabled()
+        has_queries = True
+        if enqueue_mask is None and stores:
+            # every row is a query the loss stores: one check covers reading and storing
+            memory.validate_batch(embeddings, labels, announced, enqueue=True)
+        else:
+            memory.validate_batch(embeddings, labels, enqueue=False)  # every row is read
+            if enqueue_mask is not None:
+                self._check_enqueue_mask(enqueue_mask, len(embeddings))
+                has_queries = not bool(enqueue_mask.all())
+                if isinstance(announced, torch.Tensor) and announced.shape == labels.shape:
+                    announced = announced[~enqueue_mask]
+            if has_queries and stores:
+                # the loss stores the queries: their size and the memory's addressing too
+                memory.validate_batch(embeddings[~enqueue_mask], labels[~enqueue_mask], announced, enqueue=True)
         if indices_tuple is not None or has_queries:
             self.loss._pending_sample_indices = announced  # for the loss's call inside PML's forward
             try:
