@@ -39,8 +39,8 @@ def _to_numpy(x: Any, name: str) -> np.ndarray:
 
 def as_embeddings(x: Any, name: str) -> np.ndarray:
     """``x`` as a float32 (N, d) numpy array (shares memory when it can;
-    wider inputs of magnitude beyond 2**64 or below 2**-64 are first scaled by
-    one power of two, which no metric here sees).
+    inputs of magnitude beyond 2**32 or below 2**-32 are first scaled by one
+    power of two, which no metric here sees).
 
     Raises ``ValueError`` for an empty array, a shape other than (N, d) with
     N, d >= 1, or any NaN or infinite entry; ``TypeError`` for a non-numeric one.
@@ -67,12 +67,13 @@ def as_embeddings(x: Any, name: str) -> np.ndarray:
             f"{name} contains {int((~finite).sum())} NaN or infinite values in "
             f"{bad_rows.size} rows (rows {shown}); expected finite embeddings"
         )
-    if arr.dtype.itemsize > 4 and arr.size:
+    if arr.dtype.itemsize >= 4:  # narrower types stay well inside these bounds
         # one power-of-two factor for the whole array brings it inside float32's
-        # range (no overflow, no flush to zero) and keeps cosines and the order
-        # of distances: every metric here is invariant to a global scale
+        # range (no overflow, no flush to zero) and keeps its squared distances
+        # finite in float32 (k-means on raw rows), and it keeps cosines and
+        # the order of distances: every metric here is invariant to a global scale
         largest = float(np.abs(arr).max())
-        if largest > 2.0**64 or 0 < largest < 2.0**-64:
+        if largest > 2.0**32 or 0 < largest < 2.0**-32:
             arr = np.ldexp(arr.astype(np.float64), -math.frexp(largest)[1])
     return np.ascontiguousarray(arr, dtype=np.float32)
 
@@ -103,7 +104,9 @@ def as_labels(y: Any, name: str, n: int, embeddings_name: str) -> np.ndarray:
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Row-wise L2 normalisation into a new float32 array (zero rows stay zero)."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    # squares summed in float64: a row of tiny entries beside large rows
+    # (within as_embeddings' bounds) would underflow in float32
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))[:, None]
     return np.divide(x, np.maximum(norms, _NORM_EPS), dtype=np.float32)
 
 

@@ -54,6 +54,20 @@ def test_separated_clusters_give_nmi_one_like_pml(rng):
     assert pml == pytest.approx(ours, abs=1e-12)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("factor, dtype", [(2.0**80, np.float32), (2.0**-80, np.float32), (2.0**60, np.float64)])
+def test_kmeans_sees_through_a_power_of_two_scale(rng, normalize, factor, dtype):
+    # squares of these entries overflow or underflow float32 (norms, k-means
+    # distances); scaled back by one power of two the rows are the same
+    x, y = clustered_data(rng, [30] * 6, dim=8, noise=1.5)
+    x = x.astype(np.float32)
+    expected = kmeans_cluster_labels(x, 6, seed=5, nredo=2, normalize=normalize)
+    assert len(set(expected.tolist())) == 6
+    scaled = x.astype(dtype) * dtype(factor)
+    np.testing.assert_array_equal(kmeans_cluster_labels(scaled, 6, seed=5, nredo=2, normalize=normalize), expected)
+    assert nmi(scaled, y, seed=5, nredo=2) == nmi(x, y, seed=5, nredo=2)
+
+
 def test_kmeans_clusters_unit_vectors(rng):
     """Scaling an embedding does not move it: k-means sees L2-normalised rows."""
     x = np.array([[1, 0], [100, 1], [0, 1], [1, 200]], dtype=np.float32)

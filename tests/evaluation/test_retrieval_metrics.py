@@ -208,12 +208,18 @@ def test_bfloat16_input_equals_its_float32_values(random_set):
     assert recall_at_k(bf16, y, ks=KS) == recall_at_k(bf16.float(), y, ks=KS)
 
 
-@pytest.mark.parametrize("factor", [1e39, 1e-46, 1e300])
-def test_float64_beyond_float32_range_gives_the_same_recall(random_set, factor):
+@pytest.mark.parametrize(
+    "factor, dtype",
+    # float64 beyond float32's range; float32 (and float64) whose squares
+    # overflow or underflow float32 in the row norms
+    [(1e39, np.float64), (1e-46, np.float64), (1e300, np.float64), (1.8e19, np.float64),
+     (1e25, np.float32), (1e-25, np.float32)],
+)
+def test_large_or_small_magnitudes_give_the_same_recall(random_set, factor, dtype):
     # cosine retrieval is invariant to scale: values float32 cannot hold are
     # neither refused as infinite nor flushed to zero
     x, y = random_set
-    scaled = x.astype(np.float64) * factor
+    scaled = (x.astype(np.float64) * factor).astype(dtype)
     assert np.isfinite(scaled).all()
     assert recall_at_k(scaled, y, ks=KS) == recall_at_k(x, y, ks=KS)
     ref = np.concatenate([scaled, scaled[:20] * 4.0])  # a larger maximum than the query's
