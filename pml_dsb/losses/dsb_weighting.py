@@ -162,9 +162,9 @@ class DSBWeightingMixin:
     announces them through :meth:`expect_sample_indices`.
 
     Parameters are never re-typed in ``forward`` (PML's ``cast_types`` rewrites
-    ``.data``): the loss is computed in the wider of the embeddings' and the
-    parameters' dtypes. Lower-precision embeddings (autocast) are cast up to
-    the parameters' dtype; for float64 embeddings the parameters take part
+    ``.data``): the loss is computed in the widest of the embeddings', the
+    ``ref_emb``'s and the parameters' dtypes. Lower-precision embeddings
+    (autocast) and ``ref_emb`` are cast up to it; for float64 embeddings the parameters take part
     through a float64 cast (gradients flow back to them). With float32
     parameters this is the parent's arithmetic; the parent itself re-types
     its parameters to the embeddings' dtype, so after ``loss.double()`` with
@@ -174,9 +174,10 @@ class DSBWeightingMixin:
 
     Recorded attributes (PML record-keeper / ``HookContainer``): ``dsb_stage``,
     ``dsb_num_enqueued``, ``dsb_fill_level``, and in stage 3
-    ``dsb_mean_scale``, ``dsb_min_scale``, ``dsb_max_scale``,
-    ``dsb_min_weight``, ``dsb_max_weight`` (NaN before: every column is there
-    from the first logged iteration, which record-keeper's CSV files need).
+    ``dsb_mean_scale``, ``dsb_min_scale``, ``dsb_max_scale`` (over the classes
+    that have a scale), ``dsb_min_weight``, ``dsb_max_weight`` (NaN before, or
+    while no class has a scale: every column is there from the first logged
+    iteration, which record-keeper's CSV files need).
     """
 
     #: Sub-losses (keys of the parent's loss dict) left unweighted: those
@@ -298,7 +299,12 @@ class DSBWeightingMixin:
         self.memory.validate_batch(embeddings, labels, sample_indices if enqueues else None, enqueue=enqueues)
         labels = labels.to(torch.long)  # any integer dtype (PML's parents need int64)
         params = dict(self.named_parameters(recurse=False))
-        dtype = functools.reduce(torch.promote_types, [p.dtype for p in params.values()], embeddings.dtype)
+        # ref_emb is the other operand of the same distances: cast with the embeddings
+        ref_cast = torch.is_tensor(ref_emb) and ref_emb.is_floating_point()
+        dtypes = [p.dtype for p in params.values()] + ([ref_emb.dtype] if ref_cast else [])
+        dtype = functools.reduce(torch.promote_types, dtypes, embeddings.dtype)
+        if ref_cast:
+            ref_emb = embeddings.to(dtype) if ref_emb is embeddings else ref_emb.to(dtype)
         embeddings = embeddings.to(dtype)
         narrow = {name: p.to(dtype) for name, p in params.items() if p.dtype != dtype}
         # the parent would re-type its parameters' .data to float64 for good; this
@@ -382,9 +388,12 @@ class DSBWeightingMixin:
             weight_losses_by_class(
                 loss_dict, labels, weights, names=names, element_indices=self.dsb_element_indices
             )
-            self.dsb_mean_scale = float(scales.mean())
-            self.dsb_min_scale = float(scales.min())
-            self.dsb_max_scale = float(scales.max())
+            # over the classes that have a scale (DEFINITIONS: S = 0 is "no scale yet")
+            has_scale = scales[(self.memory.class_counts >= 2) & (scales > self.memory.eps)]
+            if has_scale.numel():
+                self.dsb_mean_scale = float(has_scale.mean())
+                self.dsb_min_scale = float(has_scale.min())
+                self.dsb_max_scale = float(has_scale.max())
             self.dsb_min_weight = float(weights.min())
             self.dsb_max_weight = float(weights.max())
         return loss_dict

@@ -256,8 +256,10 @@ def test_recordable_attributes(case, gen, np_ref):
     assert set(names) <= set(dsb._record_these)
     assert dsb.embedding_size == D
     model = FifoModel(M)
-    for _ in range(7):
-        emb, labels = _batch(gen, B)
+    unscaled_seen = 0
+    for step in range(9):
+        # the last two batches leave class 3 with at most one sample in memory: no scale
+        emb, labels = _batch(gen, B, probs=PROBS if step < 6 else torch.tensor([0.4, 0.3, 0.3, 0.0]))
         dsb(emb, labels)
         model.extend(emb, labels)
         assert dsb.dsb_stage == model.stage(2)
@@ -269,8 +271,10 @@ def test_recordable_attributes(case, gen, np_ref):
             continue
         s = model.scales(np_ref, C)
         w = model.weights(np_ref, C)
-        np.testing.assert_allclose(stats, [s.mean(), s.min(), s.max(), w.min(), w.max()], rtol=1e-6)
-    assert model.stage(2) == 3
+        has = s[(np.bincount(model.labels, minlength=C) >= 2) & (s > 1e-12)]  # S = 0: no scale yet
+        unscaled_seen += len(has) < C
+        np.testing.assert_allclose(stats, [has.mean(), has.min(), has.max(), w.min(), w.max()], rtol=1e-6)
+    assert model.stage(2) == 3 and unscaled_seen
 
 
 def test_record_keeper_logs_dsb_stats(gen):
@@ -570,6 +574,32 @@ def test_margin_loss_per_class_betas_on_request_and_their_regulariser_stays_unwe
     assert reg["reduction_type"] == "element" and reg["losses"].numel() > 0  # precondition: a loss to weight
     torch.testing.assert_close(got["margin_loss"]["losses"], margin["losses"] * w[labels[margin["indices"][0]]])
     assert torch.equal(got["beta_reg_loss"]["losses"], reg["losses"])
+
+
+@pytest.mark.parametrize("emb_dtype, loss_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float64)])
+def test_ref_emb_is_cast_with_the_embeddings(emb_dtype, loss_dtype, gen):
+    """A parent with parameters computes distances between embeddings and
+    ref_emb: both take the widest dtype (before, only the embeddings did and
+    the distance raised a dtype mismatch)."""
+    dsb = with_dsb_weighting(pml_losses.MarginLoss)(C, D, memory_size=64, learn_beta=True).to(loss_dtype)
+    parent = pml_losses.MarginLoss(learn_beta=True).to(loss_dtype)
+    (emb, labels), (ref, ref_labels) = _batch(gen, 8), _batch(gen, 8)
+    e1, e2 = leaf(emb.to(emb_dtype)), leaf(emb.to(emb_dtype).to(loss_dtype))
+    got = dsb(e1, labels, None, ref.to(emb_dtype), ref_labels)
+    want = parent(e2, labels, None, ref.to(emb_dtype).to(loss_dtype), ref_labels)
+    assert dsb.memory.stage == 1 and got.dtype == loss_dtype
+    assert torch.equal(got, want)
+    got.backward()
+    want.backward()
+    assert torch.equal(e1.grad, e2.grad.to(emb_dtype))
+    # PML's CrossBatchMemory passes its queue as ref_emb, cast to the batch's dtype
+    from pml_dsb import DSBCrossBatchMemory
+
+    wrapper = DSBCrossBatchMemory(with_dsb_weighting(pml_losses.MarginLoss)(C, D, memory_size=64, learn_beta=True),
+                                  embedding_size=D, memory_size=32).to(loss_dtype)
+    for _ in range(2):
+        emb, labels = _batch(gen, 8)
+        assert torch.isfinite(wrapper(emb.to(emb_dtype), labels))
 
 
 def test_a_parent_naming_optional_sizes_gets_the_dsb_losss_own():
