@@ -221,9 +221,15 @@ def padded_class_scales(
     with torch.autocast(device_type=features.device.type, enabled=False):
         # not z * mask: a padded NaN or Inf times 0 is NaN (before the
         # normalisation too, whose gradient would carry it)
-        z = torch.where(mask.unsqueeze(-1), features.to(dtype), 0.0)
+        wide_enough = torch.promote_types(features.dtype, dtype)  # float64 input narrows after normalising
+        z = torch.where(mask.unsqueeze(-1), features.to(wide_enough), 0.0)
         if normalize:
-            z = F.normalize(z, dim=-1, eps=torch.finfo(dtype).tiny)
+            # each row first divided by its largest magnitude: its squares then
+            # neither overflow (rows of norm past ~1e154 came out zero) nor
+            # underflow (tiny rows came out inflated), as in the memory
+            tiny = torch.finfo(wide_enough).tiny
+            z = F.normalize(z / z.abs().amax(-1, keepdim=True).clamp(min=tiny), dim=-1, eps=tiny)
+        z = z.to(dtype)
         valid = mask.to(dtype).unsqueeze(-1)
         if not normalize:
             _check_unnormalized_norms(z, d)

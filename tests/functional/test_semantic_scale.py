@@ -105,7 +105,9 @@ def test_rank_deficient_features_match_numpy(gen, np_ref, m):
 @pytest.mark.parametrize(
     "dtype,exponent",
     [(torch.float32, 100), (torch.float32, -100), (torch.float32, -45),
-     (torch.float64, 300), (torch.float64, -300), (torch.float64, -45)],
+     (torch.float64, 300), (torch.float64, -300), (torch.float64, -45),
+     # squares beyond float64's range (overflow to inf, underflow to subnormals)
+     (torch.float64, 1000), (torch.float64, -1000), (torch.float64, -530)],
     ids=lambda v: str(v),
 )
 def test_normalised_scale_is_invariant_to_huge_and_tiny_norms(gen, np_ref, dtype, exponent):
@@ -114,6 +116,10 @@ def test_normalised_scale_is_invariant_to_huge_and_tiny_norms(gen, np_ref, dtype
     assert torch.isfinite(scaled).all() and (scaled != 0).all()
     want = np_ref.semantic_scale(x.double().numpy())
     np.testing.assert_allclose(float(semantic_scale(scaled)), want, rtol=1e-12)
+    # float32 statistics of float64 rows beyond float32's range: normalised first
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    np.testing.assert_allclose(float(padded_class_scales(scaled[None].double(), mask, dtype=torch.float32)), want,
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("exponent", [30, 10, -10, -20], ids=lambda v: f"2^{v}")
