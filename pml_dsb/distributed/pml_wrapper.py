@@ -14,10 +14,15 @@ Two ways to train a DSB loss on several ranks:
   ``distributed=False``. PML's wrapper puts each rank's own rows first, so a
   first-in-first-out memory sees a different order on each rank and, when a
   global batch straddles the ring's end, the ranks' memories can differ by
-  the samples of that batch. :class:`DistributedDSBLossWrapper` gathers in
+  the samples of that batch. PML's wrapper also gives the loss's own
+  parameters ``world_size`` times their gradient. With ``efficient=True``
+  PML's wrapper passes each rank's own rows as the queries (the gathered ones
+  as ``ref_emb``): keep the default ``distributed=None`` there, so that the
+  memory gathers the queries. :class:`DistributedDSBLossWrapper` gathers in
   rank order instead (every rank's memory is identical, and equal to one
-  process fed the concatenated batches), accepts uneven batch sizes and
-  rejects a bad batch on every rank alike.
+  process fed the concatenated batches), gives the loss's parameters the
+  one-process gradient, accepts uneven batch sizes and rejects a bad batch
+  on every rank alike.
 """
 from __future__ import annotations
 
@@ -32,10 +37,14 @@ __all__ = ["DistributedDSBLossWrapper"]
 class DistributedDSBLossWrapper(DistributedLossWrapper):
     r"""``DistributedLossWrapper`` for losses with a :class:`~pml_dsb.memory.SemanticScaleMemory`.
 
-    Each rank computes ``loss(global batch) * world_size``, as PML's wrapper
-    with ``efficient=False`` does: gradients reach only this rank's rows,
-    and the loss's own parameters get the same gradient on every rank, so they
-    stay in step without ``average_gradients``. Unlike PML's wrapper the
+    Each rank computes the loss of the global batch and returns it: the value
+    a single process would get on the concatenated batches (PML's wrapper
+    returns ``world_size`` times it). Gradients reach only this rank's rows,
+    scaled by ``world_size`` as in PML's wrapper, so that DDP's average over
+    ranks gives the model the one-process gradient; the loss's own
+    parameters get the one-process gradient on every rank (PML's wrapper
+    gives them ``world_size`` times it), so they stay in step without
+    ``average_gradients``, and averaging them changes nothing. Unlike PML's wrapper the
     global batch is in rank order on every rank, batch sizes may differ, and a
     batch rejected on one rank raises the same
     :class:`~pml_dsb.distributed.BatchRejectedError` on every rank before the
@@ -94,6 +103,23 @@ class DistributedDSBLossWrapper(DistributedLossWrapper):
         # values: its own rows are an exact cast of what the others received
         rows = batch.embeddings.to(device=embeddings.device)
         end = batch.offset + embeddings.shape[0]
-        all_emb = torch.cat([rows[: batch.offset], embeddings.to(rows.dtype), rows[end:]])
+        # this rank's rows carry world_size x their gradient (DDP averages it
+        # back); the loss itself is not scaled, so its parameters' gradient is
+        # the one-process one
+        own = _ScaleGradient.apply(embeddings.to(rows.dtype), torch.distributed.get_world_size())
+        all_emb = torch.cat([rows[: batch.offset], own, rows[end:]])
         all_labels = batch.labels.to(labels.device)
-        return self.loss(all_emb, all_labels) * torch.distributed.get_world_size()
+        return self.loss(all_emb, all_labels)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by ``factor`` backward."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None

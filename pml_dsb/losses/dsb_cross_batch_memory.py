@@ -65,13 +65,23 @@ class DSBCrossBatchMemory(CrossBatchMemory):
         memory = self.loss.memory
         stores = self.loss.update_memory and torch.is_grad_enabled()
         has_queries = True
-        if enqueue_mask is None and stores:
-            # every row is a query the loss stores: one check covers reading and storing
-            memory.validate_batch(embeddings, labels, announced, enqueue=True)
-        else:
-            memory.validate_batch(embeddings, labels, enqueue=False)  # every row is read
+
+        def pml_checks():  # PML's own, which fail on one rank only, or after its queue changed
+            if indices_tuple is not None and enqueue_mask is not None:
+                raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
             if enqueue_mask is not None:
                 self._check_enqueue_mask(enqueue_mask, len(embeddings))
+            elif isinstance(embeddings, torch.Tensor) and len(embeddings) > self.memory_size:
+                raise ValueError(
+                    f"batch of {len(embeddings)} embeddings is larger than the queue's memory_size={self.memory_size}"
+                )
+
+        if enqueue_mask is None and stores:
+            # every row is a query the loss stores: one check covers reading and storing
+            memory._validate_with(pml_checks, embeddings, labels, announced, enqueue=True)
+        else:
+            memory._validate_with(pml_checks, embeddings, labels, None, enqueue=False)  # every row is read
+            if enqueue_mask is not None:
                 has_queries = not bool(enqueue_mask.all())
                 if isinstance(announced, torch.Tensor) and announced.shape == labels.shape:
                     announced = announced[~enqueue_mask]
@@ -92,6 +102,26 @@ class DSBCrossBatchMemory(CrossBatchMemory):
         self.label_memory = c_f.to_device(self.label_memory, device=embeddings.device, dtype=labels.dtype)
         self.add_to_memory(embeddings, labels, len(embeddings))
         return torch.sum(embeddings[:0] * 0)
+
+    # PML keeps its queue's position in plain attributes: without them in the
+    # state_dict a restored queue restarts empty at slot 0
+    def get_extra_state(self):
+        return {"queue_idx": int(self.queue_idx), "has_been_filled": bool(self.has_been_filled)}
+
+    def set_extra_state(self, state):
+        queue_idx, filled = state["queue_idx"], state["has_been_filled"]
+        if not (isinstance(queue_idx, int) and 0 <= queue_idx < self.memory_size and isinstance(filled, bool)):
+            raise ValueError(
+                f"queue state {state!r} does not fit this DSBCrossBatchMemory (memory_size={self.memory_size})"
+            )
+        self.queue_idx, self.has_been_filled = queue_idx, filled
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
+        key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+        if key in missing_keys:  # saved before the queue's position was: it restarts, as it did then
+            missing_keys.remove(key)
+            self.queue_idx, self.has_been_filled = 0, False
 
     @staticmethod
     def _check_enqueue_mask(enqueue_mask, batch: int) -> None:

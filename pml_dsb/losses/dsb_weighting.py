@@ -25,7 +25,7 @@ import torch
 from pytorch_metric_learning.losses import MarginLoss, ProxyAnchorLoss
 
 from ..distributed.gather import check_batch_collectively, should_gather
-from ..memory.semantic_scale_memory import SemanticScaleMemory
+from ..memory.semantic_scale_memory import SemanticScaleMemory, _raiser
 
 __all__ = ["DSBWeightingMixin", "weight_losses_by_class", "dsb_class_weights", "with_dsb_weighting"]
 
@@ -285,18 +285,22 @@ class DSBWeightingMixin:
         # indices announced by expect_sample_indices() serve this call only, even a failing one
         pending = getattr(self, "_pending_sample_indices", None)  # absent from older pickles
         self._pending_sample_indices = None
+        conflict = None
         if pending is not None:
             if sample_indices is not None:
-                raise ValueError(
+                conflict = ValueError(
                     "sample_indices were passed to this call and also announced by expect_sample_indices() "
                     "(a SampleIndicesGetter); give them one way"
                 )
-            sample_indices = pending
+            else:
+                sample_indices = pending
         # every check before anything changes; collective when the memory gathers,
         # so that a batch bad on one rank raises on every rank
         # not train()/eval(): PML's trainers put a loss in freeze_these in eval mode
         enqueues = self.update_memory and torch.is_grad_enabled()
-        self.memory.validate_batch(embeddings, labels, sample_indices if enqueues else None, enqueue=enqueues)
+        self.memory._validate_with(
+            _raiser(conflict), embeddings, labels, sample_indices if enqueues else None, enqueue=enqueues
+        )
         labels = labels.to(torch.long)  # any integer dtype (PML's parents need int64)
         params = dict(self.named_parameters(recurse=False))
         # ref_emb is the other operand of the same distances: cast with the embeddings

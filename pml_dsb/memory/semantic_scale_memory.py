@@ -483,7 +483,17 @@ class SemanticScaleMemory(torch.nn.Module):
         raises the same :class:`~pml_dsb.distributed.BatchRejectedError` (a
         ``ValueError``) on every rank, as does a global batch larger than the memory.
         """
-        check = functools.partial(self._validate_local_batch, enqueue=enqueue)
+        self._validate_with(None, embeddings, labels, indices, enqueue)
+
+    def _validate_with(self, precheck, embeddings, labels, indices, enqueue: bool) -> None:
+        """:meth:`validate_batch`, running ``precheck()`` (a caller's own checks of
+        this rank's call) first, inside the collective verdict when gathering."""
+
+        def check(emb, lab, idx):
+            if precheck is not None:
+                precheck()
+            self._validate_local_batch(emb, lab, idx, enqueue=enqueue)
+
         if not should_gather(self.distributed):
             check(embeddings, labels, indices)
             return

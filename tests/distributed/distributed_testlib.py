@@ -373,25 +373,31 @@ def scenario_dsb_wrapper(rank, world):
         value = wrapped(emb, labels)
         value.backward()
         _step_record(rec, loss, value, emb)
+        rec.setdefault("param_grad", []).append([p.grad.clone() for p in loss.parameters()])
+        loss.zero_grad(set_to_none=True)
     rec["state"] = state_of(loss.memory)
     rec["memory_distributed"] = loss.memory.distributed
     return rec
 
 
 def reference_dsb_wrapper(world=2):
-    """One process: the loss on the concatenated batch; each rank gets world * it, and its rows' gradients."""
+    """One process: the loss on the concatenated batch, its parameters' gradients,
+    and its rows' gradients times world (what DDP's average over ranks needs)."""
     ref = new_loss()
     recs = [_new_record() for _ in UNEVEN]
     for step in make_batches(1, UNEVEN, STEPS):
         emb, labels = concat(step)
         emb = emb.clone().requires_grad_(True)
-        value = ref(emb, labels) * world
+        value = ref(emb, labels)
         value.backward()
+        param_grad = [p.grad.clone() for p in ref.parameters()]
+        ref.zero_grad(set_to_none=True)
         start = 0
         for rank, (part, _) in enumerate(step):
             rec = recs[rank]
             rec["loss"].append(value.detach().clone())
-            rec["grad"].append(emb.grad[start : start + len(part)].clone())
+            rec["grad"].append(world * emb.grad[start : start + len(part)].clone())
+            rec.setdefault("param_grad", []).append(param_grad)
             rec["stage"].append(ref.memory.stage)
             rec["enqueued"].append(ref.memory.num_enqueued)
             rec["scales"].append(ref.memory.scales())
@@ -436,7 +442,7 @@ def reference_dsb_wrapper_read(world=2):
     values = []
     for step in (make_batches(3, UNEVEN, 1)[0], make_batches(4, (M + 1, M + 1), 1)[0]):
         with torch.no_grad():
-            values.append(ref(*concat(step)) * world)
+            values.append(ref(*concat(step)))
     return {"loss": values, "state": state_of(ref.memory)}
 
 
@@ -511,6 +517,45 @@ def scenario_reader(rank, world):
     return rec
 
 
+def scenario_one_rank_errors(rank, world):
+    """Errors found on one rank before any collective call: indices both passed
+    and announced (rank 0), a batch larger than DSBCrossBatchMemory's queue and
+    a bad enqueue_mask (rank 1). Every rank must raise at the same step (they
+    once raised on one rank only, and the others' collectives then paired with
+    the next step's: garbage rows, then an aborted process)."""
+    from pytorch_metric_learning.losses import TripletMarginLoss
+
+    from pml_dsb import DSBCrossBatchMemory, with_dsb_weighting
+
+    loss = new_loss()
+    torch.manual_seed(0)
+    wrapper = DSBCrossBatchMemory(with_dsb_weighting(TripletMarginLoss)(C, D, memory_size=M), D, memory_size=5)
+    rec = {"errors": [], "enqueued": [], "queued": []}
+    steps = make_batches(12, UNEVEN, 4)  # UNEVEN: rank 1's batch is larger than rank 0's
+
+    def attempt(call):
+        try:
+            call()
+            rec["errors"].append(None)
+        except ValueError as err:
+            rec["errors"].append(type(err).__name__)
+        rec["enqueued"].append((loss.memory.num_enqueued, wrapper.loss.memory.num_enqueued))
+        rec["queued"].append(wrapper.queue_idx)
+
+    emb, labels = steps[0][rank]
+    offset = sum(len(steps[0][r][0]) for r in range(rank))
+    if rank == 0:
+        loss.expect_sample_indices(torch.arange(len(emb)) + offset)
+    attempt(lambda: loss(emb, labels, sample_indices=torch.arange(len(emb)) + offset))
+    emb, labels = steps[1][rank]
+    attempt(lambda: wrapper(emb[: 4 + rank * 2], labels[: 4 + rank * 2]))  # 4 and 6 rows; the queue holds 5
+    mask = torch.zeros(len(emb) - rank, dtype=torch.bool)  # one flag short on rank 1
+    attempt(lambda: wrapper(emb, labels, enqueue_mask=mask))
+    emb, labels = steps[3][rank]
+    attempt(lambda: wrapper(emb[:4], labels[:4]))
+    return rec
+
+
 F64_STEPS = 5
 
 
@@ -549,7 +594,7 @@ def reference_wide(world=2):
     losses = []
     for step in _wide_batches():
         memory_ref(*concat(step))  # torch.cat: float64 for all rows
-        losses.append(wrapped_ref(*concat(step)).detach() * world)
+        losses.append(wrapped_ref(*concat(step)).detach())
     return {"direct_state": state_of(memory_ref.memory), "wrapped_state": state_of(wrapped_ref.memory),
             "wrapped_loss": losses}
 
@@ -563,6 +608,7 @@ SCENARIOS = {
     "pml_wrapper": scenario_pml_wrapper,
     "pml_wrapper_auto": scenario_pml_wrapper_auto,
     "dsb_wrapper": scenario_dsb_wrapper,
+    "one_rank_errors": scenario_one_rank_errors,
     "dsb_wrapper_read": scenario_dsb_wrapper_read,
     "wide": scenario_wide,
     "reader": scenario_reader,

@@ -167,6 +167,9 @@ def test_dsb_loss_wrapper_is_exact_with_uneven_batches(ranks):
             assert torch.equal(rec["scales"][t], ref["scales"][t])
             assert_close(rec["loss"][t], ref["loss"][t], rtol=1e-6, atol=0)
             assert_close(rec["grad"][t], ref["grad"][t], rtol=1e-5, atol=1e-8)
+            # the loss's centres: the one-process gradient (PML's wrapper gives world_size times it)
+            for got, want in zip(rec["param_grad"][t], ref["param_grad"][t]):
+                assert_close(got, want, rtol=1e-5, atol=1e-8)
 
 
 def test_sharded_batches_reproduce_the_one_process_run_and_helpers_agree(ranks):
@@ -212,3 +215,10 @@ def test_dsb_wrapper_around_a_loss_that_only_reads(ranks):
         for got, want in zip(rec["loss"], ref["loss"]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert_same_state(rec["state"], ref["state"])  # nothing enqueued
+
+
+def test_errors_found_on_one_rank_raise_on_every_rank_at_once(ranks):
+    r0, r1 = records(ranks, "one_rank_errors")
+    assert r0["errors"] == r1["errors"] == ["BatchRejectedError"] * 3 + [None]
+    assert r0["enqueued"] == r1["enqueued"] == [(0, 0)] * 3 + [(0, 8)]
+    assert r0["queued"] == r1["queued"] == [0, 0, 0, 4]  # each rank's PML queue (local) took its 4 rows once

@@ -1003,3 +1003,50 @@ def test_cross_batch_memory_announced_indices_serve_one_call_even_a_rejected_one
     ours(emb, labels, enqueue_mask=half)  # first in, first out: slots 0-2
     assert loss.memory.num_enqueued == 3 and not bool(loss.memory.index_addressed)
     torch.testing.assert_close(loss.memory.embedding_memory[:3], F.normalize(emb[~half], dim=1))
+
+
+def test_cross_batch_memory_resumes_its_queue_from_a_state_dict(gen):
+    """PML keeps the queue's position outside the state_dict: a restored queue
+    restarted at slot 0, empty, and the next losses differed."""
+    from pml_dsb import DSBCrossBatchMemory
+
+    def make():
+        torch.manual_seed(0)
+        return DSBCrossBatchMemory(with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=24, warmup_epochs=1),
+                                   embedding_size=D, memory_size=16)
+
+    batches = [_batch(gen, 6) for _ in range(8)]
+    straight, first = make(), make()
+    want = [straight(*b) for b in batches]
+    for b in batches[:3]:  # 18 rows: PML's queue has wrapped, at slot 2
+        first(*b)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    assert (resumed.queue_idx, resumed.has_been_filled) == (2, True)
+    got = [resumed(*b) for b in batches[3:]]
+    assert all(torch.equal(g, w) for g, w in zip(got, want[3:]))
+    # a state saved before the position was: loads, and the queue restarts as it did then
+    old = {k: v for k, v in first.state_dict().items() if not k.endswith("_extra_state")}
+    restarted = make()
+    restarted.load_state_dict(old)
+    assert (restarted.queue_idx, restarted.has_been_filled) == (0, False)
+    with pytest.raises(ValueError, match="does not fit this DSBCrossBatchMemory"):
+        make().load_state_dict({**old, "_extra_state": {"queue_idx": 16, "has_been_filled": True}})
+
+
+def test_cross_batch_memory_checks_pmls_own_conditions_first(gen):
+    """A batch larger than PML's queue (PML: a bare AssertionError) and
+    indices_tuple with enqueue_mask raise ValueError, both queues unchanged."""
+    from pml_dsb import DSBCrossBatchMemory
+
+    wrapper = DSBCrossBatchMemory(with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=64),
+                                  embedding_size=D, memory_size=16)
+    wrapper(*_batch(gen, 8))
+    before = _states(wrapper)
+    with pytest.raises(ValueError, match="batch of 17 embeddings is larger than the queue's memory_size=16"):
+        wrapper(*_batch(gen, 17))
+    emb, labels = _batch(gen, 6)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        wrapper(emb, labels, (torch.tensor([0]), torch.tensor([1]), torch.tensor([2])),
+                enqueue_mask=torch.zeros(6, dtype=torch.bool))
+    _assert_same_states(before, _states(wrapper))
