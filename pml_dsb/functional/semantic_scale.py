@@ -45,6 +45,8 @@ def unnormalized_norm_limit(embedding_size: int, singular_values: bool = True) -
     stay below 1e-3 after the d/m factor) or through a factorisation of
     I + (d/m)·Zc·Zcᵀ (``singular_values=False``, the memory's running
     statistics: eps times d times the squared norm below 1e-6)."""
+    if isinstance(embedding_size, bool) or not isinstance(embedding_size, int) or embedding_size < 1:
+        raise ValueError(f"embedding_size must be an int >= 1, got {embedding_size!r}")
     if singular_values:
         return 1e-3 / (_EPS64 * math.sqrt(embedding_size))
     return math.sqrt(SPREAD_LIMIT / embedding_size)
@@ -53,8 +55,8 @@ def unnormalized_norm_limit(embedding_size: int, singular_values: bool = True) -
 def _check_features(features: torch.Tensor, name: str = "features") -> None:
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(features).__name__}")
-    if features.dim() != 2:
-        raise ValueError(f"{name} must have shape (m, d), got shape {tuple(features.shape)}")
+    if features.dim() != 2 or features.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (m, d) with d >= 1, got shape {tuple(features.shape)}")
     if not features.is_floating_point():
         raise TypeError(f"{name} must be floating point, got dtype {features.dtype}")
     if not torch.isfinite(features).all():
@@ -215,6 +217,8 @@ def padded_class_scales(
         count as samples.
     """
     t, n, d = features.shape
+    if d == 0:
+        raise ValueError(f"features must have shape (t, n, d) with d >= 1, got shape {tuple(features.shape)}")
     out = torch.zeros(t, dtype=dtype, device=features.device)
     if t == 0 or n == 0:
         return out

@@ -1,6 +1,8 @@
 r"""Per-class loss weights: DSB's :math:`1/S` and the class-balanced baseline."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
@@ -13,6 +15,12 @@ NORMALIZE_CHOICES = ("mean", None)
 def check_normalize(normalize) -> None:
     if normalize not in NORMALIZE_CHOICES:
         raise ValueError(f"normalize must be one of {NORMALIZE_CHOICES}, got {normalize!r}")
+
+
+def check_eps(eps) -> None:
+    """``eps``, the scale at or below which a class has no scale, must be a finite number >= 0."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0.0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
 def dsb_weights(
@@ -44,12 +52,15 @@ def dsb_weights(
     tensor([1.3333, 0.6667, 1.3333], dtype=torch.float64)
     """
     check_normalize(normalize)
+    check_eps(eps)
     if scales.shape != counts.shape or scales.dim() != 1:
         raise ValueError(
             f"scales and counts must both have shape (C,), got {tuple(scales.shape)} "
             f"and {tuple(counts.shape)}"
         )
     scales = scales.to(torch.float64)
+    if bool(torch.isnan(scales).any()):  # would otherwise read as "no scale" and get the largest weight
+        raise ValueError(f"scales contain NaN (classes {torch.nonzero(torch.isnan(scales)).flatten().tolist()})")
     has_scale = (counts.to(scales.device) >= 2) & (scales > eps)
     weights = torch.ones_like(scales)
     if not bool(has_scale.any()):
@@ -78,6 +89,8 @@ def class_balanced_weights(counts, beta: float = 0.9999) -> torch.Tensor:
     tensor([0.7889, 1.2111], dtype=torch.float64)
     """
     counts = torch.as_tensor(counts)
+    if counts.dtype == torch.bool or counts.is_complex():
+        raise TypeError(f"counts must be whole numbers, got dtype {counts.dtype}")
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(f"counts must be a non-empty 1-D sequence, got shape {tuple(counts.shape)}")
     if counts.dtype.is_floating_point and not bool((counts == counts.round()).all()):

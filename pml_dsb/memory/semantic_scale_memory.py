@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from ..distributed.gather import check_batch_collectively, gather_batch, should_gather
 from ..functional.semantic_scale import logdet_and_inverse_spd, logdet_spd, size_buckets, unnormalized_norm_limit
-from ..functional.weights import check_normalize, dsb_weights
+from ..functional.weights import check_eps, check_normalize, dsb_weights
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,8 @@ class SemanticScaleMemory(torch.nn.Module):
         eps: scales at or below this count as "no scale yet".
         l2_normalize: store L2-normalised embeddings (default, as the
             definition of semantic scale says); otherwise they are stored as
-            given, in float32. Rows of norm beyond
+            given, in float32, and every refresh is exact (no low-rank updates,
+            whose rounding grows with the spread of norms). Rows of norm beyond
             ``unnormalized_norm_limit(embedding_size, singular_values=False)``
             (2966 at d = 512) are not stored (``ValueError``; a batch only
             read, by a validation loss, may exceed it): float64 rounding in the running
@@ -184,10 +185,11 @@ class SemanticScaleMemory(torch.nn.Module):
             ``I + (d/m)·Zc·Zcᵀ`` (drifting scales, then a failed factorisation).
         scale_dtype: precision of the scale computation (float64 default).
             float32 is faster (1.2-1.3x per DSB step at the d = 512 shapes of
-            benchmarks/bench_dsb_step.py) and agrees within ~1e-7 relative for
+            benchmarks/bench_dsb_step.py) and agrees within ~1e-6 relative for
             well-spread classes, but loses accuracy as a class's spread shrinks:
-            6 samples at d = 16 spread ~0.003 about their mean gave 4e-4
-            relative, spread ~0.0003 gave 5e-2. Check it on your data with
+            6 samples at d = 16 spread ~0.03, 0.003, 0.0003 about their mean
+            gave 2e-5, 3e-3, 0.2 relative (medians of 20 draws). A class of
+            identical samples still gets 0. Check it on your data with
             :func:`pml_dsb.class_semantic_scales` in float64 before using it.
         gram_size: classes up to this many samples are kept in Gram form,
             larger ones as d x d moments (default ``embedding_size // 2``,
@@ -283,6 +285,7 @@ class SemanticScaleMemory(torch.nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         check_normalize(normalize)
+        check_eps(eps)
         if scale_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"scale_dtype must be torch.float32 or torch.float64, got {scale_dtype}")
         self.num_classes = num_classes
@@ -447,8 +450,7 @@ class SemanticScaleMemory(torch.nn.Module):
             # strict=False): nothing to fill in, the missing keys are reported
             return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         defaults = self._late_state_defaults()
-        # saved before the memory recorded its addressing: the next batch decides it
-        self._addressing_unknown = prefix + "index_addressed" not in state_dict
+        addressing_unknown = prefix + "index_addressed" not in state_dict
         if not any(prefix + name in state_dict for name in self._CACHE_STATE):
             for name in self._CACHE_STATE:
                 state_dict[prefix + name] = defaults[name]
@@ -456,12 +458,40 @@ class SemanticScaleMemory(torch.nn.Module):
             state_dict[prefix + "statistics_built"] = defaults["statistics_built"]
         if prefix + "index_addressed" not in state_dict:
             state_dict[prefix + "index_addressed"] = defaults["index_addressed"]
-        # these grow with the largest class and the number of large classes:
-        # take the saved sizes (other dimensions must match).
+        # check everything before copying anything: torch copies the buffers
+        # that fit and raises at the end, which left a half-loaded memory
+        missing_keys, error_msgs = args[2], args[4]  # (local_metadata, strict, missing, unexpected, errors)
+        missing = [prefix + name for name in self._buffers if prefix + name not in state_dict]
+        mismatched = []
+        for name, mine in self._buffers.items():
+            saved = state_dict.get(prefix + name)
+            if not isinstance(saved, torch.Tensor):
+                continue
+            # these grow with the largest class and the number of large classes:
+            # the saved sizes are taken (other dimensions must match)
+            fixed = {"class_slots": slice(0, 1), "moment_sum": slice(1, None), "moment_outer": slice(1, None),
+                     "gram_inverse": slice(1, None), "moment_inverse": slice(1, None)}.get(name, slice(None))
+            if saved.shape[fixed] != mine.shape[fixed] or saved.dim() != mine.dim():
+                mismatched.append(
+                    f"size mismatch for {prefix + name}: copying a param with shape {tuple(saved.shape)} from "
+                    f"checkpoint, the shape in current model is {tuple(mine.shape)}."
+                )
+        if missing:
+            # a memory is whole or nothing (counts of one state with samples of
+            # another are no memory): reported as missing, and with strict=False
+            # (which torch does not pass down) the memory simply stays as it is
+            missing_keys.extend(missing)
+            return
+        if mismatched:
+            where = f" at {prefix.rstrip('.')!r}" if prefix else ""
+            error_msgs.extend(mismatched)
+            error_msgs.append(f"the {type(self).__name__}{where} was left unchanged (nothing loaded into it)")
+            return
+        # saved before the memory recorded its addressing: the next batch decides it
+        self._addressing_unknown = addressing_unknown
         for name in ("class_slots", "moment_sum", "moment_outer", "gram_inverse", "moment_inverse"):
             key, mine = prefix + name, getattr(self, name)
-            if key in state_dict and state_dict[key].shape[1:] == mine.shape[1:] and name != "class_slots" \
-                    or key in state_dict and name == "class_slots" and state_dict[key].shape[0] == mine.shape[0]:
+            if key in state_dict and state_dict[key].shape != mine.shape:
                 setattr(self, name, torch.empty_like(state_dict[key], device=mine.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -1035,8 +1065,10 @@ class SemanticScaleMemory(torch.nn.Module):
         ready = counts >= 2
         large = ready & (self.moment_index[classes] >= 0)
         # keep an inverse for the low-rank path where it will pay: index-addressed
-        # enqueues and a count unchanged since this class's last exact refresh
-        build = ready & (counts == self.exact_count[classes]) & self.index_addressed
+        # enqueues and a count unchanged since this class's last exact refresh.
+        # Not for unnormalised rows: a class mixing norms 1 and 300 drifted to
+        # 4e-2 relative error through the Woodbury updates (exact refreshes: 1e-12)
+        build = ready & (counts == self.exact_count[classes]) & self.index_addressed & self.l2_normalize
         if bool(large.any()):
             build_large = build[large] & (self.embedding_size >= self._low_rank_min_size())
             out[large] = self._moment_scales(classes[large], counts[large], build_large)
@@ -1112,10 +1144,11 @@ class SemanticScaleMemory(torch.nn.Module):
         d = self.embedding_size
         beta = m / d
         buffer = torch.empty(1, d, d, dtype=torch.float64, device=index.device)
-        logdet = torch.empty(len(index), dtype=torch.float64, device=index.device)
+        reduced = torch.empty(len(index), dtype=torch.float64, device=index.device)  # log det(I + K/beta)
         cached = build.tolist()
         if any(cached):
             self._ensure_inverse_pool("moment_inverse", self.moment_sum.shape[0])
+            logdet = torch.empty_like(reduced)
         for i, (row, beta_i) in enumerate(zip(index.tolist(), beta.tolist())):
             torch.addr(self.moment_outer[row], mean_part[i], mean_part[i], alpha=-1.0, out=buffer[0])
             buffer[0].diagonal().add_(beta_i)
@@ -1123,11 +1156,12 @@ class SemanticScaleMemory(torch.nn.Module):
                 value, inverse = logdet_and_inverse_spd(buffer)
                 self.moment_inverse[row] = inverse[0]
                 logdet[i] = value[0]
+                reduced[i] = value[0] - d * math.log(beta_i)
             else:
-                logdet[i] = self._logdet(buffer, beta[i : i + 1])[0]
+                reduced[i] = self._reduced_logdet(buffer, beta[i : i + 1])[0]
         if any(cached):
             self._store_cache(classes[build], logdet[build])
-        return (logdet - d * torch.log(beta)) / (2.0 * math.log(2.0))
+        return reduced / (2.0 * math.log(2.0))
 
     def _logdet_bits(
         self,
@@ -1145,33 +1179,44 @@ class SemanticScaleMemory(torch.nn.Module):
         """
         beta = m / self.embedding_size
         matrix.diagonal(dim1=1, dim2=2).add_(beta.unsqueeze(1))
+        n_log_beta = matrix.shape[-1] * torch.log(beta)
         inverse = None
-        rest = None if build is None else ~build
         if build is not None and bool(build.any()):
             logdet = torch.empty(len(matrix), dtype=torch.float64, device=matrix.device)
+            reduced = torch.empty_like(logdet)
             logdet[build], inverse = logdet_and_inverse_spd(matrix[build])
+            reduced[build] = logdet[build] - n_log_beta[build]
+            rest = ~build
             if bool(rest.any()):
-                logdet[rest] = self._logdet(matrix[rest], beta[rest], None if sizes is None else sizes[rest])
+                reduced[rest] = self._reduced_logdet(matrix[rest], beta[rest], None if sizes is None else sizes[rest])
+                logdet[rest] = reduced[rest] + n_log_beta[rest]
         else:
-            logdet = self._logdet(matrix, beta, sizes)
-        bits = (logdet - matrix.shape[-1] * torch.log(beta)) / (2.0 * math.log(2.0))
-        return bits, logdet, inverse
+            reduced = self._reduced_logdet(matrix, beta, sizes)
+            logdet = reduced + n_log_beta
+        return reduced / (2.0 * math.log(2.0)), logdet, inverse
 
-    def _logdet(self, matrix: torch.Tensor, beta: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """float64 log det of SPD float64 matrices (overwritten), factorised in
-        scale_dtype; ``sizes``: each matrix is beta*I past its leading block of
-        that size, and only that block is factorised."""
-        work = matrix.to(self.scale_dtype)
+    def _reduced_logdet(
+        self, matrix: torch.Tensor, beta: torch.Tensor, sizes: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """float64 log det(I + K/beta) from SPD float64 matrices K + beta*I
+        (overwritten), factorised in scale_dtype; ``sizes``: each matrix is
+        beta*I past its leading block of that size, and only that block is
+        factorised.
+
+        float32 factorises I + K/beta itself: the log det of K + beta*I less
+        n*log(beta) would keep float32 rounding of n*|log beta| (a class of
+        identical samples, K = 0, then got a scale of ~1e-6 > eps instead of 0
+        and took all the weight). In float64 that rounding stays below eps
+        (~3e-13 at d = 512), and factorising K + beta*I as it is saves a pass."""
+        n = matrix.shape[-1] if sizes is None else sizes
+        if self.scale_dtype == torch.float64:
+            return logdet_spd(matrix, overwrite=True, sizes=sizes) - n * torch.log(beta)
+        matrix /= beta.view(-1, 1, 1)
         try:
-            logdet = logdet_spd(work, overwrite=True, sizes=sizes)
+            reduced = logdet_spd(matrix.to(torch.float32), overwrite=True, sizes=sizes)
         except torch.linalg.LinAlgError:
-            if work is matrix:  # float64 already: truly not positive definite
-                raise
-            logdet = logdet_spd(matrix, overwrite=True, sizes=sizes)  # float32 rounding: redo in float64
-        logdet = logdet.to(torch.float64)
-        if sizes is not None:
-            logdet += (matrix.shape[-1] - sizes) * torch.log(beta)
-        return logdet
+            reduced = logdet_spd(matrix, overwrite=True, sizes=sizes)  # float32 rounding: redo in float64
+        return reduced.to(torch.float64)
 
     # ------------------------------------------------------ low-rank updates
     def _ensure_inverse_pool(self, name: str, rows: int) -> None:

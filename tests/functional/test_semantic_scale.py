@@ -229,14 +229,26 @@ def test_gradient_flows_to_input(gen):
         (torch.ones(3, 2, dtype=torch.long), TypeError, ["features", "int64"]),
         (torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), ValueError, ["features", "NaN"]),
         (torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), ValueError, ["features", "Inf"]),
+        (torch.ones(3, 0), ValueError, ["features", "d >= 1", "(3, 0)"]),
     ],
-    ids=["list", "1-D", "int", "nan", "inf"],
+    ids=["list", "1-D", "int", "nan", "inf", "d=0"],
 )
-def test_bad_features_raise(bad, exc, words):
-    with pytest.raises(exc) as info:
-        semantic_scale(bad)
-    for w in words:
-        assert w in str(info.value)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_bad_features_raise(bad, exc, words, normalize):
+    for call in (
+        lambda: semantic_scale(bad, normalize=normalize),
+        lambda: class_semantic_scales(bad, torch.zeros(len(bad), dtype=torch.long), 2, normalize=normalize),
+    ):
+        with pytest.raises(exc) as info:
+            call()
+        for w in words:
+            assert w in str(info.value)
+
+
+@pytest.mark.parametrize("d", [0, -3, 2.5, True])
+def test_unnormalized_norm_limit_needs_a_dimension(d):
+    with pytest.raises(ValueError, match=f"embedding_size must be an int >= 1, got {d!r}"):
+        unnormalized_norm_limit(d)
 
 
 # ------------------------------------------------------ class_semantic_scales

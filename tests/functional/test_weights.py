@@ -81,8 +81,11 @@ def test_dsb_weights_hypothesis(np_ref, data, normalize):
         (dict(scales=torch.ones(3), counts=torch.ones(4, dtype=torch.long)), ValueError, "counts"),
         (dict(scales=torch.ones(2, 2), counts=torch.ones(2, 2, dtype=torch.long)), ValueError, "(C,)"),
         (dict(scales=torch.ones(3), counts=torch.ones(3, dtype=torch.long), normalize="sum"), ValueError, "'sum'"),
+        (dict(scales=torch.ones(3), counts=torch.full((3,), 2), eps=-1.0), ValueError, "eps must be a finite number >= 0"),
+        (dict(scales=torch.ones(3), counts=torch.full((3,), 2), eps=float("nan")), ValueError, "got nan"),
+        (dict(scales=torch.tensor([1.0, float("nan"), 2.0]), counts=torch.full((3,), 2)), ValueError, "NaN (classes [1])"),
     ],
-    ids=["length", "2-D", "normalize"],
+    ids=["length", "2-D", "normalize", "eps<0", "eps-nan", "nan-scale"],
 )
 def test_dsb_weights_bad_arguments(kwargs, exc, word):
     with pytest.raises(exc) as info:
@@ -136,8 +139,9 @@ def test_class_balanced_limits():
         ([5, 3], -0.1, ValueError, "beta"),
         ([5, 3], 1.5, ValueError, "beta"),
         ([5, 3], float("nan"), ValueError, "beta"),
+        (torch.tensor([True, True]), 0.9, TypeError, "torch.bool"),
     ],
-    ids=["zero", "negative", "fractional", "empty", "2-D", "beta=1", "beta<0", "beta>1", "beta=nan"],
+    ids=["zero", "negative", "fractional", "empty", "2-D", "beta=1", "beta<0", "beta>1", "beta=nan", "bool"],
 )
 def test_class_balanced_bad_arguments(counts, beta, exc, word):
     with pytest.raises(exc) as info:

@@ -323,6 +323,30 @@ def test_float32_scale_path_within_1e5(gen, np_ref):
     np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "d, gram_size", [(16, None), (16, 2), (300, 2)], ids=["gram-form", "moment-form", "moment-form-d300"]
+)
+def test_float32_scale_of_identical_samples_is_zero(gen, np_ref, d, gram_size):
+    """A class of identical samples spans nothing: float64 from scratch gives 0
+    (within rounding, below eps) and so must float32, or the class would take
+    all the weight (the log det of K + beta*I less n*log(beta) in float32 gave
+    1e-6 to 6e-6 > eps)."""
+    C, M = 3, 30
+    labels = torch.arange(M) % C
+    emb = torch.randn(M, d, generator=gen)
+    emb[labels == 2] = torch.randn(d, generator=gen)
+    mem = SemanticScaleMemory(C, d, M, warmup_epochs=1, scale_dtype=torch.float32, gram_size=gram_size)
+    mem.enqueue(emb, labels)
+    z, y = mem.contents()
+    want = np_ref.class_scales(z.double().numpy(), y.numpy(), C, normalize=False)
+    assert abs(want[2]) <= mem.eps
+    scales = mem.scales()
+    assert float(scales[2]) <= mem.eps
+    np.testing.assert_allclose(scales[:2].numpy(), want[:2], rtol=1e-5)
+    weights = mem.weights()  # no scale: the largest weight of the others, not all of it
+    assert float(weights[2]) == float(weights[:2].max()) and float(weights[:2].min()) > 0.9
+
+
 @pytest.mark.slow
 def test_scales_after_10000_updates_equal_from_scratch_float64(gen, np_ref):
     # gram_size=4: class 4 (every 20th sample) never holds more than 2 samples,

@@ -172,8 +172,12 @@ def test_rejected_batch_does_not_disturb_later_scales(np_ref):
         (dict(num_classes=C, embedding_size=D, memory_size=M, scale_dtype=torch.float16), ValueError, ["scale_dtype", "float16"]),
         (dict(num_classes=C, embedding_size=D, memory_size=M, gram_size=1), ValueError, ["gram_size", "1"]),
         (dict(num_classes=C, embedding_size=D, memory_size=M, distributed="yes"), ValueError, ["distributed", "yes"]),
+        (dict(num_classes=C, embedding_size=D, memory_size=M, eps=-1.0), ValueError, ["eps", "-1.0"]),
+        (dict(num_classes=C, embedding_size=D, memory_size=M, eps=NAN), ValueError, ["eps", "nan"]),
+        (dict(num_classes=C, embedding_size=D, memory_size=M, eps=True), ValueError, ["eps", "True"]),
     ],
-    ids=["M=0", "M<0", "M-float", "C=1", "C=0", "d=0", "n<0", "normalize", "scale_dtype", "gram_size", "distributed"],
+    ids=["M=0", "M<0", "M-float", "C=1", "C=0", "d=0", "n<0", "normalize", "scale_dtype", "gram_size", "distributed",
+         "eps<0", "eps-nan", "eps-bool"],
 )
 def test_bad_constructor_arguments(kwargs, exc, words):
     with pytest.raises(exc) as info:
@@ -215,3 +219,43 @@ def test_a_state_saved_without_its_addressing_takes_either(indexed):
     assert bool(fresh.index_addressed) == indexed
     with pytest.raises(ValueError, match="this batch has"):  # decided now
         fresh.enqueue(_emb(3), torch.tensor([0, 1, 2]), None if indexed else torch.tensor([7, 8, 9]))
+
+
+def _other_state(case):
+    """A state dict that cannot be loaded into ``_used_memory()``, yet shares
+    most of its keys and shapes (torch would copy those)."""
+    g = torch.Generator().manual_seed(11)
+    size, d = {"memory_size": (M + 4, D), "embedding_size": (M, D + 1)}.get(case, (M, D))
+    other = SemanticScaleMemory(C, d, size, warmup_epochs=3)
+    other.enqueue(torch.randn(7, d, generator=g), torch.randint(0, C, (7,), generator=g))
+    other.scales()
+    state = other.state_dict()
+    if case == "missing-key":
+        del state["class_counts"]
+    return state
+
+
+@pytest.mark.parametrize("case", ["memory_size", "embedding_size", "missing-key"])
+def test_a_failed_load_leaves_the_memory_unchanged(case):
+    """torch copies every buffer that fits before it raises for the others: a
+    memory half loaded would hold counts of one state and samples of another."""
+    mem, twin = _used_memory(), _used_memory()
+    before = _snapshot(mem)
+    words = "Missing key.*class_counts" if case == "missing-key" else "size mismatch(.|\n)*SemanticScaleMemory was left unchanged"
+    with pytest.raises(RuntimeError, match=words):
+        mem.load_state_dict(_other_state(case))
+    assert_state_unchanged(before, mem)
+    g = torch.Generator().manual_seed(12)
+    emb, labels = torch.randn(4, D, generator=g), torch.randint(0, C, (4,), generator=g)
+    mem.enqueue(emb, labels)
+    twin.enqueue(emb, labels)
+    assert torch.equal(mem.scales(), twin.scales())
+
+
+def test_a_non_strict_load_without_a_key_loads_nothing():
+    """A memory is whole or nothing: counts of one state with samples of another are no memory."""
+    mem = _used_memory()
+    before = _snapshot(mem)
+    result = mem.load_state_dict(_other_state("missing-key"), strict=False)
+    assert result.missing_keys == ["class_counts"]
+    assert_state_unchanged(before, mem)
