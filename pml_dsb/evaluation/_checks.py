@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -110,12 +110,17 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return np.divide(x, np.maximum(norms, _NORM_EPS), dtype=np.float32)
 
 
-def check_int(value: Any, name: str, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (bools rejected)."""
+#: faiss takes its k-means seed as a C int
+MAX_FAISS_SEED = 2**31 - 1
+
+
+def check_int(value: Any, name: str, minimum: int, maximum: Optional[int] = None) -> int:
+    """``value`` as an int >= ``minimum`` (and <= ``maximum``; bools rejected)."""
+    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise TypeError(f"{name} must be an int {bounds}, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
     return int(value)
 
 

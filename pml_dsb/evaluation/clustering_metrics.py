@@ -68,7 +68,7 @@ def kmeans_cluster_labels(
     """
     x = _checks.as_embeddings(embeddings, "embeddings")
     num_clusters = _checks.check_int(num_clusters, "num_clusters", 1)
-    seed = _checks.check_int(seed, "seed", 0)
+    seed = _checks.check_int(seed, "seed", 0, _checks.MAX_FAISS_SEED)
     nredo = _checks.check_int(nredo, "nredo", 1)
     niter = _checks.check_int(niter, "niter", 1)
     n, d = x.shape

@@ -88,7 +88,7 @@ def evaluate_embeddings(
     """
     ks = _checks.check_ks(recall_ks, "recall_ks")
     if nmi:  # fail before the search, not after it
-        _checks.check_int(nmi_seed, "nmi_seed", 0)
+        _checks.check_int(nmi_seed, "nmi_seed", 0, _checks.MAX_FAISS_SEED)
         _checks.check_int(nredo, "nredo", 1)
         _checks.check_int(niter, "niter", 1)
     if train_counts is not None:

@@ -133,7 +133,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         _optional.faiss()  # a missing faiss fails here, with the pip command
         self.recall_ks = _checks.check_ks(recall_ks, "recall_ks")
         self.train_counts = None if train_counts is None else _checks.as_count_mapping(train_counts)
-        self.nmi_seed = _checks.check_int(nmi_seed, "nmi_seed", 0)
+        self.nmi_seed = _checks.check_int(nmi_seed, "nmi_seed", 0, _checks.MAX_FAISS_SEED)
         self.nredo = _checks.check_int(nredo, "nredo", 1)
         self.niter = _checks.check_int(niter, "niter", 1)
         self.batch_size = _checks.check_int(batch_size, "batch_size", 1)

@@ -69,6 +69,8 @@ class DSBCrossBatchMemory(CrossBatchMemory):
         def pml_checks():  # PML's own, which fail on one rank only, or after its queue changed
             if indices_tuple is not None and enqueue_mask is not None:
                 raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
+            if indices_tuple is not None:
+                self._check_indices_tuple(indices_tuple, len(embeddings))
             if enqueue_mask is not None:
                 self._check_enqueue_mask(enqueue_mask, len(embeddings))
             elif isinstance(embeddings, torch.Tensor) and len(embeddings) > self.memory_size:
@@ -90,8 +92,14 @@ class DSBCrossBatchMemory(CrossBatchMemory):
                 memory.validate_batch(embeddings[~enqueue_mask], labels[~enqueue_mask], announced, enqueue=True)
         if indices_tuple is not None or has_queries:
             self.loss._pending_sample_indices = announced  # for the loss's call inside PML's forward
+            queued = len(embeddings) if enqueue_mask is None else int(enqueue_mask.sum())
+            saved = self._queue_rows(queued)
             try:
                 return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
+            except BaseException:
+                # what PML raises after writing its queue (a miner's error, say) leaves it as it was
+                self._restore_queue_rows(*saved)
+                raise
             finally:
                 self.loss._pending_sample_indices = None  # also where PML raised before calling it
         # every row goes to the queue and none is a query: PML's wrapper returns
@@ -102,6 +110,43 @@ class DSBCrossBatchMemory(CrossBatchMemory):
         self.label_memory = c_f.to_device(self.label_memory, device=embeddings.device, dtype=labels.dtype)
         self.add_to_memory(embeddings, labels, len(embeddings))
         return torch.sum(embeddings[:0] * 0)
+
+    def _queue_rows(self, count: int):
+        """What ``add_to_memory`` of ``count`` rows overwrites: the queue's
+        position and the rows (a batch's worth, copied)."""
+        rows = (self.queue_idx + torch.arange(count, device=self.embedding_memory.device)) % self.memory_size
+        return self.queue_idx, self.has_been_filled, rows, self.embedding_memory[rows], self.label_memory[rows]
+
+    def _restore_queue_rows(self, queue_idx, filled, rows, embeddings, labels) -> None:
+        self.queue_idx, self.has_been_filled = queue_idx, filled
+        with torch.no_grad():
+            self.embedding_memory[rows.to(self.embedding_memory.device)] = embeddings.to(self.embedding_memory)
+            self.label_memory[rows.to(self.label_memory.device)] = labels.to(self.label_memory)
+
+    def _check_indices_tuple(self, indices_tuple, batch: int) -> None:
+        """PML indexes its queue with these after adding the batch to it:
+        anchors index the batch, the other entries the queue as it will be
+        (a negative index would silently count from the end)."""
+        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4) or not all(
+            isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and t.dtype != torch.bool
+            and not t.is_complex() for t in indices_tuple
+        ):
+            raise TypeError(
+                "indices_tuple must be a tuple of 3 (anchors, positives, negatives) or 4 (anchors, positives, "
+                "anchors, negatives) 1-D integer tensors"
+            )
+        if len({len(t) for t in indices_tuple[:2]}) > 1 or len({len(t) for t in indices_tuple[-2:]}) > 1:
+            raise ValueError(f"indices_tuple's tensors differ in length: {[len(t) for t in indices_tuple]}")
+        filled = self.has_been_filled or self.queue_idx + batch >= self.memory_size
+        references = self.memory_size if filled else self.queue_idx + batch
+        anchors = (0, 2) if len(indices_tuple) == 4 else (0,)
+        for position, t in enumerate(indices_tuple):
+            bound, what = (batch, "the batch") if position in anchors else (references, "the queue")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
+                raise ValueError(
+                    f"indices_tuple[{position}] holds indices from {int(t.min())} to {int(t.max())}; it indexes "
+                    f"{what}, whose {bound} rows take indices 0..{bound - 1}"
+                )
 
     # PML keeps its queue's position in plain attributes: without them in the
     # state_dict a restored queue restarts empty at slot 0

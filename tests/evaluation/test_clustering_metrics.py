@@ -111,5 +111,9 @@ def test_kmeans_bad_arguments():
         kmeans_cluster_labels(np.eye(4), 5)
     with pytest.raises(ValueError, match=r"nredo must be an int >= 1, got 0"):
         kmeans_cluster_labels(np.eye(4), 2, nredo=0)
+    # faiss takes the seed as a C int: 2**31 raised an OverflowError from inside SWIG
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2147483647\], got 2147483648"):
+        kmeans_cluster_labels(np.eye(4), 2, seed=2**31)
+    assert len(kmeans_cluster_labels(np.eye(4), 2, seed=2**31 - 1)) == 4
     with pytest.raises(ValueError, match=r"labels has 3 entries but cluster_labels has 4"):
         nmi_from_clusters([0, 1, 0], [0, 1, 0, 1])

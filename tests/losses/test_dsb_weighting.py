@@ -1050,3 +1050,60 @@ def test_cross_batch_memory_checks_pmls_own_conditions_first(gen):
         wrapper(emb, labels, (torch.tensor([0]), torch.tensor([1]), torch.tensor([2])),
                 enqueue_mask=torch.zeros(6, dtype=torch.bool))
     _assert_same_states(before, _states(wrapper))
+
+
+def test_cross_batch_memory_checks_indices_tuple_before_its_queue_changes(gen):
+    """indices_tuple out of range raised IndexError after PML's queue had taken
+    the batch; a negative index silently counted from the end. Anchors index
+    the batch, the other entries PML's queue once it holds the batch, as PML
+    itself reads them (checked against PML's own wrapper)."""
+    from pytorch_metric_learning.losses import CrossBatchMemory
+
+    from pml_dsb import DSBCrossBatchMemory
+
+    def pair(memory_size=64):
+        ours = DSBCrossBatchMemory(with_dsb_weighting(pml_losses.ContrastiveLoss)(C, D, memory_size=memory_size),
+                                   embedding_size=D, memory_size=16)
+        return ours, CrossBatchMemory(pml_losses.ContrastiveLoss(), embedding_size=D, memory_size=16)
+
+    ours, plain = pair()
+    first = _batch(gen, 8)
+    ours(*first), plain(*first)
+    emb, labels = _batch(gen, 6)
+    # the queue will hold 14 rows: a positive at 13 is fine, at 14 is not
+    good = (torch.tensor([0, 5]), torch.tensor([13, 2]), torch.tensor([1, 3]))
+    torch.testing.assert_close(ours(emb, labels, good), plain(emb, labels, good), rtol=1e-6, atol=0)
+    before = _states(ours)
+    bad = [
+        ((torch.tensor([6]), torch.tensor([0]), torch.tensor([1])), ValueError, r"indices_tuple\[0\] .* the batch, whose 6"),
+        ((torch.tensor([0]), torch.tensor([20]), torch.tensor([1])), ValueError, r"indices_tuple\[1\] .* the queue, whose 16"),
+        ((torch.tensor([0]), torch.tensor([-1]), torch.tensor([1])), ValueError, "from -1 to -1"),
+        ((torch.tensor([0]), torch.tensor([1]), torch.tensor([7]), torch.tensor([2])), ValueError,
+         r"indices_tuple\[2\] .* the batch"),
+        ((torch.tensor([0.0]), torch.tensor([1]), torch.tensor([2])), TypeError, "1-D integer tensors"),
+        ((torch.tensor([0]), torch.tensor([1])), TypeError, "tuple of 3"),
+        ((torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([2])), ValueError, r"differ in length: \[2, 1, 1\]"),
+    ]
+    for indices_tuple, error, match in bad:
+        with pytest.raises(error, match=match):
+            ours(*_batch(gen, 6), indices_tuple)
+        _assert_same_states(before, _states(ours))
+
+
+def test_cross_batch_memory_puts_its_queue_back_when_pml_raises_after_writing_it(gen):
+    from pml_dsb import DSBCrossBatchMemory
+
+    class FailingMiner(torch.nn.Module):
+        def forward(self, *args):
+            raise RuntimeError("miner failed")
+
+    wrapper = DSBCrossBatchMemory(with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=64),
+                                  embedding_size=D, memory_size=16)
+    for _ in range(3):  # 18 rows: the queue has wrapped around
+        wrapper(*_batch(gen, 6))
+    before = _states(wrapper)
+    wrapper.miner = FailingMiner()
+    for kwargs in ({}, {"enqueue_mask": torch.tensor([True, False] * 3)}):
+        with pytest.raises(RuntimeError, match="miner failed"):
+            wrapper(*_batch(gen, 6), **kwargs)
+        _assert_same_states(before, _states(wrapper))
