@@ -45,7 +45,8 @@ def main(argv=None) -> int:
         if args.verbose:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        logging.getLogger("pml_dsb").error("%s: %s (-v shows the traceback)", type(err).__name__, message)
+        logging.getLogger("pml_dsb").error(
+            "%s: %s (pml-dsb -v %s ... shows the traceback)", type(err).__name__, message, args.command)
         return 2
 
 

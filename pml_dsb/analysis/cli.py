@@ -92,13 +92,15 @@ def _features(args):
     """(features, labels, description) from --checkpoint or --dataset raw inputs."""
     from .features import checkpoint_features, load_dataset, raw_features
 
-    if getattr(args, "checkpoint", None):
+    _check_sources(args)
+    if args.checkpoint:
         features, labels, info = checkpoint_features(args.checkpoint, data_root=args.root)
         return features, labels, {**info, "checkpoint": os.path.abspath(args.checkpoint)}
-    dataset = load_dataset(args.dataset, split=args.split, root=args.root,
-                           imbalance_factor=args.imbalance_factor, seed=args.split_seed)
+    name, split = args.dataset or args.default_dataset, args.split or "train"
+    dataset = load_dataset(name, split=split, root=args.root, imbalance_factor=args.imbalance_factor,
+                           seed=0 if args.split_seed is None else args.split_seed)
     features, labels = raw_features(dataset)
-    info = {"source": "raw inputs (flattened)", "dataset": args.dataset, "split": args.split,
+    info = {"source": "raw inputs (flattened)", "dataset": name, "split": split,
             "imbalance_factor": getattr(dataset, "imbalance_factor", None), "dimension": int(features.shape[1])}
     return features, labels, info
 
@@ -318,19 +320,36 @@ def _positive_int(text: str) -> int:
 def _add_data_options(p: argparse.ArgumentParser, dataset_default: Optional[str] = "digits-lt") -> None:
     from .features import DATASET_NAMES
 
-    p.add_argument("--dataset", type=lambda t: t.replace("_", "-"), choices=DATASET_NAMES, default=dataset_default,
-                   help="dataset whose train split is analysed (default: %(default)s)")
+    # defaults None: --checkpoint refuses the ones given (its run's config decides them)
+    p.add_argument("--dataset", type=lambda t: t.replace("_", "-"), choices=DATASET_NAMES, default=None,
+                   help=f"dataset whose train split is analysed (default: {dataset_default or 'none'})")
     p.add_argument("--root", help="data folder (every dataset but digits-lt); nothing is downloaded")
     p.add_argument("--imbalance-factor", type=float, default=None,
                    help="imbalance factor of digits-lt / cifar100-lt (default 10; the built-in "
                         "`pml-dsb bench` run trains digits-lt at 50)")
-    p.add_argument("--split", choices=("train", "test"), default="train", help="split (default: train)")
-    p.add_argument("--split-seed", type=int, default=0, help="digits-lt's train/test split seed (default 0)")
-    p.add_argument("--checkpoint", help="<run>/checkpoints/<method>/seed<k>/best.pt of `pml-dsb bench`: analyse "
-                                        "that model's embeddings of the run's train split instead of raw "
-                                        "inputs (--root then overrides the run's data folder)")
+    p.add_argument("--split", choices=("train", "test"), default=None, help="split (default: train)")
+    p.add_argument("--split-seed", type=int, default=None, help="digits-lt's train/test split seed (default 0)")
+    p.add_argument("--checkpoint", help="a checkpoint of `pml-dsb bench` (<run>/checkpoints/<method>/seed<k>/"
+                                        "best.pt, or a copy of one kept in the run folder): analyse that "
+                                        "model's embeddings of the run's train split instead of raw inputs "
+                                        "(--root then overrides the run's data folder)")
     p.add_argument("--no-normalize", action="store_true",
                    help="do not L2-normalise vectors before the scale (default: normalise)")
+    p.set_defaults(default_dataset=dataset_default, parser=p)
+
+
+def _check_sources(args) -> None:
+    """Usage errors (exit 2 with the usage line) for inputs that would be ignored."""
+    ignored = [flag for flag, value in (("--dataset", args.dataset), ("--split", args.split),
+                                        ("--split-seed", args.split_seed),
+                                        ("--imbalance-factor", args.imbalance_factor)) if value is not None]
+    if args.checkpoint and ignored:
+        args.parser.error(f"{', '.join(ignored)}: not used with --checkpoint (its run's config gives the "
+                          f"dataset and the train split); leave them out")
+    if getattr(args, "run", None) and (ignored or args.root or args.checkpoint):
+        extra = ignored + (["--root"] if args.root else []) + (["--checkpoint"] if args.checkpoint else [])
+        args.parser.error(f"{', '.join(extra)}: not used with --run (the run folder's per_class.csv gives "
+                          f"the scales); leave them out")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -399,6 +418,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _check_summary(args) -> int:
-    if bool(args.run) == bool(args.dataset or args.checkpoint):
-        raise SystemExit("pml-dsb analyze summary: give exactly one of --dataset/--checkpoint or --run")
+    _check_sources(args)
+    if not (args.run or args.dataset or args.checkpoint):
+        args.parser.error("give one of --dataset, --checkpoint or --run")
     return _cmd_summary(args)

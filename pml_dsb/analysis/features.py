@@ -165,14 +165,15 @@ def checkpoint_features(
     """
     from pml_dsb.runner import load_checkpoint, load_run
 
-    state = load_checkpoint(checkpoint, map_location="cpu")
+    state = load_checkpoint(checkpoint, map_location=device)
     run = load_run(find_run_folder(checkpoint), data_root=data_root)
     method, seed = state["method"], int(state["seed"])
-    which = "last" if state["kind"] == "last" else "best"
-    model = run.load_model(method, seed, device=device, which=which)
+    # this file's weights, not the run's best.pt or last.pt of the same method and seed
+    model = run.model_from_state(state, device, source=os.fspath(checkpoint))
     dataset = run.train_dataset(augment=False)
     features, labels = embed_dataset(model, dataset, batch_size or run.config.evaluation.batch_size, device)
-    info = {"source": f"checkpoint features ({which}.pt, epoch {state['epoch']})", "run": run.path,
+    name = os.path.basename(os.fspath(checkpoint))
+    info = {"source": f"checkpoint features ({name}, {state['kind']}, epoch {state['epoch']})", "run": run.path,
             "method": method, "seed": seed, "dataset": run.config.dataset.name, "split": "train",
             "imbalance_factor": run.config.dataset.imbalance_factor, "dimension": int(features.shape[1])}
     return features, labels, info

@@ -18,7 +18,7 @@ from ..distributed.ddp import barrier, current_context
 from .builders import build_embedding_model, build_run_data, samples_per_epoch
 from .config import BenchConfig, ConfigError, RuntimeConfig, dump_config, load_config
 from .results import environment_info, now_iso, summarize, write_environment, write_run_folder
-from .training import compatibility_key, on_main, train_one
+from .training import check_resumable, compatibility_key, on_main, train_one
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ def configure_runtime(runtime: RuntimeConfig, device: Union[str, torch.device] =
     faiss = None
     try:
         if runtime.num_threads:
+            cores = os.cpu_count()
+            if cores and runtime.num_threads > cores:
+                logger.warning("[runtime] num_threads = %d exceeds this machine's %d CPU cores: threads will "
+                               "contend and run slower", runtime.num_threads, cores)
             torch.set_num_threads(runtime.num_threads)
             try:
                 from .. import _optional
@@ -65,15 +69,23 @@ def configure_runtime(runtime: RuntimeConfig, device: Union[str, torch.device] =
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
 
 
-def _check_run_folder(run_dir: str, config: BenchConfig, resume: bool, overwrite: bool) -> None:
-    present = [name for name in _RUN_OUTPUTS if os.path.exists(os.path.join(run_dir, name))]
-    if not present:
-        return
-    if overwrite:
-        for name in present:
-            target = os.path.join(run_dir, name)
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+def _previous_outputs(run_dir: str) -> list[str]:
+    return [name for name in _RUN_OUTPUTS if os.path.exists(os.path.join(run_dir, name))]
+
+
+def _clear_run_folder(run_dir: str) -> None:
+    """--overwrite: delete the previous run's outputs, once every check passed."""
+    present = _previous_outputs(run_dir)
+    for name in present:
+        target = os.path.join(run_dir, name)
+        shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+    if present:
         logger.info("%s: removed the previous run's outputs (--overwrite)", run_dir)
+
+
+def _check_run_folder(run_dir: str, config: BenchConfig, resume: bool, overwrite: bool) -> None:
+    present = _previous_outputs(run_dir)
+    if not present or overwrite:
         return
     if not resume:
         raise RunFolderExistsError(
@@ -164,6 +176,10 @@ def run_benchmark(
         RunFolderExistsError: the folder holds a run and neither ``resume`` nor
             ``overwrite`` is set.
         ConfigError: ``resume`` with a config that differs from the folder's.
+        CheckpointError: ``resume`` with a run whose ``last.pt`` cannot be
+            continued (other settings, more epochs than this config has, a
+            cosine schedule over other epochs, another number of processes),
+            before anything is written.
         ModuleNotFoundError: faiss or matplotlib is missing (the ``cpu`` and
             ``plot`` extras), before anything is written.
     """
@@ -172,12 +188,17 @@ def run_benchmark(
     run_dir = os.path.join(os.fspath(out), config.name)
     on_main(_check_run_folder, run_dir, config, resume, overwrite)
     started, t0 = now_iso(), time.perf_counter()
-    # missing extras, data or weights fail here, before the run folder is written
+    # missing extras, data or weights, and runs that cannot be resumed, fail
+    # here: before the run folder is written or (--overwrite) deleted
     _import_optional_modules()
     data = build_run_data(config)
     _check_against_data(config, data)
     with torch.random.fork_rng(devices=[]):
         build_embedding_model(config.model)
+    if resume and not overwrite:
+        on_main(_check_resumable_runs, run_dir, config, ctx.world_size)
+    if overwrite:
+        on_main(_clear_run_folder, run_dir)
     on_main(_write_start, run_dir, config, device, argv, started)
     logger.info(
         "%s: %s, %d train / %d test images, %d methods x %d seeds, %d epochs, device %s%s",
@@ -210,6 +231,12 @@ def run_benchmark(
     barrier()
     logger.info("%s: results written", run_dir)
     return run_dir
+
+
+def _check_resumable_runs(run_dir: str, config: BenchConfig, world_size: int) -> None:
+    for method in config.methods:
+        for seed in config.seeds:
+            check_resumable(config, method, seed, run_dir, world_size)
 
 
 def _write_start(run_dir: str, config: BenchConfig, device: torch.device, argv, started: str) -> None:

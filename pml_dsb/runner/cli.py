@@ -44,21 +44,31 @@ examples:
 """
 
 
+#: most seeds one --seeds may list (a typo like 0-1000000 would otherwise build a huge list)
+MAX_SEEDS = 1000
+
+
 def parse_seeds(text: str) -> list[int]:
     """``"0,1,2"`` -> ``[0, 1, 2]``; ``"0-4"`` -> ``[0, 1, 2, 3, 4]``."""
+    from .config import MAX_SEED
+
     seeds: list[int] = []
     try:
         for part in text.split(","):
             part = part.strip()
             if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                seeds.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if lo > MAX_SEED or hi > MAX_SEED or hi - lo >= MAX_SEEDS:  # before listing them
+                    raise argparse.ArgumentTypeError(
+                        f"seeds must be at most {MAX_SEEDS} integers in [0, {MAX_SEED}], got {text!r}")
+                seeds.extend(range(lo, hi + 1))
             elif part:
                 seeds.append(int(part))
     except ValueError:
         raise argparse.ArgumentTypeError(f"seeds must be integers like 0,1,2 or 0-4, got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise argparse.ArgumentTypeError(f"seeds must be non-negative integers like 0,1,2, got {text!r}")
+    if not seeds or any(not 0 <= s <= MAX_SEED for s in seeds) or len(seeds) > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(
+            f"seeds must be at most {MAX_SEEDS} integers in [0, {MAX_SEED}] like 0,1,2, got {text!r}")
     return seeds
 
 
@@ -204,6 +214,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
         except (RunFolderExistsError, ConfigError, CheckpointError, FileNotFoundError) as err:
             logger.error("%s", err)
             return 2
+        except FloatingPointError as err:  # no bad input: the run itself failed
+            logger.error("%s. Lower [training] lr or loss_lr; the finished runs and the checkpoints of "
+                         "earlier epochs are kept", err)
+            return 1
         if run_dir is None or not ctx.is_main:
             return 0
         with open(os.path.join(run_dir, "table.md"), encoding="utf-8") as fh:

@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal, Optional, Union
 
+from ..evaluation._checks import MAX_FAISS_SEED
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -83,6 +85,10 @@ CLOSED_SET_DATASETS = ("digits_lt", "cifar100_lt")
 
 class ConfigError(ValueError):
     """A config file or dict that does not describe a valid benchmark."""
+
+
+#: numpy.random.seed takes 0 .. 2**32 - 1
+MAX_SEED = 2**32 - 1
 
 
 def _positive_int(section: str, name: str, value: int, low: int = 1) -> None:
@@ -133,7 +139,13 @@ class DatasetConfig:
         elif self.name == "cifar100_lt":
             raise ConfigError("[dataset] imbalance_factor is required for cifar100_lt")
         _positive_int("dataset", "split_seed", self.split_seed, 0)
+        if self.split_seed and self.name != "digits_lt":
+            raise ConfigError(f"[dataset] split_seed applies to digits_lt only (the others have fixed "
+                              f"standard splits), not to {self.name!r}")
         if self.image_size is not None:
+            if self.name == "digits_lt":
+                raise ConfigError("[dataset] image_size applies to the image datasets (cub200, cars196, "
+                                  "cifar100_lt), not to digits_lt, whose 8x8 digits are fed as 64 values")
             _positive_int("dataset", "image_size", self.image_size)
 
     @property
@@ -319,6 +331,9 @@ class EvaluationConfig:
         if len(set(self.recall_ks)) != len(self.recall_ks):
             raise ConfigError(f"[evaluation] recall_ks must not repeat a value, got {self.recall_ks!r}")
         _positive_int("evaluation", "nmi_seed", self.nmi_seed, 0)
+        if self.nmi_seed > MAX_FAISS_SEED:
+            raise ConfigError(f"[evaluation] nmi_seed must be <= {MAX_FAISS_SEED} (faiss's k-means seed is a C int), "
+                              f"got {self.nmi_seed!r}")
         _positive_int("evaluation", "nredo", self.nredo)
         _positive_int("evaluation", "batch_size", self.batch_size)
 
@@ -390,8 +405,8 @@ class BenchConfig:
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds lists a seed twice: {self.seeds!r}")
         for s in self.seeds:
-            if s < 0:
-                raise ConfigError(f"seeds must be non-negative integers, got {s!r}")
+            if not 0 <= s <= MAX_SEED:
+                raise ConfigError(f"seeds must be integers in [0, {MAX_SEED}] (numpy's seed range), got {s!r}")
 
 
 # ----------------------------------------------------------------- loading

@@ -576,10 +576,23 @@ class Run:
         from .checkpoint import load_checkpoint
 
         method = canonical_method(method)
-        state = load_checkpoint(self.checkpoint_path(method, seed, which), map_location=device,
-                                method=method, seed=seed)
+        path = self.checkpoint_path(method, seed, which)
+        return self.model_from_state(load_checkpoint(path, map_location=device, method=method, seed=seed),
+                                     device, source=path)
+
+    def model_from_state(self, state: dict, device: str = "cpu", source: str = "the checkpoint"):
+        """The embedding model of this run's config with the weights of a
+        checkpoint ``state`` (:func:`~pml_dsb.runner.load_checkpoint`), e.g.
+        of a copy of ``last.pt`` kept from an earlier epoch; in eval mode."""
+        from .builders import build_embedding_model
+        from .checkpoint import CheckpointError
+
         model = build_embedding_model(self.config.model)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{source}: its model does not fit the [model] config of run {self.path!r}: "
+                                  f"{str(err).splitlines()[0]}") from err
         return model.to(device).eval()
 
     def train_dataset(self, augment: bool = False):

@@ -407,13 +407,7 @@ def train_one(
     result_path = os.path.join(run_dir, "result.json")
     where = f"{method} seed {seed}"
     epochs = config.training.epochs
-    key = compatibility_key(config)
-    tr = config.training
-    if is_dsb(method) and not config.dsb.index_addressed and not config.dsb.memory_size \
-            and (tr.drop_last or tr.sampler != "random"):
-        # M of this first-in-first-out memory is what one epoch yields (len(train)
-        # before commit e8a3404): a run saved with the old M is not resumed
-        key["dsb_fifo_memory_size"] = "samples per epoch"
+    key = run_compatibility_key(config, method)
 
     done = on_main(_finished_result, result_path, epochs, key) if resume else None
     if done is not None:
@@ -443,27 +437,8 @@ def train_one(
         elapsed = 0.0
 
         if resume and os.path.isfile(last_path):
-            state = load_checkpoint(last_path, kind="last", map_location=device, method=method, seed=seed)
-            if state["config"] != key:
-                raise CheckpointError(
-                    f"{last_path}: written with other settings than this config's; resume with the "
-                    f"original config, or start afresh in another --out folder"
-                )
-            if state["epoch"] > epochs:
-                raise CheckpointError(
-                    f"{last_path}: already at epoch {state['epoch']}, beyond this config's epochs={epochs}"
-                )
-            planned = {s.get("T_max") for s in state["schedulers"].values()} - {None}
-            if planned and planned != {epochs}:
-                # a cosine schedule spans the planned epochs: an uninterrupted run over more
-                # (or fewer) epochs had other learning rates all along
-                raise CheckpointError(
-                    f"{last_path}: its lr_schedule = {tr.lr_schedule!r} spans epochs={planned.pop()}, this "
-                    f"config has epochs={epochs}; resume with the original epochs, or start afresh "
-                    f"(only a constant schedule can be extended)"
-                )
-            restore_training_state(_rank_rng(state, ctx, last_path), model, loss_fn, optimizers, schedulers,
-                                   path=last_path)
+            state = _resumable_state(config, method, seed, last_path, key, ctx.world_size, device)
+            restore_training_state(_rank_rng(state, ctx), model, loss_fn, optimizers, schedulers, path=last_path)
             generator.set_state(state["sampler"]["generator"])
             _set_sampler_state(loader, state["sampler"])
             history = list(state["history"])
@@ -526,6 +501,67 @@ def train_one(
         return result
 
 
+def run_compatibility_key(config: BenchConfig, method: str) -> dict:
+    """:func:`compatibility_key` of one method's runs: what ``last.pt`` and
+    ``result.json`` must have been written with to be resumed or reused."""
+    key = compatibility_key(config)
+    tr = config.training
+    if is_dsb(method) and not config.dsb.index_addressed and not config.dsb.memory_size \
+            and (tr.drop_last or tr.sampler != "random"):
+        # M of this first-in-first-out memory is what one epoch yields (len(train)
+        # before commit e8a3404): a run saved with the old M is not resumed
+        key["dsb_fifo_memory_size"] = "samples per epoch"
+    return key
+
+
+def check_resumable(config: BenchConfig, method: str, seed: int, out_dir: Union[str, os.PathLike],
+                    world_size: int = 1) -> None:
+    """Raise the ``CheckpointError`` that :func:`train_one` with ``resume=True``
+    would raise for this run, without training: run for every run before a
+    resumed benchmark writes anything."""
+    method = canonical_method(method)
+    run_dir = run_dir_for(out_dir, method, seed)
+    key = run_compatibility_key(config, method)
+    if _finished_result(os.path.join(run_dir, "result.json"), config.training.epochs, key) is not None:
+        return
+    last_path = os.path.join(run_dir, "last.pt")
+    if os.path.isfile(last_path):
+        _resumable_state(config, method, seed, last_path, key, world_size, "cpu")
+
+
+def _resumable_state(config: BenchConfig, method: str, seed: int, last_path: str, key: dict, world_size: int,
+                     map_location) -> dict:
+    """``last.pt``, checked for a resume with ``config`` on ``world_size`` processes."""
+    epochs = config.training.epochs
+    state = load_checkpoint(last_path, kind="last", map_location=map_location, method=method, seed=seed)
+    if state["config"] != key:
+        raise CheckpointError(
+            f"{last_path}: written with other settings than this config's; resume with the "
+            f"original config, or start afresh in another --out folder"
+        )
+    if state["epoch"] > epochs:
+        raise CheckpointError(
+            f"{last_path}: already at epoch {state['epoch']}, beyond this config's epochs={epochs}"
+        )
+    planned = {s.get("T_max") for s in state["schedulers"].values()} - {None}
+    if planned and planned != {epochs}:
+        # a cosine schedule spans the planned epochs: an uninterrupted run over more
+        # (or fewer) epochs had other learning rates all along
+        raise CheckpointError(
+            f"{last_path}: its lr_schedule = {config.training.lr_schedule!r} spans epochs={planned.pop()}, this "
+            f"config has epochs={epochs}; resume with the original epochs, or start afresh "
+            f"(only a constant schedule can be extended)"
+        )
+    saved = len(state["rng"]) if isinstance(state["rng"], list) else 1
+    if saved != world_size:
+        raise CheckpointError(
+            f"{last_path}: written by {saved} process(es), but {world_size} run now; resume with "
+            f"the same number of processes (torchrun --nproc_per_node={saved}"
+            f"{'' if saved > 1 else ', or without torchrun'})"
+        )
+    return state
+
+
 def _finished_result(result_path: str, epochs: int, key: dict) -> Optional[dict]:
     """``result.json`` of a run finished earlier with these settings, else None."""
     if not os.path.isfile(result_path):
@@ -537,20 +573,14 @@ def _finished_result(result_path: str, epochs: int, key: dict) -> Optional[dict]
     return None
 
 
-def _rank_rng(state: dict, ctx, path: str) -> dict:
+def _rank_rng(state: dict, ctx) -> dict:
     """``state`` with this rank's RNG states: ``last.pt`` holds one dict on one
-    process, a list with one per rank under torch.distributed."""
+    process, a list with one per rank under torch.distributed (as many as
+    ranks: checked by :func:`_resumable_state`)."""
     rng = state["rng"]
-    states = rng if isinstance(rng, list) else [rng]
-    if len(states) != ctx.world_size:
-        raise CheckpointError(
-            f"{path}: written by {len(states)} process(es), but {ctx.world_size} run now; resume with "
-            f"the same number of processes (torchrun --nproc_per_node={len(states)}"
-            f"{'' if len(states) > 1 else ', or without torchrun'})"
-        )
-    if states[ctx.rank] is rng:
+    if not isinstance(rng, list):
         return state
-    return {**state, "rng": states[ctx.rank]}
+    return {**state, "rng": rng[ctx.rank]}
 
 
 def _final_result(model, data, config, device, method, seed, best, history, elapsed, key, best_path,

@@ -118,9 +118,51 @@ def test_marginal_from_checkpoint(tmp_path, capsys):
     assert data["curves"][0]["count"] == 6  # class 7 of digits-LT at IF=50
 
 
-def test_summary_needs_one_source(tmp_path):
-    with pytest.raises(SystemExit):
-        main(["analyze", "summary", "--out", str(tmp_path)])
+def test_checkpoint_features_come_from_the_files_own_weights(tmp_path):
+    """A copy of a checkpoint kept in the run folder (another epoch's weights)
+    was reported as that file, yet embedded with the run's best.pt."""
+    from pml_dsb.analysis.features import checkpoint_features
+    from pml_dsb.datasets import DigitsLT
+    from pml_dsb.runner import build_embedding_model, load_config
+    from pml_dsb.runner.checkpoint import load_checkpoint, save_checkpoint
+
+    run_dir = fake_run(tmp_path / "run", with_checkpoint=True)
+    best = run_dir / "checkpoints" / "NSM" / "seed0" / "best.pt"
+    state = load_checkpoint(best)
+    torch.manual_seed(1)
+    other = build_embedding_model(load_config(run_dir / "config.toml").model).eval()
+    state = {**state, "epoch": 1, "model": other.state_dict()}
+    kept = best.parent / "epoch1.pt"
+    save_checkpoint(state, kept)
+    features, labels, info = checkpoint_features(kept)
+    assert "epoch1.pt" in info["source"] and "epoch 1" in info["source"]
+    # reference: the file's weights applied to the run's train split (digits-LT at IF 50) by hand
+    data = DigitsLT(imbalance_factor=50.0, split="train")
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.no_grad():
+        want = other(x)
+    np.testing.assert_allclose(features.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    assert labels.tolist() == [data[i][1] for i in range(len(data))]
+    best_features, _, _ = checkpoint_features(best)
+    assert not np.allclose(best_features.numpy(), features.numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["analyze", "summary"], "give one of --dataset, --checkpoint or --run"),
+        (["analyze", "marginal", "--checkpoint", "x.pt", "--split", "test"], "--split: not used with --checkpoint"),
+        (["analyze", "marginal", "--checkpoint", "x.pt", "--dataset", "digits-lt", "--imbalance-factor", "5"],
+         "--dataset, --imbalance-factor: not used with --checkpoint"),
+        (["analyze", "summary", "--run", "r", "--split-seed", "3"], "--split-seed: not used with --run"),
+    ],
+    ids=["no-source", "checkpoint-split", "checkpoint-dataset", "run-split-seed"],
+)
+def test_inputs_that_would_be_ignored_are_usage_errors(tmp_path, capsys, argv, words):
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and words in err and "usage: pml-dsb analyze" in err
 
 
 def test_summary_of_an_open_set_run_says_why_it_cannot(tmp_path, caplog):
@@ -169,3 +211,11 @@ def test_without_matplotlib_analyze_says_which_extra_before_any_work(tmp_path, c
     assert main(["analyze", *argv, "--out", str(tmp_path / "out")]) == 2
     assert 'pip install "pml-dsb[plot]"' in caplog.text and "Traceback" not in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+def test_a_user_error_names_the_command_line_that_shows_its_traceback(tmp_path, caplog):
+    argv = ["analyze", "marginal", "--dataset", "cub200", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "pml-dsb -v analyze ... shows the traceback" in caplog.text and "Traceback" not in caplog.text
+    with pytest.raises((OSError, ValueError)):  # -v goes before the command: the error is raised
+        main(["-v", *argv])

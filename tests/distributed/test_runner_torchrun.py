@@ -165,8 +165,10 @@ def test_resume_under_torchrun_equals_the_uninterrupted_run(two, config, tmp_pat
         assert _last(killed, method)["epoch"] == 1
 
     # one process cannot take over the two ranks' RNG states: refused, nothing changed
+    written = {name: (killed / name).read_bytes() for name in ("config.toml", "environment.json")}
     assert main([*ARGS, "--config", config, "--out", str(out), "--resume"]) == 2
     assert _last(killed, METHODS[0])["epoch"] == 1
+    assert written == {name: (killed / name).read_bytes() for name in written}
 
     launch = _check(lib.torchrun([*ARGS, "--config", config, "--out", str(out), "--resume"]))
     assert "resumed from" in launch.stderr

@@ -117,6 +117,17 @@ def test_a_missing_extra_stops_bench_before_training_with_its_pip_command(tmp_pa
     assert trained == [] and not (tmp_path / "out").exists()
 
 
+def test_a_diverging_run_ends_with_a_message_not_a_traceback(tmp_path, monkeypatch, caplog):
+    config_path, _ = tiny_config(tmp_path, epochs=1, methods=["NSM"])
+
+    def diverge(*args, **kwargs):
+        raise FloatingPointError("NSM seed 0, epoch 1: the loss is nan at batch 3; training diverged")
+
+    monkeypatch.setattr("pml_dsb.runner.bench.train_one", diverge)
+    assert bench(config_path, tmp_path / "out") == 1
+    assert "training diverged. Lower [training] lr or loss_lr" in caplog.text and "Traceback" not in caplog.text
+
+
 def _model_state(path):
     state = load_checkpoint(path)
     return state["model"], state["loss"], state["optimizers"]
@@ -182,6 +193,52 @@ def test_a_cosine_schedule_resumes_only_over_its_own_epochs(tmp_path, caplog):
     for r in (whole, resumed):
         r.pop("train_seconds")
     assert resumed == whole  # over its own epochs it resumes as before
+
+
+def _folder_bytes(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_deletes_nothing_when_a_check_fails(tmp_path, caplog):
+    """--overwrite once deleted the previous run before the config was checked
+    against the data: a refused run left nothing of either."""
+    config_path, _ = tiny_config(tmp_path, epochs=1, methods=["NSM"])
+    out = tmp_path / "results"
+    assert bench(config_path, out) == 0
+    before = _folder_bytes(out / "tiny")
+    assert (out / "tiny" / "results.json").is_file()
+    (tmp_path / "bad").mkdir()
+    bad_path, _ = tiny_config(tmp_path / "bad", epochs=1, methods=["NSM"], sampler="m_per_class", m_per_class=2,
+                              batch_size=64)
+    assert bench(bad_path, out, "--overwrite") == 2
+    assert "m_per_class" in caplog.text
+    assert _folder_bytes(out / "tiny") == before
+
+
+@pytest.mark.parametrize("case", ["epochs-beyond", "cosine-over-other-epochs", "other-settings"])
+def test_a_refused_resume_writes_nothing(tmp_path, caplog, monkeypatch, case):
+    """The checks of last.pt once ran in train_one, after config.toml and
+    environment.json had been rewritten with the refused settings."""
+    schedule = "cosine" if case == "cosine-over-other-epochs" else "constant"
+    config_path, _ = tiny_config(tmp_path, epochs=3, methods=["NSM"], lr_schedule=schedule)
+    out = tmp_path / "results"
+    assert bench(config_path, out, "--stop-after-epoch", "2") == 0
+    extra = {"epochs-beyond": ["--epochs", "1"], "cosine-over-other-epochs": ["--epochs", "4"]}.get(case, [])
+    if case == "other-settings":  # config.toml matches this config; last.pt was written with other settings
+        ckpt = out / "tiny" / "checkpoints" / "NSM" / "seed0" / "last.pt"
+        state = torch.load(ckpt, weights_only=True)
+        state["config"]["training"]["lr"] = 123.0
+        torch.save(state, ckpt)
+    before = _folder_bytes(out / "tiny")
+    trained = []
+    monkeypatch.setattr("pml_dsb.runner.bench.train_one", lambda *a, **k: trained.append(a))
+    assert bench(config_path, out, "--resume", *extra) == 2
+    words = {"epochs-beyond": "already at epoch 2, beyond this config's epochs=1",
+             "cosine-over-other-epochs": "spans epochs=3, this config has epochs=4",
+             "other-settings": "written with other settings"}[case]
+    assert words in caplog.text
+    assert trained == []
+    assert _folder_bytes(out / "tiny") == before
 
 
 def test_a_fifo_run_saved_with_the_training_set_as_m_is_not_reused(tmp_path):

@@ -180,6 +180,36 @@ def test_int_accepted_for_float_and_values_checked():
                           "training": {"sampler": "m_per_class", "batch_size": 30, "m_per_class": 4}})
 
 
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        ({"dataset": {"name": "digits_lt", "image_size": 32}}, "image_size applies to the image datasets"),
+        ({"dataset": {"name": "cub200", "split_seed": 3}}, "split_seed applies to digits_lt only"),
+        ({"dataset": {"name": "digits_lt"}, "seeds": [0, 2**32]}, r"seeds must be integers in \[0, 4294967295\]"),
+        ({"dataset": {"name": "digits_lt"}, "evaluation": {"nmi_seed": 2**31}}, "nmi_seed must be <= 2147483647"),
+    ],
+    ids=["image_size-digits", "split_seed-cub", "seed-2**32", "nmi_seed-2**31"],
+)
+def test_settings_that_would_be_ignored_or_fail_later_are_refused(data, needle):
+    """Once accepted: image_size and split_seed were silently ignored; a seed
+    past numpy's range and an nmi_seed past faiss's C int failed after the run
+    folder had been written."""
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(data)
+    largest = {"seeds": [2**32 - 1]} if "seeds" in data else {"evaluation": {"nmi_seed": 2**31 - 1}}
+    if "dataset" in data and data["dataset"]["name"] == "digits_lt" and len(data) > 1:
+        config_from_dict({"dataset": {"name": "digits_lt"}, **largest})  # the largest allowed passes
+
+
+@pytest.mark.parametrize("text", ["4294967296", "0-4294967296", "0-1000000", "-1"])
+def test_cli_seeds_outside_numpys_range_or_too_many_are_usage_errors(text, capsys):
+    from pml_dsb.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--seeds", text])
+    assert info.value.code == 2 and "seeds must be at most 1000 integers in [0, 4294967295]" in capsys.readouterr().err
+
+
 def test_toml_syntax_error_names_the_file(tmp_path):
     path = write(tmp_path, "[dataset\nname = 1\n")
     with pytest.raises(ConfigError, match="not valid TOML") as err:
