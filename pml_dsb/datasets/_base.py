@@ -5,6 +5,7 @@ Private module: the public classes live one per module beside it.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Sequence
 
@@ -48,13 +49,11 @@ def check_split(split: str) -> str:
 
 def check_imbalance_factor(imbalance_factor: float) -> float:
     """Return ``imbalance_factor`` as a float after checking it is finite and >= 1."""
-    try:
-        value = float(imbalance_factor)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"imbalance_factor must be a real number >= 1, got {imbalance_factor!r}"
-        ) from None
-    if isinstance(imbalance_factor, bool) or not math.isfinite(value) or value < 1:
+    # numbers.Real: float() would also take "10" and numpy's bools (np.True_ -> 1.0)
+    if isinstance(imbalance_factor, (bool, np.bool_)) or not isinstance(imbalance_factor, numbers.Real):
+        raise TypeError(f"imbalance_factor must be a real number >= 1, got {imbalance_factor!r}")
+    value = float(imbalance_factor)
+    if not math.isfinite(value) or value < 1:
         raise ValueError(
             f"imbalance_factor must be a finite number >= 1 (head count / tail count), "
             f"got {imbalance_factor!r}"
@@ -82,7 +81,8 @@ def require_files(paths: Sequence[str], dataset: str, layout: str) -> None:
     if missing:
         raise FileNotFoundError(
             f"{dataset}: expected file {missing[0]!r} was not found"
-            + (f" (and {len(missing) - 1} more: {missing[1:4]}...)" if len(missing) > 1 else "")
+            + (f" (and {len(missing) - 1} more: {missing[1:4]}{'...' if len(missing) > 4 else ''})"
+               if len(missing) > 1 else "")
             + f". Required layout: {layout}. Nothing is downloaded; place the dataset there."
         )
 
@@ -103,5 +103,12 @@ def load_rgb(path: str):
     palette images converted, file handle closed)."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError as err:
+        if path in str(err):
+            raise
+        # PIL names no file for a truncated one ("image file is truncated"): in a
+        # DataLoader worker nothing else would say which
+        raise OSError(f"{path}: {err}") from err

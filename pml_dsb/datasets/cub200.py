@@ -107,17 +107,21 @@ def _read_ids(path: str, integer_values: bool) -> tuple[list[int], list[str]]:
             if not line.strip():
                 continue
             fields = line.split()
-            ok = len(fields) == 2 and fields[0].isdigit()
+            ok = len(fields) == 2 and _is_number(fields[0])
             if ok and integer_values:
-                ok = fields[1].isdigit()
+                ok = _is_number(fields[1]) and 1 <= int(fields[1]) <= 200
             if not ok:
                 raise ValueError(
                     f"CUB200: line {line_number} of {path!r} is {line.strip()!r}; expected "
-                    f"'<image id> <{'class id' if integer_values else 'relative path'}>'"
+                    f"'<image id> <{'class id from 1 to 200' if integer_values else 'relative path'}>'"
                 )
             ids.append(int(fields[0]))
             values.append(fields[1])
     return ids, values
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # str.isdigit alone takes digits int() refuses, e.g. '²'
 
 
 def _read_index_files(images_txt: str, labels_txt: str) -> tuple[list[str], list[int]]:

@@ -1,5 +1,6 @@
 """CUB200 on a fixture in CUB-200-2011's exact on-disk format."""
 import os
+import re
 import shutil
 
 import numpy as np
@@ -144,6 +145,28 @@ def test_truncated_index_file_is_refused(cub_root):
     labels_txt.write_text("".join(lines[:-2]))
     with pytest.raises(ValueError, match="same image ids"):
         CUB200(cub_root, split="test")
+
+
+@pytest.mark.parametrize("bad", ["0", "201", "\u00b2"], ids=["class-0", "class-201", "superscript-2"])
+def test_a_class_id_outside_1_to_200_is_refused_naming_the_line(cub_root, bad):
+    """Once dropped silently from both splits (a superscript digit passed
+    str.isdigit, then int() failed naming no file)."""
+    labels_txt = cub_root / "CUB_200_2011" / "image_class_labels.txt"
+    lines = labels_txt.read_text(encoding="utf-8").splitlines(keepends=True)
+    lines[2] = f"3 {bad}\n"
+    labels_txt.write_text("".join(lines), encoding="utf-8")
+    with pytest.raises(ValueError, match=f"line 3 of .*image_class_labels.txt.*class id from 1 to 200"):
+        CUB200(cub_root, split="train")
+
+
+def test_a_truncated_image_names_its_file(cub_root):
+    ds = CUB200(cub_root, split="train")
+    data = open(ds.paths[1], "rb").read()
+    with open(ds.paths[1], "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(OSError, match=f"^{re.escape(ds.paths[1])}: .*[Tt]runcated"):
+        ds[1]
+    assert ds[0][1] == 0  # the others still load
 
 
 def test_bad_split(cub_root):
