@@ -221,6 +221,8 @@ def _cmd_manifold(args) -> int:
 
     out = _out_dir(args, "manifold")
     factors = sorted(args.factors or DEFAULT_FACTORS)
+    if len(set(factors)) != len(factors) or len(factors) < 2:
+        args.parser.error(f"--factors needs at least two distinct values, got {' '.join(map(str, args.factors))}")
     if args.input:
         clouds = {os.path.basename(p): load_point_cloud(p) for p in args.input}
     else:
@@ -263,10 +265,15 @@ def _cmd_summary(args) -> int:
             )
         for method in table.methods:
             s = table.scale[method]
-            ok = np.isfinite(s).all(0) & np.isfinite(table.train_count)
-            summaries[method] = imbalance_summary(s[:, ok].mean(0), table.train_count[ok], table.classes[ok].tolist())
+            # a seed where a class has no scale (0, or no row) tells nothing of its
+            # size: the mean is over the seeds that have one, 0 (no scale) if none
+            has = np.isfinite(s) & (s > 0)
+            seeds_with = has.sum(0)
+            mean = np.where(seeds_with > 0, np.where(has, s, 0.0).sum(0) / np.maximum(seeds_with, 1), 0.0)
+            ok = np.isfinite(table.train_count)
+            summaries[method] = imbalance_summary(mean[ok], table.train_count[ok], table.classes[ok].tolist())
         source = {"run": os.path.abspath(args.run), "dataset": table.dataset,
-                  "scale": "per_class.csv semantic_scale, mean over seeds"}
+                  "scale": "per_class.csv semantic_scale, mean over the seeds where the class has a scale"}
     else:
         from pml_dsb.functional import class_semantic_scales
         import torch
@@ -404,7 +411,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--points", type=_positive_int, default=2000, help="points of generated clouds (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of generated clouds (default 0)")
     common(p, "manifold")
-    p.set_defaults(func=_cmd_manifold)
+    p.set_defaults(func=_cmd_manifold, parser=p)
 
     p = sub.add_parser("summary", help="per-class scales, scale max/min beside count imbalance, ranking",
                        description="Imbalance summary of a dataset's train split (raw inputs or a "

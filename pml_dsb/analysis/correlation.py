@@ -48,6 +48,10 @@ __all__ = [
 ]
 
 METHODS = ("spearman", "pearson")
+#: predictors that measure the same quantity (the count, raw or logged):
+#: never reported as tied with each other
+_QUANTITY = {"train_count": "count", "log_count": "count"}
+
 _LABEL = {"semantic_scale": "semantic scale", "train_count": "train count", "log_count": "log train count"}
 
 
@@ -312,7 +316,11 @@ def compare_predictors(
     classes), ``opposite_sign`` (predictors whose interval excludes 0 on the
     side opposite to ``expected_sign``, default +1 for every predictor: the
     paper's hypothesis), ``no_clear_sign`` (predictors whose interval spans
-    0: no sign is claimed for them), ``undefined`` (constant predictors) and
+    0: no sign is claimed for them), ``no_interval`` (predictors whose
+    interval is undefined: too few resamples have a defined correlation; no
+    sign is claimed either), ``tied`` (the winner and every predictor as
+    strong: same ranking, or ``|r|`` equal within 1e-12; empty when the winner
+    stands alone), ``undefined`` (constant predictors) and
     ``statement``, a plain sentence. Predictors and accuracy must be finite
     (``ValueError`` otherwise). Each interval is a plain 95% (``confidence``)
     interval, not adjusted for looking at several predictors: on pure noise
@@ -350,13 +358,16 @@ def compare_predictors(
         n: list(bootstrap_correlation(x, y, method, "classes", n_boot, confidence, seed)) for n, x in zip(names, xs)
     }
     clear = {n: bool(intervals[n][0] > 0 or intervals[n][1] < 0) for n in names}
+    has_interval = {n: bool(np.isfinite(intervals[n]).all()) for n in names}
     expected_sign = expected_sign or {}
     opposite = [n for n in names if clear[n] and np.sign(values[n]) != expected_sign.get(n, 1)]
     result = {
         "method": method, "values": values, "intervals": intervals, "winner": None, "runner_up": None,
-        "margin": math.nan, "margin_ci": [math.nan, math.nan], "lead_fraction": math.nan, "leads": {},
-        "decisive": False, "same_ranking": aliases, "opposite_sign": opposite,
-        "no_clear_sign": [n for n in names if np.isfinite(values[n]) and not clear[n]],
+        "tied": [], "margin": math.nan, "margin_ci": [math.nan, math.nan], "lead_fraction": math.nan,
+        "leads": {}, "decisive": False, "same_ranking": aliases, "opposite_sign": opposite,
+        "no_clear_sign": [n for n in names if np.isfinite(values[n]) and has_interval[n] and not clear[n]],
+        # too few resamples with a defined correlation (tiny or nearly constant inputs)
+        "no_interval": [n for n in names if np.isfinite(values[n]) and not has_interval[n]],
         "undefined": [n for n in names if not np.isfinite(values[n])],
         "num_classes": int(len(y)), "num_seeds": int(acc.shape[0]),
     }
@@ -366,6 +377,18 @@ def compare_predictors(
     ordered = sorted(candidates, key=lambda n: -abs(values[n]))
     winner = ordered[0]
     result["winner"] = winner
+    # predictors as strong as the winner: ranking the classes as it does, or within
+    # rounding of its |r| (a scale linear in the count differs by ~1e-16): none of
+    # them is named ahead of the others
+    quantity = {n: _QUANTITY.get(n, n) for n in names}
+    result["tied"] = [winner] + [
+        n for n in names if aliases.get(n) == winner and quantity[n] != quantity[winner]
+    ] + [
+        n for n in ordered[1:] if math.isclose(abs(values[n]), abs(values[winner]), rel_tol=1e-12, abs_tol=1e-12)
+        and quantity[n] != quantity[winner]
+    ]
+    if len(result["tied"]) == 1:
+        result["tied"] = []
     result["leads"] = {}
     if len(ordered) > 1:
         rng = np.random.default_rng(int(seed))
@@ -399,14 +422,20 @@ def _statement(r: dict, confidence: float) -> str:
     lo, hi = r["intervals"][w]
     shown = f"{sym} = {v[w]:+.3f}, {confidence:.0%} interval over classes [{lo:+.3f}, {hi:+.3f}]"
     s = r["runner_up"]
-    if s is not None and r["margin"] == 0:
-        parts = [f"{_fmt(w)} and {_fmt(s)} are tied for the strongest link with per-class accuracy ({shown})"]
+    tied = r.get("tied", [])
+    if w in r.get("no_interval", []):
+        shown = f"{sym} = {v[w]:+.3f}, no {confidence:.0%} interval: too few resamples have a defined correlation"
+    if tied:
+        names = [_fmt(n) for n in tied]
+        parts = [f"{', '.join(names[:-1])} and {names[-1]} are tied for the strongest link with per-class "
+                 f"accuracy ({shown}): "
+                 + ("neither tracks it better" if len(names) == 2 else "none of them tracks it better")]
     elif w in r["no_clear_sign"]:
         parts = [f"no predictor shows a clear link with per-class accuracy: the strongest, {_fmt(w)} ({shown}), "
                  "has an interval that spans 0"]
     else:
         parts = [f"{_fmt(w)} tracks per-class accuracy best ({shown})"]
-    if s is not None and r["margin"] != 0:
+    if s is not None and s not in tied:
         lo, hi = r["margin_ci"]
         parts[0] += (
             f", ahead of {_fmt(s)} ({sym} = {v[s]:+.3f}) by {r['margin']:.3f} in |{sym.split()[-1]}|"
@@ -425,7 +454,7 @@ def _statement(r: dict, confidence: float) -> str:
                 f"{_fmt(scale)} ({sym} = {v[scale]:+.3f}) trails it by {lead['margin']:.3f} "
                 f"[{lo:+.3f}, {hi:+.3f}]" + (" (clear of noise)" if lead["decisive"] else " (within noise)")
             )
-    elif s is None:
+    elif s is None and not tied:
         parts[0] += " (the only predictor with a defined correlation)"
     for n, alias in r["same_ranking"].items():
         parts.append(f"{_fmt(n)} ranks the classes as {_fmt(alias)} does (same {sym})")
@@ -439,6 +468,10 @@ def _statement(r: dict, confidence: float) -> str:
             lo, hi = r["intervals"][n]
             parts.append(f"{_fmt(n)} shows no clear link ({sym} = {v[n]:+.3f}, interval [{lo:+.3f}, {hi:+.3f}] "
                          "spans 0)")
+    for n in r.get("no_interval", []):
+        if n not in r["same_ranking"] and n != w:
+            parts.append(f"{_fmt(n)} has no interval ({sym} = {v[n]:+.3f}; too few resamples have a defined "
+                         "correlation): no sign is claimed for it")
     return "; ".join(parts) + "."
 
 

@@ -185,6 +185,8 @@ def volume_report(factors: Sequence[float], volumes: Sequence[float], dim: int =
     v = np.asarray(volumes, dtype=np.float64)
     if f.shape != v.shape or f.ndim != 1 or len(f) < 2:
         raise ValueError(f"factors and volumes need the same length >= 2, got {f.shape} and {v.shape}")
+    if len(np.unique(f)) != len(f):  # a zero step in log2 f: NaN growth rates, a false "not monotonic"
+        raise ValueError(f"factors must be distinct, got {sorted(f.tolist())}")
     order = np.argsort(f)
     f, v = f[order], v[order]
     steps = np.diff(v) / np.diff(np.log2(f))

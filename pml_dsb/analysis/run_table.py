@@ -123,9 +123,13 @@ def load_run_table(path: Union[str, os.PathLike]) -> RunTable:
     counts = np.full(len(classes), math.nan)
     scale = {m: np.full((len(seeds[m]), len(classes)), math.nan) for m in methods}
     acc = {m: np.full((len(seeds[m]), len(classes)), math.nan) for m in methods}
+    seen = set()
     for r in rows:
         m, j = r["method"], col[int(r["class"])]
         i = seeds[m].index(int(r["seed"]))
+        if (m, i, j) in seen:  # e.g. two runs' CSVs concatenated: the later row would win silently
+            raise ValueError(f"{csv_path}: more than one row for method {m}, seed {r['seed']}, class {classes[j]}")
+        seen.add((m, i, j))
         n = _num(r["train_count"])
         if math.isfinite(n):
             if math.isfinite(counts[j]) and counts[j] != n:

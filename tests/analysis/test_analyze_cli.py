@@ -155,8 +155,9 @@ def test_checkpoint_features_come_from_the_files_own_weights(tmp_path):
         (["analyze", "marginal", "--checkpoint", "x.pt", "--dataset", "digits-lt", "--imbalance-factor", "5"],
          "--dataset, --imbalance-factor: not used with --checkpoint"),
         (["analyze", "summary", "--run", "r", "--split-seed", "3"], "--split-seed: not used with --run"),
+        (["analyze", "manifold", "--factors", "1", "1", "2"], "--factors needs at least two distinct values"),
     ],
-    ids=["no-source", "checkpoint-split", "checkpoint-dataset", "run-split-seed"],
+    ids=["no-source", "checkpoint-split", "checkpoint-dataset", "run-split-seed", "repeated-factor"],
 )
 def test_inputs_that_would_be_ignored_are_usage_errors(tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as info:
@@ -219,3 +220,26 @@ def test_a_user_error_names_the_command_line_that_shows_its_traceback(tmp_path, 
     assert "pml-dsb -v analyze ... shows the traceback" in caplog.text and "Traceback" not in caplog.text
     with pytest.raises((OSError, ValueError)):  # -v goes before the command: the error is raised
         main(["-v", *argv])
+
+
+def test_summary_of_a_run_averages_a_scale_over_the_seeds_that_have_one(tmp_path, capsys):
+    """S = 0 (no scale) in one seed was averaged in, halving the class's scale,
+    and a class without a row in one seed vanished from the summary."""
+    counts = [100, 60, 30, 12, 5, 2]
+    scales = {0: [5.0, 4.5, 4.0, 3.0, 2.5, 0.0], 1: [5.1, 4.4, 4.1, 3.1, 2.4, 3.0]}
+    rows = ["method,seed,class,train_count,semantic_scale,scale_source,recall_at_1"]
+    for seed in (0, 1):
+        for c, n in enumerate(counts):
+            if not (c == 4 and seed == 1):  # class 4 has no row in seed 1
+                rows.append(f"NSM,{seed},{c},{n},{scales[seed][c]},train,0.7")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "per_class.csv").write_text("\n".join(rows) + "\n")
+    (folder / "results.json").write_text(json.dumps({"dataset": "digits_lt", "imbalance_factor": 50.0}))
+    run(["analyze", "summary", "--run", str(folder), "--out", str(tmp_path / "s")], capsys)
+    summ = json.loads((tmp_path / "s" / "summary.json").read_text())["summaries"]["NSM"]
+    got = {r["class"]: r["scale"] for r in summ["classes"]}
+    want = {0: 5.05, 1: 4.45, 2: 4.05, 3: 3.05, 4: 2.5, 5: 3.0}  # class 5: seed 1 alone; class 4: seed 0 alone
+    assert summ["num_classes"] == 6 and got.keys() == want.keys()
+    for c in want:
+        assert got[c] == pytest.approx(want[c], rel=1e-12)

@@ -75,3 +75,6 @@ def test_bad_point_clouds(tmp_path):
         load_point_cloud(tmp_path / "cloud.xyz")
     with pytest.raises(ValueError, match="factors"):
         scaled_volumes(np.zeros((3, 3)), [1.0, -2.0])
+    # a repeated factor made a zero step in log2 f: NaN rates and a false "NOT monotonic"
+    with pytest.raises(ValueError, match=r"factors must be distinct, got \[1.0, 1.0, 2.0\]"):
+        volume_report([1, 1, 2], [3.0, 3.0, 4.5])

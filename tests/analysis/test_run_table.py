@@ -53,3 +53,7 @@ def test_errors(tmp_path):
     write_run(tmp_path / "x", [("NSM", 0, 0, 5, 1.0, "train", 0.5), ("NSM", 1, 0, 6, 1.0, "train", 0.5)])
     with pytest.raises(ValueError, match="train counts"):
         load_run_table(tmp_path / "x")
+    # two runs' CSVs concatenated: the later row used to overwrite the earlier silently
+    write_run(tmp_path / "dup", [("NSM", 0, 1, 5, 1.0, "train", 0.5), ("NSM", 0, 1, 5, 9.9, "train", 0.1)])
+    with pytest.raises(ValueError, match="more than one row for method NSM, seed 0, class 1"):
+        load_run_table(tmp_path / "dup")

@@ -142,3 +142,39 @@ def test_tie_is_reported_as_a_tie():
     # the same sentence whatever the dict order
     flipped = compare_predictors({"train_count": -X, "semantic_scale": X}, Y, n_boot=50)
     assert "tied" in flipped["statement"] and "semantic scale" in flipped["statement"]
+
+
+@pytest.mark.parametrize("order", [("semantic_scale", "train_count"), ("train_count", "semantic_scale")])
+def test_a_scale_that_ranks_classes_as_the_count_does_ties_with_it(order):
+    """Once the first predictor in the dict won alone, "the only predictor with
+    a defined correlation", though the other had the very same Spearman rho."""
+    counts = np.array([3, 8, 20, 41, 77, 150, 230, 400, 510, 600])
+    scale = np.log(counts) * 0.7 + 1.0  # a different quantity, the same ranking
+    comp = compare_predictors({n: {"semantic_scale": scale, "train_count": counts}[n] for n in order}, Y,
+                              method="spearman", n_boot=50)
+    assert stats.spearmanr(scale, Y)[0] == pytest.approx(stats.spearmanr(counts, Y)[0], abs=1e-15)
+    assert sorted(comp["tied"]) == ["semantic_scale", "train_count"]
+    assert "semantic scale and train count are tied" in comp["statement"] or (
+        "train count and semantic scale are tied" in comp["statement"])
+    assert "only predictor" not in comp["statement"] and "tracks per-class accuracy best" not in comp["statement"]
+
+
+def test_a_pearson_tie_within_rounding_is_a_tie():
+    """A scale linear in the count has the same Pearson r up to ~1e-16: which
+    one 'won' came down to rounding."""
+    counts = np.array([3, 8, 20, 41, 77, 150, 230, 400, 510, 600], dtype=float)
+    comp = compare_predictors({"semantic_scale": 0.013 * counts + 0.7, "train_count": counts}, Y,
+                              method="pearson", n_boot=50)
+    assert abs(comp["values"]["semantic_scale"] - comp["values"]["train_count"]) < 1e-12
+    assert sorted(comp["tied"]) == ["semantic_scale", "train_count"] and "are tied" in comp["statement"]
+    # log count measures the count too: never "tied" with it, however close
+    alone = compare_predictors({"train_count": counts, "log_count": np.log(counts)}, Y, method="spearman", n_boot=50)
+    assert alone["tied"] == [] and "tied" not in alone["statement"]
+
+
+def test_an_undefined_interval_is_not_called_one_that_spans_zero():
+    comp = compare_predictors({"semantic_scale": [1.0, 2.0, 3.0, 4.0], "train_count": [5, 5, 5, 9]},
+                              [0.1, 0.2, 0.3, 0.45], "spearman", n_boot=10, seed=0)
+    assert all(math.isnan(v) for v in comp["intervals"]["train_count"])
+    assert comp["no_interval"] == ["train_count"] and "train_count" not in comp["no_clear_sign"]
+    assert "spans 0" not in comp["statement"] and "train count has no interval" in comp["statement"]
