@@ -93,12 +93,14 @@ class DSBCrossBatchMemory(CrossBatchMemory):
         if indices_tuple is not None or has_queries:
             self.loss._pending_sample_indices = announced  # for the loss's call inside PML's forward
             queued = len(embeddings) if enqueue_mask is None else int(enqueue_mask.sum())
-            saved = self._queue_rows(queued)
+            saved, stored_before = self._queue_rows(queued), int(memory.enqueued_count)
             try:
                 return super().forward(embeddings, labels, indices_tuple, enqueue_mask)
             except BaseException:
-                # what PML raises after writing its queue (a miner's error, say) leaves it as it was
-                self._restore_queue_rows(*saved)
+                # what PML raises after writing its queue (a miner's error, say) leaves it as it
+                # was; unless the DSB memory already took the batch, which both then keep
+                if int(memory.enqueued_count) == stored_before:
+                    self._restore_queue_rows(*saved)
                 raise
             finally:
                 self.loss._pending_sample_indices = None  # also where PML raised before calling it

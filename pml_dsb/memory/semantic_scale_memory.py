@@ -445,7 +445,7 @@ class SemanticScaleMemory(torch.nn.Module):
 
     @_plain_mode
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "embedding_memory" not in state_dict:
+        if not any(prefix + name in state_dict for name in self._buffers):
             # not this memory's checkpoint (e.g. a parent loss's, loaded with
             # strict=False): nothing to fill in, the missing keys are reported
             return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -494,6 +494,8 @@ class SemanticScaleMemory(torch.nn.Module):
             if key in state_dict and state_dict[key].shape != mine.shape:
                 setattr(self, name, torch.empty_like(state_dict[key], device=mine.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.l2_normalize:  # caches of an older release, which kept them here too: refreshed exactly
+            self.cache_valid.zero_()
 
     # ------------------------------------------------------------- validation
     def validate_batch(

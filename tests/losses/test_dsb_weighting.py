@@ -1107,3 +1107,33 @@ def test_cross_batch_memory_puts_its_queue_back_when_pml_raises_after_writing_it
         with pytest.raises(RuntimeError, match="miner failed"):
             wrapper(*_batch(gen, 6), **kwargs)
         _assert_same_states(before, _states(wrapper))
+
+
+def test_cross_batch_memory_keeps_both_queues_in_step_when_the_loss_fails_after_storing(gen):
+    """An error after the DSB memory took the batch (here the reducer's): PML's
+    queue keeps it too, or a retried batch would be stored twice in one memory
+    and once in the other."""
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    from pml_dsb import DSBCrossBatchMemory
+
+    class FailingReducer(MeanReducer):
+        armed = False
+
+        def forward(self, *args, **kwargs):
+            if self.armed:
+                raise RuntimeError("reducer failed")
+            return super().forward(*args, **kwargs)
+
+    loss = with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=64, reducer=FailingReducer())
+    wrapper = DSBCrossBatchMemory(loss, embedding_size=D, memory_size=16)
+    for _ in range(2):
+        wrapper(*_batch(gen, 6))
+    queue_idx, stored = wrapper.queue_idx, wrapper.loss.memory.num_enqueued
+    wrapper.loss.reducer.armed = True
+    emb, labels = _batch(gen, 6)
+    with pytest.raises(RuntimeError, match="reducer failed"):
+        wrapper(emb, labels)
+    assert wrapper.loss.memory.num_enqueued == stored + 6  # the DSB memory took the batch before the reducer ran
+    rows = (queue_idx + torch.arange(6)) % 16
+    assert wrapper.queue_idx == (queue_idx + 6) % 16 and torch.equal(wrapper.embedding_memory[rows], emb)

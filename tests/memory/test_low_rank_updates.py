@@ -610,3 +610,20 @@ def test_unnormalized_memory_refreshes_exactly_with_mixed_norms(gen, np_ref, gra
         assert not bool(memory.cache_valid.any())
         if step % 10 == 9:
             np.testing.assert_allclose(scales.numpy(), _reference(memory, np_ref), rtol=RTOL, err_msg=f"step {step}")
+
+
+def test_unnormalized_memory_drops_caches_it_loads(gen, np_ref):
+    """An older release kept low-rank caches with l2_normalize=False too: loaded,
+    they would take Woodbury updates until their next exact refresh."""
+    labels, centres = _dataset(gen)
+    batches = _sampler(gen, labels, centres, batch=6)
+    cached = _memory(gram_size=3)
+    _warm(cached, batches, 20)
+    assert bool(cached.cache_valid.any())
+    memory = SemanticScaleMemory(C, D, N, warmup_epochs=1, gram_size=3, l2_normalize=False)
+    memory.low_rank_min_size, memory.low_rank_max_share = 2, None
+    memory.load_state_dict(cached.state_dict())
+    assert not bool(memory.cache_valid.any())
+    for _ in range(5):
+        assert not bool(_enqueue(memory, *next(batches)).any())  # no class updated in low rank
+        np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)

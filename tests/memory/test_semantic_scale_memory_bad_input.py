@@ -232,16 +232,19 @@ def _other_state(case):
     state = other.state_dict()
     if case == "missing-key":
         del state["class_counts"]
+    if case == "missing-embeddings":  # once loaded all the rest: counts of a memory without its samples
+        del state["embedding_memory"]
     return state
 
 
-@pytest.mark.parametrize("case", ["memory_size", "embedding_size", "missing-key"])
+@pytest.mark.parametrize("case", ["memory_size", "embedding_size", "missing-key", "missing-embeddings"])
 def test_a_failed_load_leaves_the_memory_unchanged(case):
     """torch copies every buffer that fits before it raises for the others: a
     memory half loaded would hold counts of one state and samples of another."""
     mem, twin = _used_memory(), _used_memory()
     before = _snapshot(mem)
-    words = "Missing key.*class_counts" if case == "missing-key" else "size mismatch(.|\n)*SemanticScaleMemory was left unchanged"
+    words = {"missing-key": "Missing key.*class_counts", "missing-embeddings": "Missing key.*embedding_memory"}.get(
+        case, "size mismatch(.|\n)*SemanticScaleMemory was left unchanged")
     with pytest.raises(RuntimeError, match=words):
         mem.load_state_dict(_other_state(case))
     assert_state_unchanged(before, mem)
@@ -252,10 +255,11 @@ def test_a_failed_load_leaves_the_memory_unchanged(case):
     assert torch.equal(mem.scales(), twin.scales())
 
 
-def test_a_non_strict_load_without_a_key_loads_nothing():
+@pytest.mark.parametrize("case, key", [("missing-key", "class_counts"), ("missing-embeddings", "embedding_memory")])
+def test_a_non_strict_load_without_a_key_loads_nothing(case, key):
     """A memory is whole or nothing: counts of one state with samples of another are no memory."""
     mem = _used_memory()
     before = _snapshot(mem)
-    result = mem.load_state_dict(_other_state("missing-key"), strict=False)
-    assert result.missing_keys == ["class_counts"]
+    result = mem.load_state_dict(_other_state(case), strict=False)
+    assert result.missing_keys == [key]
     assert_state_unchanged(before, mem)
