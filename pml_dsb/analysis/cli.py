@@ -110,6 +110,7 @@ def _cmd_marginal(args) -> int:
     from . import plots
     from .marginal import SATURATION_POINTS, marginal_effect_curve, saturation_summary
 
+    _check_sources(args)  # before the output folder is made
     out = _out_dir(args, "marginal")
     features, labels, info = _features(args)
     classes = np.unique(labels) if not args.classes else np.asarray(args.classes, dtype=np.int64)
@@ -219,10 +220,10 @@ def _cmd_manifold(args) -> int:
         BUILTIN_CLOUDS, DEFAULT_FACTORS, builtin_point_cloud, load_point_cloud, scaled_volumes, volume_report,
     )
 
-    out = _out_dir(args, "manifold")
     factors = sorted(args.factors or DEFAULT_FACTORS)
     if len(set(factors)) != len(factors) or len(factors) < 2:
         args.parser.error(f"--factors needs at least two distinct values, got {' '.join(map(str, args.factors))}")
+    out = _out_dir(args, "manifold")
     if args.input:
         clouds = {os.path.basename(p): load_point_cloud(p) for p in args.input}
     else:

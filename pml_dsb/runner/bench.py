@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from ..distributed.ddp import barrier, current_context
-from .builders import build_embedding_model, build_run_data, samples_per_epoch
+from .builders import build_embedding_model, build_run_data, check_m_per_class, samples_per_epoch
 from .config import BenchConfig, ConfigError, RuntimeConfig, dump_config, load_config
 from .results import environment_info, now_iso, summarize, write_environment, write_run_folder
 from .training import check_resumable, compatibility_key, on_main, train_one
@@ -132,12 +132,7 @@ def _check_against_data(config: BenchConfig, data) -> None:
             ", ".join(dsb_methods), tr.epochs, config.dsb.warmup_epochs,
             "at one batch at most; these runs will hardly differ from their parents'"
             if tr.epochs == config.dsb.warmup_epochs else "never; these runs will equal their parents'")
-    if tr.sampler == "m_per_class" and tr.m_per_class * classes < tr.batch_size:
-        raise ConfigError(
-            f"[training] sampler = 'm_per_class' fills a batch of {tr.batch_size} from m_per_class = "
-            f"{tr.m_per_class} samples of each of {classes} classes: at most {tr.m_per_class * classes}; "
-            f"raise m_per_class or lower batch_size"
-        )
+    check_m_per_class(tr, classes)
 
 
 def _import_optional_modules() -> None:
@@ -186,6 +181,9 @@ def run_benchmark(
     device = torch.device(device)
     ctx = current_context()
     run_dir = os.path.join(os.fspath(out), config.name)
+    unused = config.dataset.unused_settings()
+    if unused:
+        raise ConfigError("; ".join(unused) + "; remove it from the config")
     on_main(_check_run_folder, run_dir, config, resume, overwrite)
     started, t0 = now_iso(), time.perf_counter()
     # missing extras, data or weights, and runs that cannot be resumed, fail

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..datasets.indexed import IndexedDataset
-from .config import BenchConfig, DatasetConfig, ModelConfig, TrainingConfig
+from .config import BenchConfig, ConfigError, DatasetConfig, ModelConfig, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,8 @@ def build_train_loader(
     if config.sampler == "random":
         loader = DataLoader(indexed, shuffle=True, **common)
     else:
+        # PML only asserts it (gone under python -O: batches of repeated samples)
+        check_m_per_class(config, len(np.unique(np.asarray(labels))))
         length = max(len(dataset) - len(dataset) % config.batch_size, config.batch_size)
         sampler = MPerClassSampler(labels, m=config.m_per_class, batch_size=config.batch_size,
                                    length_before_new_iter=length)
@@ -154,6 +156,16 @@ def build_train_loader(
     return DataLoader(indexed, batch_sampler=ShardedBatchSampler(loader.batch_sampler),
                       num_workers=config.num_workers, generator=generator, pin_memory=device.type == "cuda",
                       persistent_workers=False)
+
+
+def check_m_per_class(config: TrainingConfig, num_classes: int) -> None:
+    """``ConfigError`` unless the m-per-class sampler can fill a batch."""
+    if config.sampler == "m_per_class" and config.m_per_class * num_classes < config.batch_size:
+        raise ConfigError(
+            f"[training] sampler = 'm_per_class' fills a batch of {config.batch_size} from m_per_class = "
+            f"{config.m_per_class} samples of each of {num_classes} classes: at most "
+            f"{config.m_per_class * num_classes}; raise m_per_class or lower batch_size"
+        )
 
 
 def samples_per_epoch(num_samples: int, config, world_size: int = 1) -> int:

@@ -139,14 +139,20 @@ class DatasetConfig:
         elif self.name == "cifar100_lt":
             raise ConfigError("[dataset] imbalance_factor is required for cifar100_lt")
         _positive_int("dataset", "split_seed", self.split_seed, 0)
-        if self.split_seed and self.name != "digits_lt":
-            raise ConfigError(f"[dataset] split_seed applies to digits_lt only (the others have fixed "
-                              f"standard splits), not to {self.name!r}")
         if self.image_size is not None:
-            if self.name == "digits_lt":
-                raise ConfigError("[dataset] image_size applies to the image datasets (cub200, cars196, "
-                                  "cifar100_lt), not to digits_lt, whose 8x8 digits are fed as 64 values")
             _positive_int("dataset", "image_size", self.image_size)
+
+    def unused_settings(self) -> list[str]:
+        """Settings this dataset ignores: refused for a new run (run folders
+        written before they were refused still load)."""
+        unused = []
+        if self.split_seed and self.name != "digits_lt":
+            unused.append(f"[dataset] split_seed applies to digits_lt only (the others have fixed standard "
+                          f"splits), not to {self.name!r}")
+        if self.image_size is not None and self.name == "digits_lt":
+            unused.append("[dataset] image_size applies to the image datasets (cub200, cars196, cifar100_lt), "
+                          "not to digits_lt, whose 8x8 digits are fed as 64 values")
+        return unused
 
     @property
     def closed_set(self) -> bool:

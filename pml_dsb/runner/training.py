@@ -178,15 +178,31 @@ def _portable(error: Optional[BaseException]) -> Optional[BaseException]:
         return RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
 
 
+def _strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float as None (JSON's null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(data: Any, path: Union[str, os.PathLike]) -> None:
-    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
+    """Write strict JSON to ``path`` through a temporary file and ``os.replace``.
+
+    An undefined value (NaN: the Recall@1 of an empty many/medium/few group,
+    say) is written as null: Python reads a bare ``NaN`` token, strict JSON
+    parsers (jq, JavaScript) refuse the whole file."""
+    data = _strict_json(data)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, allow_nan=True)
+            json.dump(data, fh, indent=1, allow_nan=False)
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -393,7 +409,7 @@ def train_one(
         train features of the best checkpoint, in bits),
         ``test_semantic_scales`` (per test class; only for datasets tested on
         unseen classes), ``history`` (per epoch, epoch 0 = the untrained
-        network), ``train_seconds``.
+        network), ``train_seconds`` (the training epochs, without the evaluation after each).
     """
     method = canonical_method(method)
     device = torch.device(device)
@@ -467,9 +483,9 @@ def train_one(
                                      f"{where}, epoch {epoch}")
                 for sched in schedulers.values():
                     sched.step()
+                elapsed += time.perf_counter() - t0  # training only: evaluation costs every method alike
                 # rank 0's metrics on every rank: the same best-epoch decision everywhere
                 metrics = on_main(evaluate_model, model, data, config, device)
-                elapsed += time.perf_counter() - t0
                 entry = {"epoch": epoch, **stats, **_scalar_metrics(metrics)}
                 history.append(entry)
                 if metrics["recall_at_1"] > best["recall_at_1"]:

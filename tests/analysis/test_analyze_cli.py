@@ -161,9 +161,10 @@ def test_checkpoint_features_come_from_the_files_own_weights(tmp_path):
 )
 def test_inputs_that_would_be_ignored_are_usage_errors(tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as info:
-        main([*argv, "--out", str(tmp_path)])
+        main([*argv, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert info.value.code == 2 and words in err and "usage: pml-dsb analyze" in err
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
 
 
 def test_summary_of_an_open_set_run_says_why_it_cannot(tmp_path, caplog):

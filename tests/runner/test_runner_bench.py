@@ -280,3 +280,53 @@ def test_runs_leave_the_callers_rng_alone(tmp_path):
     np.random.seed(123)
     train_one(cfg, "NSM", 0, out_dir=tmp_path, progress=False)
     assert torch.equal(torch.rand(2), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
+
+
+def test_json_outputs_are_strict_json(tmp_path):
+    """NaN (an empty many/medium/few group's Recall@1) was written as a bare
+    NaN token, which strict parsers refuse."""
+    from pml_dsb.runner.training import write_json_atomic
+
+    path = tmp_path / "r.json"
+    write_json_atomic({"groups": {"few": {"recall_at_1": float("nan")}}, "v": [1.5, float("inf"), np.float64("nan")]},
+                      path)
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"groups": {"few": {"recall_at_1": None}},
+                                                                  "v": [1.5, None, None]}
+
+
+def test_train_seconds_leave_out_the_evaluation(tmp_path, monkeypatch):
+    """The per-epoch evaluation (faiss k-means restarts) costs every method
+    alike and once diluted DSB's training-cost ratio against its parent."""
+    import pml_dsb.runner.training as training
+
+    class Clock:  # evaluation takes 1000 s of this clock, training none
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    evaluate = training.evaluate_model
+
+    def slow_evaluate(*args, **kwargs):
+        clock.now += 1000.0
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "time", clock)
+    monkeypatch.setattr(training, "evaluate_model", slow_evaluate)
+    _, cfg = tiny_config(tmp_path, epochs=2, methods=["NSM"])
+    result = train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False)
+    assert clock.now >= 3000.0 and result["train_seconds"] == 0.0
+
+
+def test_train_one_refuses_an_m_per_class_sampler_that_cannot_fill_a_batch(tmp_path):
+    """PML's MPerClassSampler only asserts it: under python -O batches repeated samples."""
+    from pml_dsb.runner.config import ConfigError
+
+    _, cfg = tiny_config(tmp_path, epochs=1, methods=["NSM"], sampler="m_per_class", m_per_class=2, batch_size=64)
+    with pytest.raises(ConfigError, match="m_per_class = 2 samples of each of 10 classes: at most 20"):
+        train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False)

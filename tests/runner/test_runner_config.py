@@ -183,22 +183,35 @@ def test_int_accepted_for_float_and_values_checked():
 @pytest.mark.parametrize(
     "data, needle",
     [
-        ({"dataset": {"name": "digits_lt", "image_size": 32}}, "image_size applies to the image datasets"),
-        ({"dataset": {"name": "cub200", "split_seed": 3}}, "split_seed applies to digits_lt only"),
         ({"dataset": {"name": "digits_lt"}, "seeds": [0, 2**32]}, r"seeds must be integers in \[0, 4294967295\]"),
         ({"dataset": {"name": "digits_lt"}, "evaluation": {"nmi_seed": 2**31}}, "nmi_seed must be <= 2147483647"),
     ],
-    ids=["image_size-digits", "split_seed-cub", "seed-2**32", "nmi_seed-2**31"],
+    ids=["seed-2**32", "nmi_seed-2**31"],
 )
-def test_settings_that_would_be_ignored_or_fail_later_are_refused(data, needle):
-    """Once accepted: image_size and split_seed were silently ignored; a seed
-    past numpy's range and an nmi_seed past faiss's C int failed after the run
-    folder had been written."""
+def test_settings_that_would_fail_later_are_refused(data, needle):
+    """A seed past numpy's range and an nmi_seed past faiss's C int once
+    failed after the run folder had been written."""
     with pytest.raises(ConfigError, match=needle):
         config_from_dict(data)
     largest = {"seeds": [2**32 - 1]} if "seeds" in data else {"evaluation": {"nmi_seed": 2**31 - 1}}
     if "dataset" in data and data["dataset"]["name"] == "digits_lt" and len(data) > 1:
         config_from_dict({"dataset": {"name": "digits_lt"}, **largest})  # the largest allowed passes
+
+
+@pytest.mark.parametrize(
+    "dataset, needle",
+    [({"name": "digits_lt", "image_size": 32}, "image_size applies to the image datasets"),
+     ({"name": "cub200", "root": "nowhere", "split_seed": 3}, "split_seed applies to digits_lt only")],
+    ids=["image_size-digits", "split_seed-cub"],
+)
+def test_settings_a_dataset_ignores_are_refused_for_a_new_run_only(tmp_path, caplog, dataset, needle):
+    """Once silently ignored. A run folder written then still loads (its config.toml)."""
+    from pml_dsb.cli import main
+
+    path = write(tmp_path, dump_config(config_from_dict({"dataset": dataset, "methods": ["NSM"]})))
+    assert load_config(path).dataset.unused_settings() != []  # loads: old run folders stay readable
+    assert main(["bench", "--config", path, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert needle in caplog.text and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("text", ["4294967296", "0-4294967296", "0-1000000", "-1"])
