@@ -175,9 +175,17 @@ class DSBWeightingMixin:
     Recorded attributes (PML record-keeper / ``HookContainer``): ``dsb_stage``,
     ``dsb_num_enqueued``, ``dsb_fill_level``, and in stage 3
     ``dsb_mean_scale``, ``dsb_min_scale``, ``dsb_max_scale`` (over the classes
-    that have a scale), ``dsb_min_weight``, ``dsb_max_weight`` (NaN before, or
-    while no class has a scale: every column is there from the first logged
-    iteration, which record-keeper's CSV files need).
+    that have a scale), ``dsb_min_weight``, ``dsb_max_weight``. Before stage
+    3 all five are NaN; in stage 3 while no class has a scale, the scales are
+    NaN and the weights 1 (what every class gets then). Every column is there
+    from the first logged iteration, which record-keeper's CSV files need.
+
+    The batch is enqueued inside :meth:`compute_loss`, after the parent's
+    losses and before PML's reducer and embedding regularizer run: an error
+    raised by those (a misconfigured reducer) leaves the batch stored.
+
+    Under ``torch.compile`` the forward runs as it is (not traced): the
+    memory's work is host code that depends on the data.
     """
 
     #: Sub-losses (keys of the parent's loss dict) left unweighted: those
@@ -273,6 +281,9 @@ class DSBWeightingMixin:
             setattr(self, name, math.nan)
         self.add_to_recordable_attributes(list_of_names=list(self._DSB_RECORDS), is_stat=False)
 
+    # the memory's work is data-dependent host code (LAPACK per class, counts read
+    # back): torch.compile runs the DSB loss as it is, rather than tracing into it
+    @torch.compiler.disable
     def forward(
         self,
         embeddings,

@@ -2,6 +2,7 @@
 checked on every DSB loss against its PML parent (exact, uniform weights) and a
 hand-written weighted formula mean_i(w[y_i] * parent_element_loss_i) in stage 3,
 with w from float64 numpy over the memory's contents."""
+import copy
 import csv
 import math
 
@@ -1137,3 +1138,19 @@ def test_cross_batch_memory_keeps_both_queues_in_step_when_the_loss_fails_after_
     assert wrapper.loss.memory.num_enqueued == stored + 6  # the DSB memory took the batch before the reducer ran
     rows = (queue_idx + torch.arange(6)) % 16
     assert wrapper.queue_idx == (queue_idx + 6) % 16 and torch.equal(wrapper.embedding_memory[rows], emb)
+
+
+def test_torch_compile_runs_a_dsb_loss_as_it_is(gen):
+    """Dynamo guarded on the memory's buffer mapping (not a dict, so that
+    record-keeper skips it) and crashed; the DSB forward now stays eager under
+    torch.compile: the same losses and memory as the uncompiled loss, into stage 3."""
+    from pml_dsb import DSBNormalizedSoftmaxLoss
+
+    torch.manual_seed(0)
+    eager = DSBNormalizedSoftmaxLoss(C, D, memory_size=12, warmup_epochs=1)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin)
+    for _ in range(4):
+        emb, labels = _batch(gen, 6)
+        assert torch.equal(compiled(emb, labels), eager(emb, labels))
+    assert twin.memory.stage == 3 and torch.equal(twin.memory.scales(), eager.memory.scales())
