@@ -92,8 +92,7 @@ def _features(args):
     """(features, labels, description) from --checkpoint or --dataset raw inputs."""
     from .features import checkpoint_features, load_dataset, raw_features
 
-    _check_sources(args)
-    if args.checkpoint:
+    if args.checkpoint:  # the commands ran _check_sources first
         features, labels, info = checkpoint_features(args.checkpoint, data_root=args.root)
         return features, labels, {**info, "checkpoint": os.path.abspath(args.checkpoint)}
     name, split = args.dataset or args.default_dataset, args.split or "train"

@@ -408,6 +408,11 @@ class SemanticScaleMemory(torch.nn.Module):
     _CACHE_STATE = ("gram_inverse", "gram_inverse_index", "moment_inverse", "cache_logdet", "cache_valid",
                     "cache_updates", "exact_count", "index_addressed")
 
+    # buffers that grow with the largest class and the number of large classes:
+    # a state dict's sizes are taken; the dimensions outside these slices must match
+    _GROWING = {"class_slots": slice(0, 1), "moment_sum": slice(1, None), "moment_outer": slice(1, None),
+                "gram_inverse": slice(1, None), "moment_inverse": slice(1, None)}
+
     def _late_state_defaults(self) -> dict:
         """Buffers added after the first release, as a memory saved without
         them gets them: no low-rank caches, and statistics built (memories kept
@@ -467,10 +472,7 @@ class SemanticScaleMemory(torch.nn.Module):
             saved = state_dict.get(prefix + name)
             if not isinstance(saved, torch.Tensor):
                 continue
-            # these grow with the largest class and the number of large classes:
-            # the saved sizes are taken (other dimensions must match)
-            fixed = {"class_slots": slice(0, 1), "moment_sum": slice(1, None), "moment_outer": slice(1, None),
-                     "gram_inverse": slice(1, None), "moment_inverse": slice(1, None)}.get(name, slice(None))
+            fixed = self._GROWING.get(name, slice(None))
             if saved.shape[fixed] != mine.shape[fixed] or saved.dim() != mine.dim():
                 mismatched.append(
                     f"size mismatch for {prefix + name}: copying a param with shape {tuple(saved.shape)} from "
@@ -489,7 +491,7 @@ class SemanticScaleMemory(torch.nn.Module):
             return
         # saved before the memory recorded its addressing: the next batch decides it
         self._addressing_unknown = addressing_unknown
-        for name in ("class_slots", "moment_sum", "moment_outer", "gram_inverse", "moment_inverse"):
+        for name in self._GROWING:
             key, mine = prefix + name, getattr(self, name)
             if key in state_dict and state_dict[key].shape != mine.shape:
                 setattr(self, name, torch.empty_like(state_dict[key], device=mine.device))
@@ -1171,11 +1173,12 @@ class SemanticScaleMemory(torch.nn.Module):
         m: torch.Tensor,
         build: Optional[torch.Tensor] = None,
         sizes: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """S = 0.5*log2 det(I + K/beta) from K (changed in place), beta = m/d.
 
-        Also returns log det(K + beta*I) and, for the rows in ``build``, the
-        float64 inverse of K + beta*I (None if there are none). ``sizes``: K
+        Also returns, for the rows in ``build``, log det(K + beta*I) (other
+        rows unset) and the float64 inverse of K + beta*I (both None if there
+        are no such rows). ``sizes``: K
         is zero outside each matrix's leading block of that size, whose
         factorisation then suffices (a padded batch).
         """
@@ -1191,10 +1194,8 @@ class SemanticScaleMemory(torch.nn.Module):
             rest = ~build
             if bool(rest.any()):
                 reduced[rest] = self._reduced_logdet(matrix[rest], beta[rest], None if sizes is None else sizes[rest])
-                logdet[rest] = reduced[rest] + n_log_beta[rest]
         else:
-            reduced = self._reduced_logdet(matrix, beta, sizes)
-            logdet = reduced + n_log_beta
+            reduced, logdet = self._reduced_logdet(matrix, beta, sizes), None
         return reduced / (2.0 * math.log(2.0)), logdet, inverse
 
     def _reduced_logdet(
