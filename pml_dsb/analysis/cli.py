@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from pml_dsb import _optional
+from pml_dsb._json import json_safe
 
 logger = logging.getLogger(__name__)
 
@@ -27,24 +28,9 @@ DEFAULT_OUT = os.path.join("results", "analysis")
 
 
 # ----------------------------------------------------------------- output helpers
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: numpy scalars/arrays to Python, NaN/Inf to None."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _clean(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def _write_json(obj: Any, path: str) -> str:
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(_clean(obj), fh, indent=1)
+        json.dump(json_safe(obj), fh, indent=1, allow_nan=False)
         fh.write("\n")
     return path
 

@@ -61,6 +61,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from .._json import json_safe
 from ..distributed.ddp import (
     all_gather_objects,
     average_gradients,
@@ -178,24 +179,13 @@ def _portable(error: Optional[BaseException]) -> Optional[BaseException]:
         return RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
 
 
-def _strict_json(obj: Any) -> Any:
-    """``obj`` with every NaN or infinite float as None (JSON's null)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict_json(v) for v in obj]
-    return obj
-
-
 def write_json_atomic(data: Any, path: Union[str, os.PathLike]) -> None:
     """Write strict JSON to ``path`` through a temporary file and ``os.replace``.
 
     An undefined value (NaN: the Recall@1 of an empty many/medium/few group,
     say) is written as null: Python reads a bare ``NaN`` token, strict JSON
     parsers (jq, JavaScript) refuse the whole file."""
-    data = _strict_json(data)
+    data = json_safe(data)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
