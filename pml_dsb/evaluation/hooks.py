@@ -120,7 +120,10 @@ def _reference_splits(dataset_dict: Mapping[str, Any], splits_to_eval, validatio
                 f"splits_to_eval must be a list of (query split, [reference splits]) pairs, each query once, "
                 f"naming splits of dataset_dict {sorted(dataset_dict)}; got {splits_to_eval!r}"
             )
-        pairs[item[0]] = list(item[1])
+        # PML's tester puts a query split that is also a reference split first
+        # (and names the SQLite tables after that order)
+        query, refs = item[0], list(item[1])
+        pairs[query] = [query, *(r for r in refs if r != query)] if query in refs else refs
     if validation_split_name not in pairs:
         raise ValueError(
             f"splits_to_eval never evaluates validation_split_name={validation_split_name!r} (its query splits: "
@@ -242,7 +245,9 @@ def make_retrieval_hooks(
         model_folder,
         test_interval=test_interval,
         patience=patience,
-        splits_to_eval=splits_to_eval,
+        # lists, in PML's order: its tester concatenates and reorders them in place
+        # (a tuple raised TypeError at the first test; the caller's list was changed)
+        splits_to_eval=None if splits_to_eval is None else [(q, list(r)) for q, r in references.items()],
         test_collate_fn=test_collate_fn,
     )
     logger.info("retrieval hooks: logs in %s, models in %s", log_folder, model_folder)

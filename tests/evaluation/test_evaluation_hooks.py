@@ -110,6 +110,42 @@ def test_bad_configuration_is_refused(tmp_path):
             make_retrieval_hooks({"val": val}, tmp_path, splits_to_eval=bad)
 
 
+def test_splits_to_eval_with_tuples_and_query_among_references(tmp_path):
+    # PML's tester concatenates the reference splits with a list and moves the
+    # query split to their front in place: a tuple raised TypeError at the
+    # first test, and the SQLite table read before a test had the other order
+    torch.manual_seed(0)
+    train, val = _datasets()
+    trunk = torch.nn.Linear(8, 8)
+    splits = (("val", ("train", "val")),)
+    kwargs = dict(splits_to_eval=splits, dataloader_num_workers=0, batch_size=64, data_device=CPU, tensorboard=False)
+    hooks = make_retrieval_hooks({"train": train, "val": val}, tmp_path / "run", **kwargs)
+    table_before = hooks.hook_container.record_group_name(hooks.tester, "val")
+    trainer = trainers.MetricLossOnly(
+        models={"trunk": trunk},
+        optimizers={"trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.1)},
+        batch_size=32,
+        loss_funcs={"metric_loss": losses.ContrastiveLoss()},
+        dataset=train,
+        data_device=CPU,
+        dataloader_num_workers=0,
+        end_of_epoch_hook=hooks.end_of_epoch_hook,
+    )
+    trainer.train(num_epochs=1)
+    hooks.close()
+    assert splits == (("val", ("train", "val")),)  # the caller's object is left as it was
+    assert hooks.tester.reference_split_names["val"] == ["val", "train"]
+    assert hooks.hook_container.record_group_name(hooks.tester, "val") == table_before
+    # the run's own test, recomputed: val's queries against val + train, query excluded
+    emb, labels = zip(_embed(trunk, val), _embed(trunk, train))
+    expected = evaluate_embeddings(emb[0], labels[0], torch.cat(emb), torch.cat(labels), ref_includes_query=True,
+                                   recall_ks=(1,), nmi=False)["recall_at_1"]
+    # a resumed run (new hooks on the same folder) reads that history before any test
+    resumed = make_retrieval_hooks({"train": train, "val": val}, tmp_path / "run", **kwargs)
+    assert resumed.accuracy_history()["recall_at_1_level0"] == pytest.approx([expected], abs=1e-9)
+    resumed.close()
+
+
 def test_missing_record_keeper_names_the_pip_command(tmp_path, monkeypatch):
     _, val = _datasets()
     monkeypatch.setitem(sys.modules, "record_keeper", None)
