@@ -35,6 +35,20 @@ def _embed(trunk, dataset):
         return torch.nn.functional.normalize(trunk.eval()(x)), y
 
 
+def _train(trunk, train, hooks, lr, epochs, **trainer_kwargs):
+    trainers.MetricLossOnly(
+        models={"trunk": trunk},
+        optimizers={"trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=lr)},
+        batch_size=32,
+        loss_funcs={"metric_loss": losses.ContrastiveLoss()},
+        dataset=train,
+        data_device=CPU,
+        dataloader_num_workers=0,
+        end_of_epoch_hook=hooks.end_of_epoch_hook,
+        **trainer_kwargs,
+    ).train(num_epochs=epochs)
+
+
 def test_metric_loss_only_run_logs_recall_and_saves_best_model(tmp_path):
     torch.manual_seed(0)
     train, val = _datasets()
@@ -45,18 +59,7 @@ def test_metric_loss_only_run_logs_recall_and_saves_best_model(tmp_path):
     )
     # before the first test (and on a resume in a new process): nothing logged yet
     assert hooks.accuracy_history() == {} and hooks.best_epoch_and_accuracy() == (None, 0)
-    trainer = trainers.MetricLossOnly(
-        models={"trunk": trunk},
-        optimizers={"trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.5)},
-        batch_size=32,
-        loss_funcs={"metric_loss": losses.ContrastiveLoss()},
-        dataset=train,
-        data_device=CPU,
-        dataloader_num_workers=0,
-        end_of_iteration_hook=hooks.end_of_iteration_hook,
-        end_of_epoch_hook=hooks.end_of_epoch_hook,
-    )
-    trainer.train(num_epochs=2)
+    _train(trunk, train, hooks, lr=0.5, epochs=2, end_of_iteration_hook=hooks.end_of_iteration_hook)
     hooks.close()
 
     table = hooks.hook_container.record_group_name(hooks.tester, "val")
@@ -121,17 +124,7 @@ def test_splits_to_eval_with_tuples_and_query_among_references(tmp_path):
     kwargs = dict(splits_to_eval=splits, dataloader_num_workers=0, batch_size=64, data_device=CPU, tensorboard=False)
     hooks = make_retrieval_hooks({"train": train, "val": val}, tmp_path / "run", **kwargs)
     table_before = hooks.hook_container.record_group_name(hooks.tester, "val")
-    trainer = trainers.MetricLossOnly(
-        models={"trunk": trunk},
-        optimizers={"trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.1)},
-        batch_size=32,
-        loss_funcs={"metric_loss": losses.ContrastiveLoss()},
-        dataset=train,
-        data_device=CPU,
-        dataloader_num_workers=0,
-        end_of_epoch_hook=hooks.end_of_epoch_hook,
-    )
-    trainer.train(num_epochs=1)
+    _train(trunk, train, hooks, lr=0.1, epochs=1)
     hooks.close()
     assert splits == (("val", ("train", "val")),)  # the caller's object is left as it was
     assert hooks.tester.reference_split_names["val"] == ["val", "train"]
