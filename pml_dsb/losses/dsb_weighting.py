@@ -312,15 +312,23 @@ class DSBWeightingMixin:
         self.memory._validate_with(
             _raiser(conflict), embeddings, labels, sample_indices if enqueues else None, enqueue=enqueues
         )
+        # PML takes ref_emb/ref_labels that *are* the batch's tensors for "no
+        # reference set" (each sample then is not its own pair): a cast batch
+        # passes its cast on as the reference too
+        given_emb, given_labels = embeddings, labels
         labels = labels.to(torch.long)  # any integer dtype (PML's parents need int64)
+        if ref_labels is given_labels:
+            ref_labels = labels
         params = dict(self.named_parameters(recurse=False))
         # ref_emb is the other operand of the same distances: cast with the embeddings
         ref_cast = torch.is_tensor(ref_emb) and ref_emb.is_floating_point()
         dtypes = [p.dtype for p in params.values()] + ([ref_emb.dtype] if ref_cast else [])
         dtype = functools.reduce(torch.promote_types, dtypes, embeddings.dtype)
-        if ref_cast:
-            ref_emb = embeddings.to(dtype) if ref_emb is embeddings else ref_emb.to(dtype)
         embeddings = embeddings.to(dtype)
+        if ref_emb is given_emb:
+            ref_emb = embeddings
+        elif ref_cast:
+            ref_emb = ref_emb.to(dtype)
         narrow = {name: p.to(dtype) for name, p in params.items() if p.dtype != dtype}
         # the parent would re-type its parameters' .data to float64 for good; this
         # call alone computes with (differentiable) float64 casts of them instead

@@ -603,6 +603,34 @@ def test_ref_emb_is_cast_with_the_embeddings(emb_dtype, loss_dtype, gen):
         assert torch.isfinite(wrapper(emb.to(emb_dtype), labels))
 
 
+@pytest.mark.parametrize(
+    "parent_cls, emb_dtype, label_dtype",
+    [(pml_losses.NTXentLoss, torch.float32, torch.int32), (pml_losses.SupConLoss, torch.float32, torch.int32),
+     (pml_losses.MarginLoss, torch.float16, torch.int64)],
+)
+def test_ref_that_is_the_batch_itself_stays_the_batch_after_the_casts(parent_cls, emb_dtype, label_dtype, gen):
+    """PML reads ``ref_emb is embeddings`` / ``ref_labels is labels`` as "no
+    reference set" (a sample is then not its own positive pair). The int64 cast
+    of the labels and the dtype cast of the embeddings made new tensors: NTXent
+    gave 1.856 for the parent's 2.916 (int32 labels), a float16 batch 'a
+    reference set' that the loss did not support."""
+    kwargs = {"learn_beta": True} if parent_cls is pml_losses.MarginLoss else {}
+    dsb = with_dsb_weighting(parent_cls)(C, D, memory_size=64, **kwargs)
+    parent = parent_cls(**kwargs)
+    emb, labels = _batch(gen, 8)
+    emb, labels = emb.to(emb_dtype), labels.to(label_dtype)
+    e1, e2 = leaf(emb), leaf(emb.float())  # the parent with learn_beta computes in float32 (its beta's dtype)
+    got = dsb(e1, labels, None, e1, labels)
+    long_labels = labels.long()
+    want = parent(e2, long_labels, None, e2, long_labels)
+    assert dsb.memory.stage == 1 and torch.equal(got, want)
+    # and equal to the call without a reference set
+    assert torch.equal(got, parent(e2, long_labels))
+    got.backward()
+    want.backward()
+    assert torch.equal(e1.grad, e2.grad.to(emb_dtype))
+
+
 def test_a_parent_naming_optional_sizes_gets_the_dsb_losss_own():
     """Optional num_classes / embedding_size of a user's parent take the DSB
     loss's values, not the parent's defaults (a silent 100-way softmax)."""
