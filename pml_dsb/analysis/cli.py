@@ -144,9 +144,12 @@ def _cmd_imbalance(args) -> int:
     from . import plots
     from .correlation import count_predictors, scale_bias_analysis
 
-    out = _out_dir(args, "imbalance")
     table = _load_run(args.run)
     methods = args.method or table.methods
+    unknown = [m for m in methods if m not in table.methods]
+    if unknown:  # before any output: a later method's error left the earlier ones' plots
+        args.parser.error(f"--method {' '.join(unknown)}: not in the run (its methods: {' '.join(table.methods)})")
+    out = _out_dir(args, "imbalance")
     corr_rows, point_rows, report = [], [], {"run": os.path.abspath(args.run), "dataset": table.dataset,
                                              "bootstrap": {"n_boot": args.bootstrap, "seed": args.seed,
                                                            "confidence": args.confidence},
@@ -210,7 +213,12 @@ def _cmd_manifold(args) -> int:
         args.parser.error(f"--factors needs at least two distinct values, got {' '.join(map(str, args.factors))}")
     out = _out_dir(args, "manifold")
     if args.input:
-        clouds = {os.path.basename(p): load_point_cloud(p) for p in args.input}
+        names = [os.path.basename(p) for p in args.input]
+        if len(set(names)) < len(names):  # a/cloud.npy b/cloud.npy: named by their paths
+            names = list(args.input)
+        if len(set(names)) < len(names):
+            args.parser.error(f"--input names a file twice: {' '.join(args.input)}")
+        clouds = {name: load_point_cloud(p) for name, p in zip(names, args.input)}
     else:
         clouds = {n: builtin_point_cloud(n, args.points, args.seed) for n in BUILTIN_CLOUDS}
     volumes, reports, rows = {}, {}, []
@@ -303,11 +311,18 @@ def _at_least_10(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = "integer"  # argparse's "invalid integer value" for non-numbers
+    return parse
+
+
+_positive_int = _int_at_least(1)
 
 
 def _add_data_options(p: argparse.ArgumentParser, dataset_default: Optional[str] = "digits-lt") -> None:
@@ -366,7 +381,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     _add_data_options(p)
     p.add_argument("--repeats", type=_positive_int, default=10, help="random subsets per size (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets (default 0)")
-    p.add_argument("--max-points", type=_positive_int, default=None,
+    p.add_argument("--max-points", type=_int_at_least(2), default=None,
                    help="at most about this many sizes per class, spaced geometrically "
                         "(default: every m = 2..n)")
     p.add_argument("--classes", type=int, nargs="+", help="only these labels")
@@ -385,7 +400,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     common(p, "imbalance")
-    p.set_defaults(func=_cmd_imbalance)
+    p.set_defaults(func=_cmd_imbalance, parser=p)
 
     p = sub.add_parser("manifold", help="volume of a point cloud scaled by 0.5..4",
                        description="Semantic scale (normalize=False) of point clouds scaled by each factor: "
@@ -394,7 +409,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", help=".npy or ASCII .ply point clouds (default: swiss roll, S-curve)")
     p.add_argument("--factors", type=float, nargs="+", default=None,
                    help="scale factors (default: 0.5 1 1.5 2 2.5 3 3.5 4)")
-    p.add_argument("--points", type=_positive_int, default=2000, help="points of generated clouds (default 2000)")
+    p.add_argument("--points", type=_int_at_least(2), default=2000, help="points of generated clouds (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of generated clouds (default 0)")
     common(p, "manifold")
     p.set_defaults(func=_cmd_manifold, parser=p)

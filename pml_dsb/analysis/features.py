@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from typing import Optional, Union
@@ -121,7 +122,9 @@ def embed_dataset(
     (500, 8)
     """
     if device is None:
-        device = next(model.parameters()).device
+        # the model's own device; CPU for one with no parameters or buffers
+        first = next(itertools.chain(model.parameters(), model.buffers()), None)
+        device = first.device if first is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     out, seen = [], []

@@ -86,7 +86,10 @@ def read_ply(path: Union[str, os.PathLike]) -> np.ndarray:
     if not raw.startswith(b"ply") or end < 0:
         raise ValueError(f"{path!r} is not a PLY file (no 'ply' magic or no 'end_header')")
     header = raw[:end].decode("ascii", errors="replace").splitlines()
-    fmt = next((line.split()[1:2] for line in header if line.startswith("format")), [None])[0]
+    fmt = next((line.split()[1:2] for line in header if line.startswith("format")), None)
+    if not fmt:  # no "format" line, or a bare one
+        raise ValueError(f"{path!r} names no format in its PLY header (expected 'format ascii 1.0')")
+    fmt = fmt[0]
     if fmt != "ascii":
         raise ValueError(
             f"{path!r} is a {fmt} PLY file; only ASCII PLY is read. Convert it, e.g. "
@@ -104,7 +107,10 @@ def read_ply(path: Union[str, os.PathLike]) -> np.ndarray:
             elements[-1][2].append(tok[-1])
     if not any(e[0] == "vertex" for e in elements):
         raise ValueError(f"{path!r} has no 'element vertex' in its header")
-    body = raw[end:].split(b"\n", 1)[1].decode("ascii").splitlines()
+    parts = raw[end:].split(b"\n", 1)
+    if len(parts) < 2:
+        raise ValueError(f"{path!r} ends at 'end_header': no vertex data (a truncated file?)")
+    body = parts[1].decode("ascii").splitlines()
     body = [line for line in body if line.strip()]
     start = 0
     for name, count, props in elements:
@@ -185,6 +191,8 @@ def volume_report(factors: Sequence[float], volumes: Sequence[float], dim: int =
     v = np.asarray(volumes, dtype=np.float64)
     if f.shape != v.shape or f.ndim != 1 or len(f) < 2:
         raise ValueError(f"factors and volumes need the same length >= 2, got {f.shape} and {v.shape}")
+    if not np.all(np.isfinite(f) & (f > 0)):  # log2 f below
+        raise ValueError(f"factors must be positive and finite, got {f.tolist()}")
     if len(np.unique(f)) != len(f):  # a zero step in log2 f: NaN growth rates, a false "not monotonic"
         raise ValueError(f"factors must be distinct, got {sorted(f.tolist())}")
     order = np.argsort(f)

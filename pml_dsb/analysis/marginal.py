@@ -11,7 +11,8 @@ true marginal gains. Every prefix of a uniformly random permutation is a
 uniformly random subset, so the mean and std per ``m`` are those of random
 subsets of size ``m``.
 
-Randomness comes from ``numpy.random.default_rng([seed, label])``: one
+Randomness comes from ``numpy.random.default_rng([seed, label])`` (``[seed,
+-label, 1]`` for a negative label, which numpy's seeds cannot hold): one
 class's curve does not depend on which other classes are analysed.
 
 All subsets of a class are computed in a few batched calls of
@@ -31,9 +32,9 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pml_dsb.functional import padded_class_scales
+from pml_dsb.functional.semantic_scale import unit_rows
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,11 @@ def marginal_sizes(
     return np.unique(np.concatenate([grid, np.asarray(extra, dtype=np.int64), [count]]))
 
 
+def _class_seed(seed: int, label: int) -> list[int]:
+    # numpy seeds are non-negative; [seed, label, 0] would equal [seed, label]
+    return [seed, label] if label >= 0 else [seed, -label, 1]
+
+
 def _span_coordinates(z: torch.Tensor, normalize: bool) -> torch.Tensor:
     """(n, d) float64 vectors -> (n, k) vectors with the same semantic scale of
     every subset under ``normalize=False``, with ``k = min(n, d)``.
@@ -132,7 +138,7 @@ def _span_coordinates(z: torch.Tensor, normalize: bool) -> torch.Tensor:
     and the factor ``sqrt(d/k)`` restores ``d`` in ``d/m``.
     """
     if normalize:
-        z = F.normalize(z, dim=-1)
+        z = unit_rows(z)
     n, d = z.shape
     if n >= d:
         return z
@@ -174,7 +180,8 @@ def marginal_effect_curve(
         sizes: subset sizes to evaluate, each in ``2 .. n``; default
             :func:`marginal_sizes` ``(n, max_points)``. ``n`` is always added.
         repeats: random subsets (nested prefixes of random permutations) per size.
-        seed: with ``label``, seeds ``numpy.random.default_rng([seed, label])``.
+        seed: with ``label``, seeds ``numpy.random.default_rng([seed, label])``
+            (``[seed, -label, 1]`` for a negative label).
         normalize: L2-normalise each vector first (docs/DEFINITIONS.md default).
         label: the class label (recorded, and part of the seed).
         max_points: see :func:`marginal_sizes`.
@@ -216,7 +223,7 @@ def marginal_effect_curve(
 
     y = _span_coordinates(z.detach().to(dtype).cpu(), normalize)
     k = y.shape[1]
-    rng = np.random.default_rng([seed, int(label)])
+    rng = np.random.default_rng(_class_seed(seed, int(label)))
     perms = torch.from_numpy(np.argsort(rng.random((repeats, n)), axis=1))
     mean = np.empty(len(grid))
     std = np.empty(len(grid))

@@ -52,6 +52,16 @@ def unnormalized_norm_limit(embedding_size: int, singular_values: bool = True) -
     return math.sqrt(SPREAD_LIMIT / embedding_size)
 
 
+def unit_rows(z: torch.Tensor) -> torch.Tensor:
+    """Each row of a floating tensor scaled to unit L2 norm (zero rows stay zero),
+    for any norm the dtype holds: each row is first divided by its largest
+    magnitude, so that its squares neither overflow (``F.normalize`` gave rows
+    of norm past ~1e154 in float64 as zero) nor underflow (below its 1e-12
+    floor, rows came out short of unit length)."""
+    tiny = torch.finfo(z.dtype).tiny
+    return F.normalize(z / z.abs().amax(-1, keepdim=True).clamp(min=tiny), dim=-1, eps=tiny)
+
+
 def _check_features(features: torch.Tensor, name: str = "features") -> None:
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(features).__name__}")
@@ -228,11 +238,7 @@ def padded_class_scales(
         wide_enough = torch.promote_types(features.dtype, dtype)  # float64 input narrows after normalising
         z = torch.where(mask.unsqueeze(-1), features.to(wide_enough), 0.0)
         if normalize:
-            # each row first divided by its largest magnitude: its squares then
-            # neither overflow (rows of norm past ~1e154 came out zero) nor
-            # underflow (tiny rows came out inflated), as in the memory
-            tiny = torch.finfo(wide_enough).tiny
-            z = F.normalize(z / z.abs().amax(-1, keepdim=True).clamp(min=tiny), dim=-1, eps=tiny)
+            z = unit_rows(z)
         z = z.to(dtype)
         valid = mask.to(dtype).unsqueeze(-1)
         if not normalize:

@@ -60,7 +60,13 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed.gather import check_batch_collectively, gather_batch, should_gather
-from ..functional.semantic_scale import logdet_and_inverse_spd, logdet_spd, size_buckets, unnormalized_norm_limit
+from ..functional.semantic_scale import (
+    logdet_and_inverse_spd,
+    logdet_spd,
+    size_buckets,
+    unit_rows,
+    unnormalized_norm_limit,
+)
 from ..functional.weights import check_eps, check_normalize, dsb_weights
 
 logger = logging.getLogger(__name__)
@@ -711,13 +717,7 @@ class SemanticScaleMemory(torch.nn.Module):
         (unless ``l2_normalize=False``), float32."""
         emb = embeddings.detach().to(device=self.embedding_memory.device)
         if self.l2_normalize:
-            # in float64, each row first divided by its largest magnitude: its
-            # squares then neither overflow (rows of norm past ~1e154 came out
-            # zero) nor underflow; the tiny eps: F.normalize's default 1e-12
-            # floor would leave vectors of smaller norm short of unit length
-            tiny = torch.finfo(torch.float64).tiny
-            emb = emb.double()
-            emb = F.normalize(emb / emb.abs().amax(1, keepdim=True).clamp(min=tiny), dim=1, eps=tiny)
+            emb = unit_rows(emb.double())  # in float64: any float32/64 row's norm
         return emb.float()
 
     def _store(self, slots: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor) -> None:

@@ -156,8 +156,12 @@ def test_checkpoint_features_come_from_the_files_own_weights(tmp_path):
          "--dataset, --imbalance-factor: not used with --checkpoint"),
         (["analyze", "summary", "--run", "r", "--split-seed", "3"], "--split-seed: not used with --run"),
         (["analyze", "manifold", "--factors", "1", "1", "2"], "--factors needs at least two distinct values"),
+        # one point has no spread: S = 0 at every factor, reported "NOT monotonic"
+        (["analyze", "manifold", "--points", "1"], "argument --points: must be an integer >= 2, got 1"),
+        (["analyze", "marginal", "--max-points", "1"], "argument --max-points: must be an integer >= 2, got 1"),
     ],
-    ids=["no-source", "checkpoint-split", "checkpoint-dataset", "run-split-seed", "repeated-factor"],
+    ids=["no-source", "checkpoint-split", "checkpoint-dataset", "run-split-seed", "repeated-factor", "points",
+         "max-points"],
 )
 def test_inputs_that_would_be_ignored_are_usage_errors(tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as info:
@@ -244,3 +248,26 @@ def test_summary_of_a_run_averages_a_scale_over_the_seeds_that_have_one(tmp_path
     assert summ["num_classes"] == 6 and got.keys() == want.keys()
     for c in want:
         assert got[c] == pytest.approx(want[c], rel=1e-12)
+
+
+def test_an_unknown_method_is_refused_before_any_output(tmp_path, capsys):
+    # it was found when the loop reached it, after the earlier methods' plots
+    run_dir = fake_run(tmp_path / "run")
+    with pytest.raises(SystemExit) as info:
+        main(["analyze", "imbalance", "--run", str(run_dir), "--method", "NSM", "BOGUS", "--out", str(tmp_path / "o")])
+    assert info.value.code == 2 and "--method BOGUS: not in the run (its methods: " in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_clouds_with_the_same_file_name_are_named_by_their_paths(tmp_path, capsys):
+    # keyed by file name, the second cloud silently replaced the first
+    for i, folder in enumerate(("a", "b")):
+        (tmp_path / folder).mkdir()
+        np.save(tmp_path / folder / "cloud.npy", np.random.default_rng(i).normal(size=(20, 3)) * (i + 1))
+    paths = [str(tmp_path / "a" / "cloud.npy"), str(tmp_path / "b" / "cloud.npy")]
+    run(["analyze", "manifold", "--input", *paths, "--factors", "1", "2", "--out", str(tmp_path / "m")], capsys)
+    volumes = json.loads((tmp_path / "m" / "manifold.json").read_text())["volumes"]
+    assert sorted(volumes) == sorted(paths) and volumes[paths[0]] != volumes[paths[1]]
+    with pytest.raises(SystemExit) as info:
+        main(["analyze", "manifold", "--input", paths[0], paths[0], "--out", str(tmp_path / "n")])
+    assert info.value.code == 2 and "--input names a file twice" in capsys.readouterr().err

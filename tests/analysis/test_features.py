@@ -17,3 +17,10 @@ def test_a_dataset_without_a_labels_attribute_gives_its_items_labels():
     assert labels.dtype == np.int64 and labels.tolist() == y.tolist() and model.training
     raw, raw_labels = raw_features(data, batch_size=10)
     assert torch.equal(raw, x) and raw_labels.tolist() == y.tolist()
+
+
+def test_a_model_without_parameters_embeds_on_the_cpu():
+    # next(model.parameters()) raised a bare StopIteration
+    x = torch.randn(5, 2, 3)
+    features, labels = embed_dataset(torch.nn.Flatten(), torch.utils.data.TensorDataset(x, torch.arange(5)))
+    assert torch.equal(features, x.flatten(1)) and labels.tolist() == list(range(5))

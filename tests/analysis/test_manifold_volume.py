@@ -78,3 +78,18 @@ def test_bad_point_clouds(tmp_path):
     # a repeated factor made a zero step in log2 f: NaN rates and a false "NOT monotonic"
     with pytest.raises(ValueError, match=r"factors must be distinct, got \[1.0, 1.0, 2.0\]"):
         volume_report([1, 1, 2], [3.0, 3.0, 4.5])
+    for factors in ([0.0, 1.0], [-1.0, 1.0], [1.0, float("inf")]):  # log2 f: LAPACK noise, then LinAlgError
+        with pytest.raises(ValueError, match="factors must be positive and finite"):
+            volume_report(factors, [3.0, 4.0])
+
+
+def test_ply_header_without_data_or_format_is_named(tmp_path):
+    # both raised IndexError, which the CLI printed as a traceback
+    truncated = tmp_path / "trunc.ply"
+    truncated.write_bytes(PLY_HEADER.format(n=1).rstrip("\n").encode())
+    with pytest.raises(ValueError, match="ends at 'end_header': no vertex data"):
+        read_ply(truncated)
+    bare = tmp_path / "bare.ply"
+    bare.write_text(PLY_HEADER.format(n=1).replace("format ascii 1.0", "format") + "0 0 0\n")
+    with pytest.raises(ValueError, match="names no format in its PLY header"):
+        read_ply(bare)

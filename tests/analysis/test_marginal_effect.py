@@ -84,3 +84,25 @@ def test_tiny_and_invalid_inputs():
         marginal_effect_curve(np.full((4, 3), np.nan))
     with pytest.raises(TypeError, match="labels"):
         class_marginal_curves(np.random.rand(4, 3), [0.0, 1.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("factor", [1e-13, 1e-200, 1e160])
+def test_rows_of_any_norm_give_the_scale_of_their_directions(factor):
+    # F.normalize's 1e-12 floor left tiny rows short of unit length, and squares
+    # of rows past ~1e154 overflowed: full_scale was 0.05 or 0 for 1.28
+    z = torch.randn(6, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = marginal_effect_curve(z, repeats=2)
+    got = marginal_effect_curve(z * factor, repeats=2)
+    assert got.full_scale == pytest.approx(want.full_scale, rel=1e-12)
+    np.testing.assert_allclose(got.mean, want.mean, rtol=1e-12)
+
+
+def test_negative_labels_are_seeded_apart_from_the_others():
+    z = np.random.default_rng(4).normal(size=(10, 3))
+    curves = {c.label: c for c in class_marginal_curves(np.concatenate([z, z]), [-2] * 10 + [2] * 10, repeats=3)}
+    assert sorted(curves) == [-2, 2]
+    # [seed, -label, 1] for a negative label (numpy seeds are non-negative)
+    perms = np.argsort(np.random.default_rng([0, 2, 1]).random((3, 10)), axis=1)
+    s = [float(pml_dsb.semantic_scale(torch.as_tensor(z[perms[r, :4]]))) for r in range(3)]
+    assert curves[-2].at(4) == pytest.approx(np.mean(s), rel=1e-10)
+    assert curves[-2].at(4) != pytest.approx(curves[2].at(4), rel=1e-6)  # the same rows, other subsets
