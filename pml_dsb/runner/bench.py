@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["run_benchmark", "configure_runtime", "RunFolderExistsError"]
 
-_RUN_OUTPUTS = ("checkpoints", "results.json", "table.md", "table.csv", "per_class.csv", "per_class_recall.png",
-                "environment.json", "config.toml")
+# written by the end of a run, from all its results: stale once a resume starts
+_SUMMARY_OUTPUTS = ("results.json", "table.md", "table.csv", "per_class.csv", "per_class_recall.png")
+_RUN_OUTPUTS = ("checkpoints", *_SUMMARY_OUTPUTS, "environment.json", "config.toml")
 
 
 class RunFolderExistsError(FileExistsError):
@@ -113,12 +114,19 @@ def _check_against_data(config: BenchConfig, data) -> None:
     """The settings that need the dataset's sizes, checked before any training."""
     n, classes = len(data.train), len(data.train_counts)
     dsb_methods = [m for m in config.methods if m.upper().startswith("DSB")]
+    tr = config.training
     if dsb_methods and config.dsb.index_addressed and config.dsb.memory_size not in (0, n):
         raise ConfigError(
             f"[dsb] index_addressed needs memory_size = the training-set size ({n}) or 0, "
             f"got {config.dsb.memory_size}; set memory_size = 0 or index_addressed = false"
         )
-    tr = config.training
+    if dsb_methods and not config.dsb.index_addressed and 0 < config.dsb.memory_size < tr.batch_size:
+        # the memory refuses a batch larger than itself: found at the first DSB
+        # batch, after the other methods had trained
+        raise ConfigError(
+            f"[dsb] memory_size = {config.dsb.memory_size} is smaller than [training] batch_size = "
+            f"{tr.batch_size}: a first-in-first-out memory holds at least one batch; raise memory_size or set it to 0"
+        )
     if samples_per_epoch(n, tr, current_context().world_size) == 0:
         raise ConfigError(
             f"[training] an epoch of {n} training samples yields no batch with batch_size = "
@@ -133,6 +141,21 @@ def _check_against_data(config: BenchConfig, data) -> None:
             "at one batch at most; these runs will hardly differ from their parents'"
             if tr.epochs == config.dsb.warmup_epochs else "never; these runs will equal their parents'")
     check_m_per_class(tr, classes)
+
+
+def _check_model_fits_data(model: torch.nn.Module, data, config: BenchConfig) -> None:
+    """One test image through the model (eval mode, CPU), before the run folder
+    is written: a ResNet given 1-channel 8x8 digits failed at the first
+    evaluation, with torch's message and the folder already written."""
+    image = data.test[0][0]
+    try:
+        with torch.no_grad():
+            model.eval()(image.unsqueeze(0))
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(
+            f"[model] name = {config.model.name!r} cannot embed [dataset] name = {config.dataset.name!r} "
+            f"images (shape {tuple(image.shape)}): {err}"
+        ) from None
 
 
 def _import_optional_modules() -> None:
@@ -192,7 +215,7 @@ def run_benchmark(
     data = build_run_data(config)
     _check_against_data(config, data)
     with torch.random.fork_rng(devices=[]):
-        build_embedding_model(config.model)
+        _check_model_fits_data(build_embedding_model(config.model), data, config)
     if resume and not overwrite:
         on_main(_check_resumable_runs, run_dir, config, ctx.world_size)
     if overwrite:
@@ -239,6 +262,12 @@ def _check_resumable_runs(run_dir: str, config: BenchConfig, world_size: int) ->
 
 def _write_start(run_dir: str, config: BenchConfig, device: torch.device, argv, started: str) -> None:
     os.makedirs(run_dir, exist_ok=True)
+    # a resumed run (perhaps with more epochs) rewrites its summary at the end:
+    # until then a previous one would sit beside the new config.toml
+    for name in _SUMMARY_OUTPUTS:
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
     with open(os.path.join(run_dir, "config.toml"), "w", encoding="utf-8") as fh:
         fh.write(dump_config(config, header="Resolved config of this run (pml-dsb bench)."))
     write_environment(run_dir, environment_info(config, str(device), argv, started=started, finished=None))

@@ -521,7 +521,7 @@ def load_config(path: Union[str, os.PathLike]) -> BenchConfig:
     with open(path, "rb") as fh:
         try:
             data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as err:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:  # TOML is UTF-8
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
     return config_from_dict(data, source=path)
 

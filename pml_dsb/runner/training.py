@@ -572,8 +572,15 @@ def _finished_result(result_path: str, epochs: int, key: dict) -> Optional[dict]
     """``result.json`` of a run finished earlier with these settings, else None."""
     if not os.path.isfile(result_path):
         return None
-    with open(result_path, encoding="utf-8") as fh:
-        done = json.load(fh)
+    try:
+        with open(result_path, encoding="utf-8") as fh:
+            done = json.load(fh)
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{result_path}: unreadable ({err}); delete it to train this run again") from None
+    if not isinstance(done, dict):
+        raise CheckpointError(
+            f"{result_path}: not a run's result (a JSON {type(done).__name__}); delete it to train this run again"
+        )
     if done.get("epochs") == epochs and done.get("compatibility_key") == key:
         return done
     return None

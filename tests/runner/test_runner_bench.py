@@ -330,3 +330,47 @@ def test_train_one_refuses_an_m_per_class_sampler_that_cannot_fill_a_batch(tmp_p
     _, cfg = tiny_config(tmp_path, epochs=1, methods=["NSM"], sampler="m_per_class", m_per_class=2, batch_size=64)
     with pytest.raises(ConfigError, match="m_per_class = 2 samples of each of 10 classes: at most 20"):
         train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("case", ["resnet-on-digits", "fifo-memory-below-batch"])
+def test_configs_that_fail_at_their_first_batch_are_refused_before_anything_is_written(tmp_path, caplog, case):
+    """A ResNet given 1-channel digits failed at the first evaluation, and a
+    first-in-first-out memory smaller than a batch at the first DSB batch
+    (after NSM had trained): both left a run folder a rerun refused."""
+    _, cfg = tiny_config(tmp_path, epochs=1, methods=["NSM", "DSB-NSM"])
+    if case == "resnet-on-digits":
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="resnet18", width=None))
+        words = "[model] name = 'resnet18' cannot embed [dataset] name = 'digits_lt' images (shape (1, 8, 8))"
+    else:
+        cfg = dataclasses.replace(cfg, dsb=dataclasses.replace(cfg.dsb, index_addressed=False, memory_size=5))
+        words = "[dsb] memory_size = 5 is smaller than [training] batch_size = 64"
+    path = tmp_path / "bad.toml"
+    path.write_text(dump_config(cfg))
+    assert bench(str(path), tmp_path / "out") == 2
+    assert words in caplog.text and "Traceback" not in caplog.text
+    assert not (tmp_path / "out" / "tiny").exists()
+
+
+@pytest.mark.parametrize("content", ['{"epochs": 1, "compat', "[1, 2]"], ids=["truncated", "not-an-object"])
+def test_an_unreadable_result_json_is_named_on_resume(tmp_path, caplog, content):
+    # a bare JSONDecodeError named no file; a list raised AttributeError
+    config_path, _ = tiny_config(tmp_path, epochs=1, methods=["NSM"])
+    out = tmp_path / "results"
+    assert bench(config_path, out) == 0
+    result = out / "tiny" / "checkpoints" / "NSM" / "seed0" / "result.json"
+    result.write_text(content)
+    assert bench(config_path, out, "--resume") == 2
+    assert str(result) in caplog.text and "delete it to train this run again" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_a_resume_removes_the_previous_summary_until_it_writes_its_own(tmp_path):
+    # stopped before its end, a resume with more epochs left the old tables beside the new config.toml
+    config_path, _ = tiny_config(tmp_path, epochs=1, methods=["NSM"])
+    out = tmp_path / "results"
+    assert bench(config_path, out) == 0
+    assert bench(config_path, out, "--resume", "--epochs", "3", "--stop-after-epoch", "2") == 0
+    assert load_config(out / "tiny" / "config.toml").training.epochs == 3
+    assert not any((out / "tiny" / name).exists() for name in RUN_FILES if name not in ("config.toml", "environment.json"))
+    assert bench(config_path, out, "--resume", "--epochs", "3") == 0
+    assert json.loads((out / "tiny" / "results.json").read_text())["epochs"] == 3

@@ -228,6 +228,11 @@ def test_toml_syntax_error_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML") as err:
         load_config(path)
     assert path in str(err.value)
+    latin1 = tmp_path / "latin1.toml"  # TOML is UTF-8: a bare UnicodeDecodeError named no file
+    latin1.write_bytes('name = "Straße"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="not valid TOML.*'utf-8' codec") as err:
+        load_config(latin1)
+    assert str(latin1) in str(err.value)
 
 
 def test_methods_are_canonicalised():
