@@ -135,6 +135,25 @@ def _fingerprint(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[int, i
     return int(labels.detach().to(torch.long).sum()), int(bits.to(torch.long).sum())
 
 
+def _check_shapes(embeddings, labels, indices) -> None:
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be a (batch, size) tensor, got {_shape_of(embeddings)}")
+    batch = embeddings.shape[0]
+    for name, value in (("labels", labels), ("indices", indices)):
+        if name == "indices" and value is None:
+            continue
+        if not isinstance(value, torch.Tensor) or value.dim() != 1 or len(value) != batch:
+            raise ValueError(f"{name} must be a ({batch},) tensor, one per embedding, got {_shape_of(value)}")
+        if value.is_floating_point() or value.is_complex():
+            raise TypeError(f"{name} must be integers, got dtype {value.dtype}")
+
+
+def _shape_of(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 def check_batch_collectively(
     check: Optional[Callable[..., None]],
     embeddings,
@@ -164,16 +183,17 @@ def _agree(check, embeddings, labels, indices, group) -> tuple[list[int], bool, 
     try:
         if check is not None:
             check(embeddings, labels, indices)
-        batch = int(embeddings.shape[0])
+        _check_shapes(embeddings, labels, indices)  # what the exchange relies on, whatever ``check`` is
+        batch, dim = int(embeddings.shape[0]), int(embeddings.shape[1])
         fp_labels, fp_emb = _fingerprint(embeddings, labels)
         dtype_code = _FLOAT_DTYPES.index(embeddings.dtype) if embeddings.dtype in _FLOAT_DTYPES else -1
     except Exception as err:  # every failure must reach the other ranks
-        error, batch, fp_labels, fp_emb, dtype_code = err, 0, 0, 0, -1
+        error, batch, dim, fp_labels, fp_emb, dtype_code = err, 0, 0, 0, 0, -1
 
     world = dist.get_world_size(group)
     device = _comm_device(group)
     status = torch.tensor(
-        [int(error is not None), batch, int(indices is not None), fp_labels, fp_emb, dtype_code],
+        [int(error is not None), batch, int(indices is not None), fp_labels, fp_emb, dtype_code, dim],
         dtype=torch.long,
         device=device,
     )
@@ -192,6 +212,12 @@ def _agree(check, embeddings, labels, indices, group) -> tuple[list[int], bool, 
             "no rank changed its memory",
             bad,
         ) from error
+    dims = table[:, 6].tolist()
+    if len(set(dims)) > 1:
+        raise BatchRejectedError(
+            f"the ranks' embeddings have different sizes {dims} (in rank order); no rank changed its memory",
+            [r for r, size in enumerate(dims) if size != dims[0]],
+        )
     with_indices = table[:, 2].tolist()
     if len(set(with_indices)) > 1:
         given = [r for r, flag in enumerate(with_indices) if flag]

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from ..distributed.gather import check_batch_collectively, gather_batch, should_gather
 from ..functional.semantic_scale import (
+    class_semantic_scales,
     logdet_and_inverse_spd,
     logdet_spd,
     size_buckets,
@@ -190,8 +191,12 @@ class SemanticScaleMemory(torch.nn.Module):
             statistics would then swallow a class's unit eigenvalues in
             ``I + (d/m)·Zc·Zcᵀ`` (drifting scales, then a failed factorisation).
         scale_dtype: precision of the scale computation (float64 default).
-            float32 is faster (1.2-1.3x per DSB step at the d = 512 shapes of
-            benchmarks/bench_dsb_step.py) and agrees within ~1e-6 relative for
+            float32 is faster in a first-in-first-out memory (1.2-1.3x per DSB
+            step at the d = 512 shapes of benchmarks/bench_dsb_step.py), about
+            as fast in an index-addressed one (0.89-1.01x the float64 step:
+            its Gram-form classes are refactorised, not updated in low rank,
+            whose float64 algebra would carry float32 products' rounding as
+            spread), and agrees within ~1e-6 relative for
             well-spread classes, but loses accuracy as a class's spread shrinks:
             6 samples at d = 16 spread ~0.03, 0.003, 0.0003 about their mean
             gave 2e-5, 3e-3, 0.2 relative (medians of 20 draws). A class of
@@ -824,9 +829,17 @@ class SemanticScaleMemory(torch.nn.Module):
         """(C,) float64 semantic scales of the memory's contents, in bits.
 
         Recomputes only the classes touched since the last call; 0 for a class
-        with fewer than two samples.
+        with fewer than two samples. The first call builds the per-class
+        statistics that later calls update, except before stage 3 in a
+        memory that gathers: there the scales are computed from the contents
+        and nothing is kept, so that a read on some ranks only (logging on
+        rank 0) leaves every rank's memory the same (statistics built at other
+        times differ in rounding).
         """
         if not bool(self.statistics_built):
+            if self.stage < 3 and should_gather(self.distributed):
+                rows, labels = self.contents()
+                return class_semantic_scales(rows, labels, self.num_classes, normalize=False)
             self._build_statistics()
         stale = torch.nonzero(self.stale).flatten()
         if stale.numel():
@@ -1080,8 +1093,16 @@ class SemanticScaleMemory(torch.nn.Module):
         small = torch.nonzero(ready & ~large).flatten()
         if small.numel():
             widths = self._class_width(classes[small])
-            # the low-rank Gram path needs positions 0..m-1
-            build[small] = build[small] & (widths == counts[small]) & (widths >= self._low_rank_min_size())
+            # the low-rank Gram path needs positions 0..m-1, and exact products: it
+            # works in float64 on the stored Gram rows, where float32 products'
+            # rounding is spread (a class of identical samples kept S ~ 1e-9 > eps
+            # through its updates and took all the weight)
+            build[small] = (
+                build[small]
+                & (widths == counts[small])
+                & (widths >= self._low_rank_min_size())
+                & (self.scale_dtype == torch.float64)
+            )
             for bucket in self._buckets(widths):
                 part = small[bucket]
                 out[part] = self._gram_scales(classes[part], counts[part], widths[bucket], build[part])

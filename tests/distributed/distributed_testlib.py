@@ -63,12 +63,23 @@ def same_state(a, b):
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
+def read_scales(memory):
+    """``memory.scales()`` as a gathering memory answers it: before stage 3 from
+    its contents, nothing kept (a one-process reference then builds its
+    statistics when the ranks do, and holds the same state bit for bit)."""
+    from pml_dsb import class_semantic_scales
+
+    if memory.stage < 3 and not bool(memory.statistics_built):
+        return class_semantic_scales(*memory.contents(), memory.num_classes, normalize=False)
+    return memory.scales()
+
+
 def _step_record(rec, loss, value, emb):
     rec["loss"].append(value.detach().clone())
     rec["grad"].append(emb.grad.detach().clone())
     rec["stage"].append(loss.memory.stage)
     rec["enqueued"].append(loss.memory.num_enqueued)
-    rec["scales"].append(loss.memory.scales())
+    rec["scales"].append(read_scales(loss.memory))
 
 
 def _new_record():
@@ -167,7 +178,7 @@ def scenario_faults(rank, world):
         rec["unchanged"].append(same_state(before, state_of(loss.memory)))
         rec["enqueued"].append(loss.memory.num_enqueued)
     rec["state"] = state_of(loss.memory)
-    rec["scales"] = loss.memory.scales()
+    rec["scales"] = read_scales(loss.memory)
     return rec
 
 
@@ -176,7 +187,7 @@ def reference_faults():
     for t, step in enumerate(make_batches(2, UNEVEN, FAULT_STEPS)):
         if t not in FAULTS:
             ref.memory.enqueue(*concat(step))
-    return {"state": state_of(ref.memory), "scales": ref.memory.scales()}
+    return {"state": state_of(ref.memory), "scales": read_scales(ref.memory)}
 
 
 INDEX_STEPS = (
@@ -325,7 +336,7 @@ def scenario_pml_wrapper(rank, world):
         rec["loss"].append(value.detach().clone())
         rec["enqueued"].append(loss.memory.num_enqueued)
         rec["stage"].append(loss.memory.stage)
-        rec["scales"].append(loss.memory.scales())
+        rec["scales"].append(read_scales(loss.memory))
     emb, labels = loss.memory.contents()
     rec["contents"] = sorted(zip(labels.tolist(), emb.tolist()))
     return rec
@@ -354,7 +365,7 @@ def reference_pml_wrapper():
         rec["loss"].append(ref(*concat(step)).detach())
         rec["enqueued"].append(ref.memory.num_enqueued)
         rec["stage"].append(ref.memory.stage)
-        rec["scales"].append(ref.memory.scales())
+        rec["scales"].append(read_scales(ref.memory))
     emb, labels = ref.memory.contents()
     rec["contents"] = sorted(zip(labels.tolist(), emb.tolist()))
     return rec
@@ -400,7 +411,7 @@ def reference_dsb_wrapper(world=2):
             rec.setdefault("param_grad", []).append(param_grad)
             rec["stage"].append(ref.memory.stage)
             rec["enqueued"].append(ref.memory.num_enqueued)
-            rec["scales"].append(ref.memory.scales())
+            rec["scales"].append(read_scales(ref.memory))
             start += len(part)
     for rec in recs:
         rec["state"] = state_of(ref.memory)
@@ -556,6 +567,52 @@ def scenario_one_rank_errors(rank, world):
     return rec
 
 
+def scenario_gather_shapes(rank, world):
+    """gather_batch without a check, rank 1's batch malformed in three ways
+    (labels one short, 1-D rows, another width), then a good batch. The
+    malformed ones once raised on rank 1 only: rank 0 then returned garbage rows
+    paired with rank 1's next exchange, and gloo aborted rank 1."""
+    from pml_dsb.distributed import gather_batch
+
+    good = torch.full((4, D), float(rank + 1)), torch.full((4,), rank)
+    faults = [
+        (good[0], good[1][:3]),
+        (good[0][:, 0], good[1]),
+        (torch.ones(4, D + 1), good[1]),
+    ]
+    rec = {"errors": [], "batches": []}
+    for emb, labels in [*faults, good]:
+        if rank == 0:
+            emb, labels = good
+        try:
+            out = gather_batch(emb, labels)
+            rec["errors"].append(None)
+            rec["batches"].append((out.embeddings, out.labels, out.sizes))
+        except ValueError as err:
+            rec["errors"].append((type(err).__name__, getattr(err, "bad_ranks", None)))
+    return rec
+
+
+def scenario_rank_local_read(rank, world):
+    """scales() read on rank 0 alone during the warm-up (logging on the main
+    process): it once built and kept the statistics there only, and the ranks'
+    memories then differed (state_dicts, and scales by ~1e-15)."""
+    from pml_dsb import SemanticScaleMemory
+
+    mem = SemanticScaleMemory(C, D, M, warmup_epochs=WARMUP)
+    rec = {"read": [], "scales": []}
+    for t, step in enumerate(make_batches(13, UNEVEN, STEPS)):
+        if rank == 0 and mem.stage < 3 and t > 0:
+            rec["read"].append(mem.scales())
+        mem.enqueue(*step[rank])
+        if mem.stage == 3:
+            rec["scales"].append(mem.scales())
+    rec["state"] = state_of(mem)
+    return rec
+
+
+F64_STEPS = 5
+F64_STEPS = 5
 F64_STEPS = 5
 
 
@@ -612,6 +669,8 @@ SCENARIOS = {
     "dsb_wrapper_read": scenario_dsb_wrapper_read,
     "wide": scenario_wide,
     "reader": scenario_reader,
+    "gather_shapes": scenario_gather_shapes,
+    "rank_local_read": scenario_rank_local_read,
 }
 
 

@@ -4,6 +4,7 @@ Every scenario of ``distributed_testlib`` runs once, in one pair of processes;
 each test below checks one scenario's records against the other rank and
 against one process fed the concatenated batches.
 """
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -222,3 +223,25 @@ def test_errors_found_on_one_rank_raise_on_every_rank_at_once(ranks):
     assert r0["errors"] == r1["errors"] == ["BatchRejectedError"] * 3 + [None]
     assert r0["enqueued"] == r1["enqueued"] == [(0, 0)] * 3 + [(0, 8)]
     assert r0["queued"] == r1["queued"] == [0, 0, 0, 4]  # each rank's PML queue (local) took its 4 rows once
+
+
+def test_gather_batch_without_a_check_rejects_malformed_batches_on_every_rank(ranks):
+    r0, r1 = records(ranks, "gather_shapes")
+    assert r0["errors"] == r1["errors"] == [("BatchRejectedError", [1])] * 3 + [None]
+    for emb, labels, sizes in (r0["batches"][0], r1["batches"][0]):
+        assert sizes == [4, 4] and labels.tolist() == [0] * 4 + [1] * 4
+        assert torch.equal(emb, torch.cat([torch.full((4, lib.D), 1.0), torch.full((4, lib.D), 2.0)]))
+
+
+def test_scales_read_on_one_rank_before_stage_3_keep_the_memories_equal(ranks, np_ref):
+    r0, r1 = records(ranks, "rank_local_read")
+    assert len(r0["read"]) >= 2 and r1["read"] == [] and len(r0["scales"]) >= 2  # reads in stages 1 and 2
+    assert_same_state(r0["state"], r1["state"])
+    for a, b in zip(r0["scales"], r1["scales"]):
+        assert torch.equal(a, b)
+    # what rank 0 read: the scales of the memory's contents then, from scratch
+    mem_steps = lib.make_batches(13, lib.UNEVEN, lib.STEPS)
+    rows = torch.nn.functional.normalize(torch.cat([lib.concat(step)[0] for step in mem_steps[:1]]), dim=1)
+    labels = lib.concat(mem_steps[0])[1]
+    want = np_ref.class_scales(rows.double().numpy(), labels.numpy(), lib.C, normalize=False)
+    np.testing.assert_allclose(r0["read"][0].numpy(), want, rtol=1e-6, atol=1e-12)

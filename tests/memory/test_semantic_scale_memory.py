@@ -347,6 +347,34 @@ def test_float32_scale_of_identical_samples_is_zero(gen, np_ref, d, gram_size):
     assert float(weights[2]) == float(weights[:2].max()) and float(weights[:2].min()) > 0.9
 
 
+def test_float32_index_addressed_class_overwritten_by_one_sample_gets_no_scale():
+    """An index-addressed Gram-form class of 128 samples (low-rank updates on
+    CPU) rewritten, three at a time, with one vector: float32 products' rounding,
+    carried by the float64 low-rank updates, left S = 1.1e-9 > eps and the class
+    took all the weight ([2.0, 4.5e-10]). float32 Gram classes keep no cache."""
+    def run(scale_dtype, d=10, M=200, big=128, k=3):
+        torch.manual_seed(0)
+        labels = torch.tensor([0] * big + [1] * (M - big))
+        mem = SemanticScaleMemory(2, d, M, warmup_epochs=1, gram_size=150, scale_dtype=scale_dtype)
+        for _ in range(2):  # the second exact refresh keeps the inverses
+            mem.enqueue(torch.randn(M, d), labels, torch.arange(M))
+            mem.scales()
+        for identical in (False, True):
+            v = torch.randn(1, d) if identical else None
+            for start in range(0, big, k):
+                idx = torch.arange(start, min(start + k, big))
+                mem.enqueue(v.expand(len(idx), d) if identical else torch.randn(len(idx), d), labels[idx], idx)
+                mem.scales()
+        return mem
+
+    float64 = run(torch.float64)
+    assert bool(float64.cache_valid[0]) and float(float64.scales()[0]) <= float64.eps  # the low-rank path ran
+    mem = run(torch.float32)
+    assert not bool(mem.cache_valid[0])
+    assert float(mem.scales()[0]) <= mem.eps
+    assert mem.weights().tolist() == [1.0, 1.0]
+
+
 @pytest.mark.slow
 def test_scales_after_10000_updates_equal_from_scratch_float64(gen, np_ref):
     # gram_size=4: class 4 (every 20th sample) never holds more than 2 samples,
