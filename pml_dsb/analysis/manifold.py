@@ -102,6 +102,8 @@ def read_ply(path: Union[str, os.PathLike]) -> np.ndarray:
         if not tok:
             continue
         if tok[0] == "element":
+            if len(tok) != 3 or not tok[2].isdigit():
+                raise ValueError(f"{path!r}: malformed PLY header line {line!r} (expected 'element NAME COUNT')")
             elements.append([tok[1], int(tok[2]), []])
         elif tok[0] == "property" and elements:
             elements[-1][2].append(tok[-1])

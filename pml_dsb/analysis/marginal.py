@@ -129,16 +129,14 @@ def _class_seed(seed: int, label: int) -> list[int]:
     return [seed, label] if label >= 0 else [seed, -label, 1]
 
 
-def _span_coordinates(z: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """(n, d) float64 vectors -> (n, k) vectors with the same semantic scale of
-    every subset under ``normalize=False``, with ``k = min(n, d)``.
+def _span_coordinates(z: torch.Tensor) -> torch.Tensor:
+    """(n, d) vectors -> (n, k) vectors with the same semantic scale of every
+    subset under ``normalize=False``, with ``k = min(n, d)``.
 
     ``S`` depends on the vectors only through ``(d/m) * Gram(centred)``; the
     coordinates in an orthonormal basis of the span keep every Gram matrix,
     and the factor ``sqrt(d/k)`` restores ``d`` in ``d/m``.
     """
-    if normalize:
-        z = unit_rows(z)
     n, d = z.shape
     if n >= d:
         return z
@@ -221,7 +219,10 @@ def marginal_effect_curve(
     if n < 2:
         return MarginalCurve(int(label), n, grid, empty, empty, repeats, bool(normalize))
 
-    y = _span_coordinates(z.detach().to(dtype).cpu(), normalize)
+    z = z.detach().cpu()
+    if normalize:  # before narrowing to dtype: float32 turned rows of norm 1e160 into inf, 1e-200 into 0
+        z = unit_rows(z.to(torch.promote_types(z.dtype, dtype)))
+    y = _span_coordinates(z.to(dtype))
     k = y.shape[1]
     rng = np.random.default_rng(_class_seed(seed, int(label)))
     perms = torch.from_numpy(np.argsort(rng.random((repeats, n)), axis=1))

@@ -507,8 +507,12 @@ class SemanticScaleMemory(torch.nn.Module):
             if key in state_dict and state_dict[key].shape != mine.shape:
                 setattr(self, name, torch.empty_like(state_dict[key], device=mine.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if not self.l2_normalize:  # caches of an older release, which kept them here too: refreshed exactly
+        # caches that an older release (or a float64 memory) kept where this one
+        # keeps none (see _compute_scales): refreshed exactly
+        if not self.l2_normalize:
             self.cache_valid.zero_()
+        elif self.scale_dtype != torch.float64:
+            self.cache_valid[self.moment_index < 0] = False
 
     # ------------------------------------------------------------- validation
     def validate_batch(

@@ -93,3 +93,7 @@ def test_ply_header_without_data_or_format_is_named(tmp_path):
     bare.write_text(PLY_HEADER.format(n=1).replace("format ascii 1.0", "format") + "0 0 0\n")
     with pytest.raises(ValueError, match="names no format in its PLY header"):
         read_ply(bare)
+    for line in ("element vertex", "element", "element vertex -1"):
+        bare.write_text(PLY_HEADER.format(n=1).replace("element vertex 1", line) + "0 0 0\n")
+        with pytest.raises(ValueError, match=f"malformed PLY header line '{line}'"):
+            read_ply(bare)

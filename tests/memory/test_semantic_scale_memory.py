@@ -373,6 +373,11 @@ def test_float32_index_addressed_class_overwritten_by_one_sample_gets_no_scale()
     assert not bool(mem.cache_valid[0])
     assert float(mem.scales()[0]) <= mem.eps
     assert mem.weights().tolist() == [1.0, 1.0]
+    # nor when a checkpoint that kept one (an older release's, or a float64
+    # memory's) is loaded into a float32 memory
+    loaded = SemanticScaleMemory(2, 10, 200, warmup_epochs=1, gram_size=150, scale_dtype=torch.float32)
+    loaded.load_state_dict(float64.state_dict())
+    assert not bool(loaded.cache_valid[0])
 
 
 @pytest.mark.slow
