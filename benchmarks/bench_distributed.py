@@ -28,6 +28,10 @@ import time
 
 import torch
 
+# this checkout's package, not an installed one (an editable install of another clone)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_environment import run_settings  # noqa: E402
+
 
 def _data(args, step: int, rank: int, world: int):
     g = torch.Generator().manual_seed(args.seed * 100003 + step)
@@ -156,6 +160,8 @@ def main(argv=None) -> int:
     if args.worker:
         _worker(args)
         return 0
+    if args.world < 2:  # the comparison is against one process
+        parser.error(f"--world must be at least 2, got {args.world}")
 
     torch.set_num_threads(1)
     single = _timed_loop(args, 0, 1)
@@ -184,7 +190,7 @@ def main(argv=None) -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(figures, fh, indent=1)
+            json.dump({**figures, "settings": run_settings(args)}, fh, indent=1)
     return 0
 
 

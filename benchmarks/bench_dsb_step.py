@@ -26,6 +26,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -34,8 +35,12 @@ import torch
 from threadpoolctl import threadpool_limits
 from pytorch_metric_learning.losses import NormalizedSoftmaxLoss, SoftTripleLoss
 
-from pml_dsb import DSBNormalizedSoftmaxLoss, DSBSoftTripleLoss, SemanticScaleMemory
-from pml_dsb.memory import semantic_scale_memory as memory_module
+# this checkout's package, not an installed one (an editable install of another clone)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pml_dsb import DSBNormalizedSoftmaxLoss, DSBSoftTripleLoss, SemanticScaleMemory  # noqa: E402
+from pml_dsb.memory import semantic_scale_memory as memory_module  # noqa: E402
+
+from bench_environment import run_settings  # noqa: E402
 
 
 @dataclass
@@ -248,7 +253,13 @@ def bench_shape(
     return rows
 
 
-def bench_warmup_stage(shape: Shape, iters: int, seed: int, device: torch.device = torch.device("cpu")) -> list[dict]:
+def bench_warmup_stage(
+    shape: Shape,
+    iters: int,
+    seed: int,
+    device: torch.device = torch.device("cpu"),
+    scale_dtype: torch.dtype = torch.float64,
+) -> list[dict]:
     """The DSB step during warm-up (stage 2, FIFO, as under a PML trainer by default). The
     memory then only stores the batch; for comparison, a memory whose
     statistics were built before filling (a scales() call on the empty memory)
@@ -265,7 +276,9 @@ def bench_warmup_stage(shape: Shape, iters: int, seed: int, device: torch.device
         parent = parent_cls(num_classes=classes, embedding_size=shape.dim).to(device)
         losses = {}
         for kind in ("deferred", "eager"):
-            memory = SemanticScaleMemory(classes, shape.dim, memory_size, warmup_epochs=warmup_epochs).to(device)
+            memory = SemanticScaleMemory(
+                classes, shape.dim, memory_size, warmup_epochs=warmup_epochs, scale_dtype=scale_dtype
+            ).to(device)
             if kind == "eager":
                 memory.scales()  # statistics built now, then kept at every enqueue
             losses[kind] = dsb_cls(num_classes=classes, embedding_size=shape.dim, memory=memory).to(device)
@@ -292,6 +305,8 @@ def bench_warmup_stage(shape: Shape, iters: int, seed: int, device: torch.device
                 "shape": shape.name,
                 "loss": parent_cls.__name__,
                 "device": str(device),
+                "scale_dtype": str(scale_dtype).replace("torch.", ""),
+                "timed_steps": len(times["parent"]),
                 "parent_ms": 1e3 * med["parent"],
                 "dsb_stage2_ms": 1e3 * med["deferred"],
                 "ratio": med["deferred"] / med["parent"],
@@ -315,15 +330,22 @@ def memory_bytes(memory: SemanticScaleMemory) -> int:
 
 
 def bench_refresh(
-    sizes, iters: int, seed: int, classes: int = 100, batch: int = 64, dim: int = 512, addressing: str = "fifo"
+    sizes,
+    iters: int,
+    seed: int,
+    classes: int = 100,
+    batch: int = 64,
+    dim: int = 512,
+    addressing: str = "fifo",
+    scale_dtype: torch.dtype = torch.float64,
+    device: torch.device = torch.device("cpu"),
 ) -> list[dict]:
     """enqueue + scales() time at d = 512, equal B and classes, growing M."""
     rows = []
-    cpu = torch.device("cpu")
     for memory_size in sizes:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=device).manual_seed(seed)
         rng = np.random.default_rng(seed)
-        memory = SemanticScaleMemory(classes, dim, memory_size, warmup_epochs=1)
+        memory = SemanticScaleMemory(classes, dim, memory_size, warmup_epochs=1, scale_dtype=scale_dtype).to(device)
         counts = balanced(memory_size, classes)
         indexed = addressing == "index"
         labels_all = torch.from_numpy(np.repeat(np.arange(classes), counts))
@@ -331,15 +353,16 @@ def bench_refresh(
         chunk = 4096  # fill fast with big batches
         for start in range(0, memory_size, chunk):
             idx = fill[start : start + chunk]
-            memory.enqueue(torch.randn(len(idx), dim, generator=gen), labels_all[idx], idx if indexed else None)
+            emb = torch.randn(len(idx), dim, generator=gen, device=device)
+            memory.enqueue(emb, labels_all[idx].to(device), idx.to(device) if indexed else None)
         memory.scales()
         stream = index_stream(counts, batch, rng)
         times = []
         warmup, timed_iters = (10, max(iters, 80)) if indexed else (3, iters)  # as in bench_shape
         for i in range(timed_iters + warmup):
-            emb = torch.randn(batch, dim, generator=gen)
-            idx, labels = next(stream)
-            t = timed(lambda: (memory.enqueue(emb, labels, idx if indexed else None), memory.scales()), cpu)
+            emb = torch.randn(batch, dim, generator=gen, device=device)
+            idx, labels = (x.to(device) for x in next(stream))
+            t = timed(lambda: (memory.enqueue(emb, labels, idx if indexed else None), memory.scales()), device)
             if i >= warmup:
                 times.append(t)
         med, mean = statistics.median(times), statistics.fmean(times)
@@ -347,6 +370,9 @@ def bench_refresh(
             {
                 "memory_size": memory_size,
                 "addressing": addressing,
+                "device": str(device),
+                "scale_dtype": str(scale_dtype).replace("torch.", ""),
+                "timed_steps": len(times),
                 "refresh_ms": 1e3 * med,
                 "refresh_mean_ms": 1e3 * mean,
                 "memory_bytes": memory_bytes(memory),
@@ -433,7 +459,7 @@ def main() -> None:
         "--addressing", choices=("fifo", "index", "both"), default="both",
         help="memory form: ring buffer, index-addressed (sample_indices passed), or both (default)",
     )
-    parser.add_argument("--device", default="cpu", help="where the losses and memory run (default cpu)")
+    parser.add_argument("--device", default="cpu", help="where the losses and memory run (default cpu; the error measurement runs on the CPU)")
     parser.add_argument("--steps-only", action="store_true", help="skip the refresh and error measurements")
     parser.add_argument("--out", default="results/bench_dsb_step.json", help="where to write the figures")
     args = parser.parse_args()
@@ -444,20 +470,20 @@ def main() -> None:
     iters = args.iters or (5 if args.quick else 30)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, iterations {iters} "
           f"(index-addressed: {max(iters, 80)})")
-    results = {"steps": [], "warmup_stage": [], "refresh": [], "error": []}
-    device = torch.device(args.device)
+    results = {"settings": run_settings(args), "steps": [], "warmup_stage": [], "refresh": [], "error": []}
+    device, scale_dtype = torch.device(args.device), getattr(torch, args.scale_dtype)
     modes = ("fifo", "index") if args.addressing == "both" else (args.addressing,)
     for name in args.shapes.split(","):
         for mode in modes:
-            results["steps"] += bench_shape(
-                SHAPES[name](), iters, args.seed, getattr(torch, args.scale_dtype), mode, device
-            )
+            results["steps"] += bench_shape(SHAPES[name](), iters, args.seed, scale_dtype, mode, device)
     for name in args.shapes.split(","):
-        results["warmup_stage"] += bench_warmup_stage(SHAPES[name](), iters, args.seed, device)
+        results["warmup_stage"] += bench_warmup_stage(SHAPES[name](), iters, args.seed, device, scale_dtype)
     if not args.steps_only:
         sizes = (5864, 20000) if args.quick else (5864, 115846, 437513)
         for mode in modes:
-            results["refresh"] += bench_refresh(sizes, iters, args.seed, addressing=mode)
+            results["refresh"] += bench_refresh(
+                sizes, iters, args.seed, addressing=mode, scale_dtype=scale_dtype, device=device
+            )
         results["error"] = [
             bench_error(2000 if args.quick else 20000, args.seed, SHAPES["cub64"]()),
             # the low-rank path: index-addressed, large classes at d = 512

@@ -37,6 +37,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from bench_environment import git_revision
+
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -190,13 +192,7 @@ def environment() -> dict:
     import sklearn
     import torch
 
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() != ""
-    except OSError:
-        rev, dirty = "unknown", None
+    rev, dirty = git_revision()
     return dict(
         python=platform.python_version(), platform=platform.platform(), cpu_count=os.cpu_count(),
         torch=torch.__version__, faiss=faiss.__version__, pytorch_metric_learning=pytorch_metric_learning.__version__,

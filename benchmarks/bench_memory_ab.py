@@ -35,8 +35,13 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+# this checkout's package, not an installed one: the revision compared against
+# comes from this checkout's git (an editable install of another clone won)
+sys.path.insert(1, os.path.dirname(_HERE))
 from bench_dsb_step import SHAPES, fill_memory, index_stream  # noqa: E402
+from bench_environment import run_settings  # noqa: E402
 
 from pml_dsb import SemanticScaleMemory  # noqa: E402
 
@@ -120,7 +125,7 @@ def main() -> None:
     ]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"rev": args.rev, "rows": rows}, f, indent=2)
+        json.dump({"rev": args.rev, "settings": run_settings(args), "rows": rows}, f, indent=2)
     print(f"written to {args.out}")
 
 

@@ -50,6 +50,7 @@ sys.path.insert(0, _HERE)  # bench_dsb_step's class counts and sampler
 sys.path.insert(1, os.path.dirname(_HERE))  # the repo itself, when not installed
 
 from bench_dsb_step import balanced, imagenet_lt, index_stream  # noqa: E402
+from bench_environment import run_settings  # noqa: E402
 
 from pml_dsb import DSBSoftTripleLoss, SemanticScaleMemory  # noqa: E402
 
@@ -301,6 +302,8 @@ def main() -> None:
         flush=True,
     )
     results = {
+        "settings": run_settings(args),
+        "torchvision": torchvision.__version__,
         "torch": torch.__version__,
         "device": name,
         "cudnn_benchmark": device.type == "cuda" and not args.no_cudnn_benchmark,
