@@ -243,9 +243,14 @@ def count_predictors(scale, counts) -> dict[str, np.ndarray]:
     ['log_count', 'semantic_scale', 'train_count']
     """
     counts = np.asarray(counts, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    if scale.ndim == 0 or counts.ndim == 0 or scale.shape[-1] != counts.shape[-1]:  # (seeds, C) scales: (C,) counts
+        raise ValueError(f"scale and counts need one value per class each, got shapes {scale.shape} and {counts.shape}")
+    if np.any(counts < 0):  # 0 (a class unseen in training) has no log: NaN
+        raise ValueError(f"counts must be >= 0, got {counts.tolist()}")
     with np.errstate(divide="ignore", invalid="ignore"):
         logc = np.where(counts > 0, np.log(np.where(counts > 0, counts, 1.0)), np.nan)
-    return {"semantic_scale": np.asarray(scale, dtype=np.float64), "train_count": counts, "log_count": logc}
+    return {"semantic_scale": scale, "train_count": counts, "log_count": logc}
 
 
 def predictor_correlations(

@@ -107,10 +107,15 @@ def nmi_from_clusters(labels: Any, cluster_labels: Any) -> float:
     """
     from sklearn.metrics import normalized_mutual_info_score
 
+    if labels is None or cluster_labels is None:  # np.asarray(None) is one "label": NMI 1.0
+        raise ValueError("labels and cluster_labels must be sequences of labels, got None")
     y = np.asarray(labels).reshape(-1)
     c = np.asarray(cluster_labels).reshape(-1)
     if y.size == 0:
         raise ValueError("labels is empty; expected at least one label")
+    for name, values in (("labels", y), ("cluster_labels", c)):
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
     if y.shape != c.shape:
         raise ValueError(
             f"labels has {y.size} entries but cluster_labels has {c.size}; expected equal lengths"

@@ -52,6 +52,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from pml_dsb import _optional
+from pml_dsb._device import resolve_device
 
 from . import _checks
 from .clustering_metrics import kmeans_cluster_labels, nmi_from_clusters
@@ -166,7 +167,7 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             name: fn for name, fn in self.original_function_dict.items() if name in self._supported
         }
         self.curr_function_dict = self.get_function_dict()
-        self.device = None if device is None else torch.device(device)
+        self.device = None if device is None else resolve_device(device)  # here, not at the first batch
 
     # ---------------------------------------------------------------- metrics
     def _add_metric(self, name: str, fn, k: int) -> None:
@@ -272,6 +273,10 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
             kwargs["ranks"] = ranks
             kwargs["lone_query_mask"] = ranks.lone
         elif "num_lone_queries" in metrics:
+            # the checks that retrieval_ranks makes for the other metrics
+            for emb, lab, name in ((query, query_labels, "query"), (reference, reference_labels, "reference")):
+                rows = _checks.as_embeddings(emb, name)
+                _checks.as_labels(lab, f"{name}_labels", len(rows), name)
             kwargs["lone_query_mask"] = lone_query_mask(
                 _labels_numpy(query_labels), _labels_numpy(reference_labels), ref_includes_query=ref_includes_query
             )

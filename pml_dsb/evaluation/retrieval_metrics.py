@@ -73,6 +73,10 @@ def train_count_group(count: int) -> str:
     >>> [train_count_group(n) for n in (500, 101, 100, 20, 19, 0)]
     ['many', 'many', 'medium', 'medium', 'few', 'few']
     """
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) and not (
+        isinstance(count, (float, np.floating)) and float(count).is_integer()
+    ) or count < 0:
+        raise ValueError(f"count must be a whole number >= 0, got {count!r}")  # -5 and NaN read as "few"
     if count > 100:
         return "many"
     if count >= 20:
@@ -205,6 +209,10 @@ def lone_query_mask(
     >>> lone_query_mask([0, 2], [0, 1, 1], ref_includes_query=False).tolist()
     [False, True]
     """
+    if query_labels is None or reference_labels is None:
+        raise ValueError("query_labels and reference_labels must be sequences of labels, got None")
+    if not isinstance(ref_includes_query, (bool, np.bool_)):
+        raise TypeError(f"ref_includes_query must be True or False, got {ref_includes_query!r}")
     ql = np.asarray(query_labels).reshape(-1)
     rl = np.asarray(reference_labels).reshape(-1)
     uniq, counts = np.unique(rl, return_counts=True)
@@ -225,6 +233,10 @@ def first_match_rank(query_labels: Any, neighbor_labels: Any) -> np.ndarray:
     """
     ql = np.asarray(query_labels).reshape(-1)
     nl = np.asarray(neighbor_labels)
+    if nl.ndim != 2 or nl.shape[0] != ql.shape[0]:  # (1, k) would broadcast over queries silently
+        raise ValueError(
+            f"neighbor_labels must have shape (Nq, k) with Nq = {ql.shape[0]} queries, got shape {nl.shape}"
+        )
     match = nl == ql[:, None]
     return np.where(match.any(axis=1), match.argmax(axis=1), nl.shape[1]).astype(np.int64)
 

@@ -62,6 +62,17 @@ def unit_rows(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z / z.abs().amax(-1, keepdim=True).clamp(min=tiny), dim=-1, eps=tiny)
 
 
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):  # "no" or None would silently read as true or false
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__
+
+
 def _check_features(features: torch.Tensor, name: str = "features") -> None:
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(features).__name__}")
@@ -226,9 +237,16 @@ def padded_class_scales(
         block to the Gram form and nothing to the covariance form: they never
         count as samples.
     """
+    _check_flag("normalize", normalize)
+    if not isinstance(features, torch.Tensor) or features.dim() != 3 or not features.is_floating_point():
+        raise TypeError(f"features must be a floating (t, n, d) tensor, got {_describe(features)}")
     t, n, d = features.shape
     if d == 0:
         raise ValueError(f"features must have shape (t, n, d) with d >= 1, got shape {tuple(features.shape)}")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (t, n):
+        raise TypeError(f"mask must be a bool tensor of shape {(t, n)}, got {_describe(mask)}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
     out = torch.zeros(t, dtype=dtype, device=features.device)
     if t == 0 or n == 0:
         return out
@@ -237,6 +255,8 @@ def padded_class_scales(
         # normalisation too, whose gradient would carry it)
         wide_enough = torch.promote_types(features.dtype, dtype)  # float64 input narrows after normalising
         z = torch.where(mask.unsqueeze(-1), features.to(wide_enough), 0.0)
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("features contains NaN or Inf values in rows that mask marks valid")
         if normalize:
             z = unit_rows(z)
         z = z.to(dtype)
@@ -303,6 +323,7 @@ def semantic_scale(features: torch.Tensor, normalize: bool = True) -> torch.Tens
     0.0
     """
     _check_features(features)
+    _check_flag("normalize", normalize)
     m = features.shape[0]
     if m < 2:
         return torch.zeros((), dtype=torch.float64, device=features.device)
@@ -360,6 +381,7 @@ def class_semantic_scales(
     tensor([0.5000, 0.0000, 0.0000], dtype=torch.float64)
     """
     _check_features(features)
+    _check_flag("normalize", normalize)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     _check_labels(labels, num_classes, features.shape[0])

@@ -53,14 +53,25 @@ def dsb_weights(
     """
     check_normalize(normalize)
     check_eps(eps)
+    for name, value in (("scales", scales), ("counts", counts)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if scales.shape != counts.shape or scales.dim() != 1:
         raise ValueError(
             f"scales and counts must both have shape (C,), got {tuple(scales.shape)} "
             f"and {tuple(counts.shape)}"
         )
     scales = scales.to(torch.float64)
-    if bool(torch.isnan(scales).any()):  # would otherwise read as "no scale" and get the largest weight
-        raise ValueError(f"scales contain NaN (classes {torch.nonzero(torch.isnan(scales)).flatten().tolist()})")
+    # NaN would read as "no scale" and get the largest weight, +inf as a weight
+    # of 0 (its loss dropped); a rounding-negative scale is <= eps: no scale
+    bad = ~torch.isfinite(scales)
+    if bool(bad.any()):
+        raise ValueError(
+            f"scales must be finite, got {scales[bad].tolist()} "
+            f"(classes {torch.nonzero(bad).flatten().tolist()})"
+        )
+    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool or bool((counts < 0).any()):
+        raise ValueError(f"counts must be integers >= 0, got {counts.tolist()} (dtype {counts.dtype})")
     has_scale = (counts.to(scales.device) >= 2) & (scales > eps)
     weights = torch.ones_like(scales)
     if not bool(has_scale.any()):
@@ -88,18 +99,21 @@ def class_balanced_weights(counts, beta: float = 0.9999) -> torch.Tensor:
     >>> class_balanced_weights([100, 10], beta=0.9)
     tensor([0.7889, 1.2111], dtype=torch.float64)
     """
-    counts = torch.as_tensor(counts)
+    try:
+        counts = torch.as_tensor(counts)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"counts must be a sequence or tensor of whole numbers, got {counts!r}") from err
     if counts.dtype == torch.bool or counts.is_complex():
         raise TypeError(f"counts must be whole numbers, got dtype {counts.dtype}")
     if counts.dim() != 1 or counts.numel() == 0:
         raise ValueError(f"counts must be a non-empty 1-D sequence, got shape {tuple(counts.shape)}")
-    if counts.dtype.is_floating_point and not bool((counts == counts.round()).all()):
+    if counts.dtype.is_floating_point and not bool((counts == counts.round()).all() & torch.isfinite(counts).all()):
         raise TypeError(f"counts must be whole numbers, got {counts.tolist()}")
     if bool((counts < 1).any()):
         bad = torch.nonzero(counts < 1).flatten().tolist()
         raise ValueError(f"counts must be >= 1 for every class; classes {bad} have fewer")
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"beta must lie in [0, 1), got {beta}")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
     n = counts.to(torch.float64)
     effective = (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), n)) / (1.0 - beta)
     w = 1.0 / effective

@@ -5,7 +5,7 @@ import torch
 from pytorch_metric_learning.losses import CrossBatchMemory
 from pytorch_metric_learning.utils import common_functions as c_f
 
-from .dsb_weighting import DSBWeightingMixin
+from .dsb_weighting import DSBWeightingMixin, check_indices_tuple
 
 __all__ = ["DSBCrossBatchMemory"]
 
@@ -47,6 +47,10 @@ class DSBCrossBatchMemory(CrossBatchMemory):
                 f"DSBCrossBatchMemory wraps a DSB loss (e.g. with_dsb_weighting(TripletMarginLoss)(...)), got "
                 f"{type(loss).__name__}; use PML's CrossBatchMemory for other losses"
             )
+        for name, value, least in (("embedding_size", embedding_size, 1), ("memory_size", memory_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                # PML accepted 0 (failing at the first call) and gave torch's errors for the rest
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         # the name PML checks: that of the first PML class under the weighting
         # (set before Module.__init__, which runs the check)
         mro = type(loss).__mro__
@@ -127,28 +131,9 @@ class DSBCrossBatchMemory(CrossBatchMemory):
 
     def _check_indices_tuple(self, indices_tuple, batch: int) -> None:
         """PML indexes its queue with these after adding the batch to it:
-        anchors index the batch, the other entries the queue as it will be
-        (a negative index would silently count from the end)."""
-        if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4) or not all(
-            isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and t.dtype != torch.bool
-            and not t.is_complex() for t in indices_tuple
-        ):
-            raise TypeError(
-                "indices_tuple must be a tuple of 3 (anchors, positives, negatives) or 4 (anchors, positives, "
-                "anchors, negatives) 1-D integer tensors"
-            )
-        if len({len(t) for t in indices_tuple[:2]}) > 1 or len({len(t) for t in indices_tuple[-2:]}) > 1:
-            raise ValueError(f"indices_tuple's tensors differ in length: {[len(t) for t in indices_tuple]}")
+        anchors index the batch, the other entries the queue as it will be."""
         filled = self.has_been_filled or self.queue_idx + batch >= self.memory_size
-        references = self.memory_size if filled else self.queue_idx + batch
-        anchors = (0, 2) if len(indices_tuple) == 4 else (0,)
-        for position, t in enumerate(indices_tuple):
-            bound, what = (batch, "the batch") if position in anchors else (references, "the queue")
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
-                raise ValueError(
-                    f"indices_tuple[{position}] holds indices from {int(t.min())} to {int(t.max())}; it indexes "
-                    f"{what}, whose {bound} rows take indices 0..{bound - 1}"
-                )
+        check_indices_tuple(indices_tuple, batch, self.memory_size if filled else self.queue_idx + batch, "the queue")
 
     # PML keeps its queue's position in plain attributes: without them in the
     # state_dict a restored queue restarts empty at slot 0

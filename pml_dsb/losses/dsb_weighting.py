@@ -22,7 +22,7 @@ import math
 from typing import Optional
 
 import torch
-from pytorch_metric_learning.losses import MarginLoss, ProxyAnchorLoss
+from pytorch_metric_learning.losses import BaseMetricLossFunction, MarginLoss, ProxyAnchorLoss
 
 from ..distributed.gather import check_batch_collectively, should_gather
 from ..memory.semantic_scale_memory import SemanticScaleMemory, _raiser
@@ -55,6 +55,34 @@ def weight_losses_by_class(
     >>> weight_losses_by_class(d, torch.tensor([0, 1, 1]), torch.tensor([2.0, 0.5]))["loss"]["losses"]
     tensor([2.0000, 0.5000, 0.5000])
     """
+    _check_class_weighting(loss_dict, labels, class_weights, names)
+    return _weight_losses_by_class(loss_dict, labels, class_weights, names, element_indices)
+
+
+def _check_class_weighting(loss_dict, labels, class_weights, names) -> None:
+    """The public function's checks (the DSB losses pass the memory's own, checked, tensors)."""
+    if not isinstance(class_weights, torch.Tensor) or class_weights.dim() != 1 or not class_weights.is_floating_point():
+        raise TypeError(f"class_weights must be a 1-D floating tensor, got {_describe(class_weights)}")
+    if not bool(torch.isfinite(class_weights).all()):
+        raise ValueError(f"class_weights must be finite, got {class_weights.tolist()}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be a 1-D integer tensor, got {_describe(labels)}")
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(class_weights):
+        raise ValueError(  # -1 would silently take the last class's weight
+            f"labels must lie in [0, {len(class_weights)}) (class_weights has one weight per class), got values from "
+            f"{int(labels.min())} to {int(labels.max())}"
+        )
+    if isinstance(names, str) or (names is not None and any(name not in loss_dict for name in names)):
+        raise ValueError(f"names must be a sequence of keys of the loss dict {sorted(loss_dict)}, got {names!r}")
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__
+
+
+def _weight_losses_by_class(loss_dict, labels, class_weights, names, element_indices) -> dict:
     if element_indices not in ("samples", "classes"):
         raise ValueError(f"element_indices must be 'samples' or 'classes', got {element_indices!r}")
     for name in loss_dict if names is None else names:
@@ -105,11 +133,41 @@ def dsb_class_weights(
     plain mean of weighted losses (as the DSB losses reduce), use
     ``reduction="none"`` and ``.mean()``.
     """
+    if not isinstance(memory, SemanticScaleMemory):
+        hint = " (a DSB loss's is at loss.memory)" if isinstance(getattr(memory, "memory", None), SemanticScaleMemory) else ""
+        raise TypeError(f"memory must be a SemanticScaleMemory, got {type(memory).__name__}{hint}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype (weights are fractions), got {dtype!r}")
     if memory.stage == 3:
         weights = memory.weights()
     else:
         weights = torch.ones(memory.num_classes, dtype=torch.float64)
     return weights.to(device=device or memory.class_counts.device, dtype=dtype)
+
+
+def check_indices_tuple(indices_tuple, batch: int, references: int, what: str = "ref_emb") -> None:
+    """A miner's indices_tuple, checked before PML uses it: anchors index the
+    batch of ``batch`` rows, the other entries ``what`` of ``references`` rows
+    (a negative index would silently count from the end, one past the end
+    raised IndexError from inside PML)."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4) or not all(
+        isinstance(t, torch.Tensor) and t.dim() == 1 and not t.is_floating_point() and t.dtype != torch.bool
+        and not t.is_complex() for t in indices_tuple
+    ):
+        raise TypeError(
+            "indices_tuple must be a tuple of 3 (anchors, positives, negatives) or 4 (anchors, positives, "
+            "anchors, negatives) 1-D integer tensors"
+        )
+    if len({len(t) for t in indices_tuple[:2]}) > 1 or len({len(t) for t in indices_tuple[-2:]}) > 1:
+        raise ValueError(f"indices_tuple's tensors differ in length: {[len(t) for t in indices_tuple]}")
+    anchors = (0, 2) if len(indices_tuple) == 4 else (0,)
+    for position, t in enumerate(indices_tuple):
+        bound, where = (batch, "the batch") if position in anchors else (references, what)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= bound):
+            raise ValueError(
+                f"indices_tuple[{position}] holds indices from {int(t.min())} to {int(t.max())}; it indexes "
+                f"{where}, whose {bound} rows take indices 0..{bound - 1}"
+            )
 
 
 class _MemoryDefault:
@@ -271,6 +329,8 @@ class DSBWeightingMixin:
         self.num_classes = num_classes
         self.embedding_size = embedding_size  # PML records it but never sets it
         self.memory = memory
+        if not isinstance(update_memory, bool):  # "no" would read as True
+            raise TypeError(f"update_memory must be True or False, got {update_memory!r}")
         self.update_memory = update_memory
         self._sample_indices = None
         self._pending_sample_indices = None  # from expect_sample_indices(), for the next call
@@ -297,8 +357,16 @@ class DSBWeightingMixin:
         pending = getattr(self, "_pending_sample_indices", None)  # absent from older pickles
         self._pending_sample_indices = None
         conflict = None
+        if indices_tuple is not None and isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2:
+            try:  # through the collective check below, as any other bad input
+                refs = ref_emb if isinstance(ref_emb, torch.Tensor) and ref_emb.dim() == 2 else embeddings
+                check_indices_tuple(
+                    indices_tuple, len(embeddings), len(refs), "ref_emb" if refs is ref_emb else "the batch"
+                )
+            except (TypeError, ValueError) as err:
+                conflict = err
         if pending is not None:
-            if sample_indices is not None:
+            if sample_indices is not None and conflict is None:
                 conflict = ValueError(
                     "sample_indices were passed to this call and also announced by expect_sample_indices() "
                     "(a SampleIndicesGetter); give them one way"
@@ -408,9 +476,7 @@ class DSBWeightingMixin:
         if self.dsb_stage == 3:
             scales = self.memory.scales()
             weights = self.memory.weights(scales)
-            weight_losses_by_class(
-                loss_dict, labels, weights, names=names, element_indices=self.dsb_element_indices
-            )
+            _weight_losses_by_class(loss_dict, labels, weights, names, self.dsb_element_indices)
             # over the classes that have a scale (DEFINITIONS: S = 0 is "no scale yet")
             has_scale = scales[(self.memory.class_counts >= 2) & (scales > self.memory.eps)]
             if has_scale.numel():
@@ -452,8 +518,11 @@ def with_dsb_weighting(loss_class: type) -> type:
     Each parent gets one class (a second call returns the same one), and its
     instances pickle (``torch.save(loss)``, ``copy.deepcopy``) like any loss.
     """
-    if not isinstance(loss_class, type):
-        raise TypeError(f"loss_class must be a class, got {loss_class!r}")
+    if not isinstance(loss_class, type) or not issubclass(loss_class, BaseMetricLossFunction):
+        raise TypeError(
+            f"loss_class must be a subclass of PML's BaseMetricLossFunction, got {loss_class!r}; for "
+            f"torch.nn.CrossEntropyLoss use dsb_class_weights"
+        )
     return _built_dsb_class(loss_class)
 
 

@@ -53,6 +53,9 @@ class DigitsEmbeddingNet(nn.Module):
         self.embedding = nn.Linear(2 * width * 4 * 4, embedding_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            what = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"DigitsEmbeddingNet expects a floating tensor (e.g. DigitsLT's images), got {what}")
         if x.dim() != 4 or tuple(x.shape[1:]) != (1, 8, 8):
             raise ValueError(
                 f"DigitsEmbeddingNet expects input of shape N x 1 x 8 x 8, got {tuple(x.shape)}"

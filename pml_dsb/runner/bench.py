@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from ..distributed.ddp import barrier, current_context
-from .builders import build_embedding_model, build_run_data, check_m_per_class, samples_per_epoch
+from .builders import build_embedding_model, build_run_data, check_m_per_class, resolve_device, samples_per_epoch
 from .config import BenchConfig, ConfigError, RuntimeConfig, dump_config, load_config
 from .results import environment_info, now_iso, summarize, write_environment, write_run_folder
 from .training import check_resumable, compatibility_key, on_main, train_one
@@ -200,8 +200,9 @@ def run_benchmark(
             before anything is written.
         ModuleNotFoundError: faiss or matplotlib is missing (the ``cpu`` and
             ``plot`` extras), before anything is written.
+        ValueError: ``device`` is not one this machine has, before anything is written.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     ctx = current_context()
     run_dir = os.path.join(os.fspath(out), config.name)
     unused = config.dataset.unused_settings()

@@ -165,6 +165,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from ..distributed.ddp import destroy, init_from_env
     from ..distributed.gather import is_distributed
     from .bench import RunFolderExistsError, configure_runtime, run_benchmark
+    from .builders import resolve_device
     from .checkpoint import CheckpointError
     from .config import ConfigError, apply_overrides, default_config_path, load_config
 
@@ -182,12 +183,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
         logger.error("%s", err)
         return 2
     try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        logger.error("--device %s: %s", args.device, err)
-        return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        logger.error("--device %s: CUDA is not available in this torch installation/machine", args.device)
+        device = resolve_device(args.device)
+    except ValueError as err:
+        logger.error("--device: %s", err)
         return 2
     own_group = not is_distributed()  # a caller's process group is left alone
     try:

@@ -584,18 +584,21 @@ def apply_overrides(
     num_threads: Optional[int] = None,
     name: Optional[str] = None,
 ) -> BenchConfig:
-    """A copy of ``config`` with the command line's overrides (None: keep)."""
-    changes: dict[str, Any] = {}
-    if epochs is not None:
-        changes["training"] = dataclasses.replace(config.training, epochs=epochs)
-    if seeds is not None:
-        changes["seeds"] = list(seeds)
-    if methods is not None:
-        changes["methods"] = list(methods)
-    if data_root is not None:
-        changes["dataset"] = dataclasses.replace(config.dataset, root=os.fspath(data_root))
-    if num_threads is not None:
-        changes["runtime"] = dataclasses.replace(config.runtime, num_threads=num_threads)
-    if name is not None:
-        changes["name"] = name
-    return dataclasses.replace(config, **changes) if changes else config
+    """A copy of ``config`` with the command line's overrides (None: keep),
+    checked as a config file's values are (``ConfigError`` naming the key)."""
+    overrides = {
+        ("training", "epochs"): epochs,
+        ("seeds",): None if seeds is None else list(seeds),
+        ("methods",): None if methods is None else list(methods),
+        ("dataset", "root"): None if data_root is None else os.fspath(data_root),
+        ("runtime", "num_threads"): num_threads,
+        ("name",): name,
+    }
+    if all(value is None for value in overrides.values()):
+        return config
+    data = config_to_dict(config)
+    for path, value in overrides.items():
+        if value is not None:
+            section = data.setdefault(path[0], {}) if len(path) == 2 else data
+            section[path[-1]] = value
+    return config_from_dict(data, source="the overrides")

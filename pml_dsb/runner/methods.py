@@ -49,6 +49,16 @@ def is_dsb(method: str) -> bool:
     return canonical_method(method).startswith("DSB-")
 
 
+def _is_whole(value, least: int) -> bool:
+    """An int (or integral numpy/torch scalar) >= ``least``; not a bool or a fraction."""
+    if isinstance(value, bool) or getattr(value, "dtype", None) == bool:
+        return False
+    try:
+        return int(value) == value and value >= least
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 def build_loss(
     method: str,
     config,
@@ -79,7 +89,13 @@ def build_loss(
     torch.Size([3])
     """
     method = canonical_method(method)
-    counts = [int(c) for c in train_counts]
+    counts = list(train_counts)
+    if len(counts) < 2 or not all(_is_whole(c, 0) for c in counts):
+        raise ValueError(f"train_counts must be at least 2 whole numbers >= 0 (one per class), got {train_counts!r}")
+    counts = [int(c) for c in counts]
+    for name, value in (("memory_size", memory_size), ("epoch_samples", epoch_samples)):
+        if value is not None and not _is_whole(value, 1):
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
     num_classes = len(counts)
     dim = config.model.embedding_size
     family = method.split("-")[-1]

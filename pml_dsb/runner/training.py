@@ -78,6 +78,7 @@ from .builders import (
     build_eval_loader,
     build_run_data,
     build_train_loader,
+    resolve_device,
     samples_per_epoch,
     train_sampler,
 )
@@ -402,7 +403,7 @@ def train_one(
         network), ``train_seconds`` (the training epochs, without the evaluation after each).
     """
     method = canonical_method(method)
-    device = torch.device(device)
+    device = resolve_device(device)
     ctx = current_context()
     if ctx.enabled and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # DDP pins the model to one device

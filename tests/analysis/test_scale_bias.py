@@ -7,6 +7,7 @@ from scipy import stats
 
 from pml_dsb.analysis import (
     bootstrap_correlation,
+    count_predictors,
     compare_predictors,
     pearson,
     predictor_correlations,
@@ -178,3 +179,13 @@ def test_an_undefined_interval_is_not_called_one_that_spans_zero():
     assert all(math.isnan(v) for v in comp["intervals"]["train_count"])
     assert comp["no_interval"] == ["train_count"] and "train_count" not in comp["no_clear_sign"]
     assert "spans 0" not in comp["statement"] and "train count has no interval" in comp["statement"]
+
+
+def test_count_predictors_needs_one_count_per_class():
+    # 5 scales with 3 counts gave arrays of different lengths; negative counts NaN logs
+    with pytest.raises(ValueError, match="one value per class"):
+        count_predictors([1.0, 2.0, 3.0, 4.0, 5.0], [10, 20, 30])
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        count_predictors([1.0, 2.0], [-1, 5])
+    got = count_predictors(np.ones((3, 2)), [0, 5])  # (seeds, classes) scales; a class unseen in training
+    assert np.isnan(got["log_count"][0]) and got["log_count"][1] == pytest.approx(math.log(5))

@@ -117,3 +117,10 @@ def test_kmeans_bad_arguments():
     assert len(kmeans_cluster_labels(np.eye(4), 2, seed=2**31 - 1)) == 4
     with pytest.raises(ValueError, match=r"labels has 3 entries but cluster_labels has 4"):
         nmi_from_clusters([0, 1, 0], [0, 1, 0, 1])
+
+
+def test_nmi_from_clusters_refuses_none_and_nan_labels():
+    with pytest.raises(ValueError, match="got None"):  # np.asarray(None) was one label: NMI 1.0
+        nmi_from_clusters(None, [1])
+    with pytest.raises(ValueError, match="labels contains NaN"):
+        nmi_from_clusters([float("nan"), 0.0, 1.0], [0, 0, 1])

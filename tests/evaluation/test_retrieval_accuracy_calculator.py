@@ -182,3 +182,19 @@ def test_missing_faiss_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install \"pml-dsb\[cpu\]\""):
         RetrievalAccuracyCalculator()
+
+
+def test_device_and_lone_query_inputs_are_checked_up_front():
+    # a device this machine lacks failed at the first get_accuracy, inside torch
+    with pytest.raises(ValueError, match="device 'cuda:99'"):
+        RetrievalAccuracyCalculator(device="cuda:99")
+    with pytest.raises(ValueError, match="device 'gpu' is not a torch device"):
+        RetrievalAccuracyCalculator(device="gpu")
+    # num_lone_queries alone skipped the checks the other metrics make
+    calc = RetrievalAccuracyCalculator(include=("num_lone_queries",))
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="query_labels has 2 labels but query has 5 rows"):
+        calc.get_accuracy(x, np.array([0, 1]))
+    x[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        calc.get_accuracy(x, np.arange(5))

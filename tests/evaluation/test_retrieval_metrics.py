@@ -285,3 +285,21 @@ def test_cuda_input_matches_cpu(random_set):
     cpu = recall_at_k(x, y, ks=KS)
     gpu = recall_at_k(torch.from_numpy(x).cuda(), torch.from_numpy(y).cuda(), ks=KS)
     assert cpu == gpu
+
+
+def test_helpers_refuse_inputs_they_would_misread():
+    cases = [
+        # a (1, k) neighbour block broadcast over the 3 queries; 1-D raised IndexError
+        (lambda: first_match_rank([0, 1, 2], [[0, 1]]), "neighbor_labels must have shape (Nq, k) with Nq = 3"),
+        (lambda: first_match_rank([0], [0, 1]), "neighbor_labels must have shape (Nq, k)"),
+        (lambda: lone_query_mask(None, [0, 1], ref_includes_query=False), "got None"),
+        (lambda: lone_query_mask([0], [0, 1], ref_includes_query="no"), "ref_includes_query must be True or False"),
+        # -5 and NaN were "few"
+        (lambda: train_count_group(-5), "count must be a whole number >= 0, got -5"),
+        (lambda: train_count_group(float("nan")), "count must be a whole number >= 0, got nan"),
+    ]
+    for call, words in cases:
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        assert words in str(info.value)
+    assert train_count_group(np.int64(101)) == "many" and train_count_group(20.0) == "medium"

@@ -459,3 +459,28 @@ def test_logdet_spd_rejects_bad_sizes():
     for sizes in (torch.tensor([3]), torch.tensor([3, 4]), torch.tensor([-1, 2]), torch.tensor([2.0, 3.0])):
         with pytest.raises(ValueError, match="sizes must be an integer tensor of the batch shape"):
             logdet_spd(batch, sizes=sizes)
+
+
+@pytest.mark.parametrize(
+    "call, exc, words",
+    [
+        # "no" read as true, None as false
+        (lambda z: semantic_scale(z, normalize="no"), TypeError, "normalize must be True or False, got 'no'"),
+        (lambda z: class_semantic_scales(z, torch.tensor([0, 0, 1, 1]), 2, normalize=None), TypeError, "normalize"),
+        # padded_class_scales had no checks: NaN came back as a scale, integer dtypes as 0
+        (lambda z: padded_class_scales(z.unsqueeze(0).clone().index_fill_(1, torch.tensor([0]), float("nan")),
+                                       torch.ones(1, 4, dtype=torch.bool)), ValueError, "NaN or Inf values in rows"),
+        (lambda z: padded_class_scales(z.unsqueeze(0).long(), torch.ones(1, 4, dtype=torch.bool)), TypeError,
+         "features must be a floating (t, n, d) tensor"),
+        (lambda z: padded_class_scales(z.unsqueeze(0), torch.ones(1, 4, dtype=torch.long)), TypeError,
+         "mask must be a bool tensor of shape (1, 4)"),
+        (lambda z: padded_class_scales(z.unsqueeze(0), torch.ones(1, 4, dtype=torch.bool), dtype=torch.int64),
+         ValueError, "dtype must be torch.float32 or torch.float64"),
+    ],
+    ids=["normalize-str", "normalize-none", "nan", "int-features", "int-mask", "int-dtype"],
+)
+def test_bad_arguments_name_themselves(call, exc, words):
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(exc) as info:
+        call(z)
+    assert words in str(info.value)

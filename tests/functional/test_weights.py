@@ -83,9 +83,17 @@ def test_dsb_weights_hypothesis(np_ref, data, normalize):
         (dict(scales=torch.ones(3), counts=torch.ones(3, dtype=torch.long), normalize="sum"), ValueError, "'sum'"),
         (dict(scales=torch.ones(3), counts=torch.full((3,), 2), eps=-1.0), ValueError, "eps must be a finite number >= 0"),
         (dict(scales=torch.ones(3), counts=torch.full((3,), 2), eps=float("nan")), ValueError, "got nan"),
-        (dict(scales=torch.tensor([1.0, float("nan"), 2.0]), counts=torch.full((3,), 2)), ValueError, "NaN (classes [1])"),
+        (dict(scales=torch.tensor([1.0, float("nan"), 2.0]), counts=torch.full((3,), 2)), ValueError,
+         "scales must be finite, got [nan] (classes [1])"),
+        # +inf took weight 0: that class's loss silently dropped
+        (dict(scales=torch.tensor([float("inf"), 1.0]), counts=torch.full((2,), 2)), ValueError,
+         "scales must be finite, got [inf] (classes [0])"),
+        (dict(scales=torch.ones(2), counts=torch.tensor([2, -1])), ValueError, "counts must be integers >= 0"),
+        (dict(scales=torch.ones(2), counts=torch.tensor([2.0, float("nan")])), ValueError, "counts must be integers"),
+        (dict(scales=[1.0, 2.0], counts=torch.full((2,), 2)), TypeError, "scales must be a torch.Tensor, got list"),
     ],
-    ids=["length", "2-D", "normalize", "eps<0", "eps-nan", "nan-scale"],
+    ids=["length", "2-D", "normalize", "eps<0", "eps-nan", "nan-scale", "inf-scale", "negative-count", "nan-count",
+         "list"],
 )
 def test_dsb_weights_bad_arguments(kwargs, exc, word):
     with pytest.raises(exc) as info:
@@ -140,8 +148,13 @@ def test_class_balanced_limits():
         ([5, 3], 1.5, ValueError, "beta"),
         ([5, 3], float("nan"), ValueError, "beta"),
         (torch.tensor([True, True]), 0.9, TypeError, "torch.bool"),
+        ([5, 3], "0.9", ValueError, "beta must be a number in [0, 1), got '0.9'"),  # a bare '<=' TypeError
+        ([5, 3], None, ValueError, "beta must be a number"),
+        (None, 0.9, TypeError, "counts must be a sequence or tensor of whole numbers, got None"),
+        ([3, float("inf")], 0.9, TypeError, "counts must be whole numbers"),  # was accepted
     ],
-    ids=["zero", "negative", "fractional", "empty", "2-D", "beta=1", "beta<0", "beta>1", "beta=nan", "bool"],
+    ids=["zero", "negative", "fractional", "empty", "2-D", "beta=1", "beta<0", "beta>1", "beta=nan", "bool",
+         "beta-str", "beta-none", "counts-none", "counts-inf"],
 )
 def test_class_balanced_bad_arguments(counts, beta, exc, word):
     with pytest.raises(exc) as info:

@@ -5,6 +5,7 @@ with w from float64 numpy over the memory's contents."""
 import copy
 import csv
 import math
+import re
 
 import numpy as np
 import pytest
@@ -901,6 +902,11 @@ def test_cross_batch_memory_around_a_dsb_triplet_loss(gen):
         CrossBatchMemory(dsb_cls(C, D, memory_size=12), embedding_size=D, memory_size=16)
     with pytest.raises(TypeError, match="wraps a DSB loss"):
         DSBCrossBatchMemory(pml_losses.TripletMarginLoss(), embedding_size=D)
+    # 0 failed at the first call, -3 and "4" inside torch
+    for kwargs, words in ((dict(memory_size=0), "memory_size must be an int >= 1, got 0"),
+                          (dict(memory_size=-3), "got -3"), (dict(embedding_size="4"), "embedding_size")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            DSBCrossBatchMemory(dsb_cls(C, D, memory_size=12), **{"embedding_size": D, **kwargs})
     ours = DSBCrossBatchMemory(dsb_cls(C, D, memory_size=12, warmup_epochs=1), embedding_size=D, memory_size=16)
     plain = CrossBatchMemory(pml_losses.TripletMarginLoss(), embedding_size=D, memory_size=16)
     flat = CrossBatchMemory(pml_losses.TripletMarginLoss(reducer=reducers.DoNothingReducer()),
@@ -1182,3 +1188,46 @@ def test_torch_compile_runs_a_dsb_loss_as_it_is(gen):
         emb, labels = _batch(gen, 6)
         assert torch.equal(compiled(emb, labels), eager(emb, labels))
     assert twin.memory.stage == 3 and torch.equal(twin.memory.scales(), eager.memory.scales())
+
+
+def test_public_helpers_refuse_what_they_would_misread(gen):
+    d = {"loss": {"losses": torch.ones(3), "indices": torch.arange(3), "reduction_type": "element"}}
+    w = torch.tensor([2.0, 0.5])
+    cases = [
+        # -1 took the last class's weight; a short weight vector raised IndexError
+        (lambda: weight_losses_by_class(d, torch.tensor([0, -1, 1]), w), ValueError, "labels must lie in [0, 2)"),
+        (lambda: weight_losses_by_class(d, torch.tensor([0, 2, 1]), w), ValueError, "class_weights has one weight"),
+        (lambda: weight_losses_by_class(d, torch.tensor([0, 1, 1]), [2.0, 0.5]), TypeError, "class_weights must be"),
+        (lambda: weight_losses_by_class(d, torch.tensor([0, 1, 1]), w, names="loss"), ValueError, "names must be"),
+        (lambda: weight_losses_by_class(d, torch.tensor([0, 1, 1]), torch.tensor([float("nan"), 1.0])), ValueError,
+         "class_weights must be finite"),
+        (lambda: with_dsb_weighting(torch.nn.CrossEntropyLoss), TypeError, "use dsb_class_weights"),
+        (lambda: with_dsb_weighting(pml_losses.NTXentLoss)(C, D, memory_size=8, update_memory="no"), TypeError,
+         "update_memory must be True or False"),
+    ]
+    memory = SemanticScaleMemory(C, D, 8)
+    cases += [
+        (lambda: dsb_class_weights(memory, dtype=torch.long), TypeError, "dtype must be a floating torch.dtype"),
+        (lambda: dsb_class_weights(with_dsb_weighting(pml_losses.NTXentLoss)(C, D, memory=memory)), TypeError,
+         "a DSB loss's is at loss.memory"),
+    ]
+    for call, exc, words in cases:
+        with pytest.raises(exc) as info:
+            call()
+        assert words in str(info.value)
+    assert weight_losses_by_class(d, torch.tensor([0, 1, 1]), w)["loss"]["losses"].tolist() == [2.0, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_an_out_of_range_miner_tuple_is_refused_before_anything_changes(case, gen):
+    # PML raised IndexError from inside its weighting; a negative index counted from the end
+    dsb, _, _ = make_pair(case, gen, C, D, 16, 1)
+    emb, labels = _batch(gen, 4)
+    before = {k: v.clone() for k, v in dsb.state_dict().items()}
+    for bad, words in (((torch.tensor([9]), torch.tensor([0]), torch.tensor([1])), "indices_tuple[0] holds indices from 9"),
+                       ((torch.tensor([0]), torch.tensor([-1]), torch.tensor([1])), "indices_tuple[1] holds indices from -1"),
+                       ((torch.tensor([0.0]), torch.tensor([1]), torch.tensor([2])), "1-D integer tensors")):
+        with pytest.raises((ValueError, TypeError), match=re.escape(words)):
+            dsb(emb, labels, bad)
+    after = dsb.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -175,9 +175,11 @@ def test_rejected_batch_does_not_disturb_later_scales(np_ref):
         (dict(num_classes=C, embedding_size=D, memory_size=M, eps=-1.0), ValueError, ["eps", "-1.0"]),
         (dict(num_classes=C, embedding_size=D, memory_size=M, eps=NAN), ValueError, ["eps", "nan"]),
         (dict(num_classes=C, embedding_size=D, memory_size=M, eps=True), ValueError, ["eps", "True"]),
+        # "no" read as True
+        (dict(num_classes=C, embedding_size=D, memory_size=M, l2_normalize="no"), TypeError, ["l2_normalize", "'no'"]),
     ],
     ids=["M=0", "M<0", "M-float", "C=1", "C=0", "d=0", "n<0", "normalize", "scale_dtype", "gram_size", "distributed",
-         "eps<0", "eps-nan", "eps-bool"],
+         "eps<0", "eps-nan", "eps-bool", "l2_normalize-str"],
 )
 def test_bad_constructor_arguments(kwargs, exc, words):
     with pytest.raises(exc) as info:

@@ -52,3 +52,11 @@ def test_wrong_input_shape(shape):
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         DigitsEmbeddingNet(**kwargs)
+
+
+def test_non_floating_input_is_named():
+    net = DigitsEmbeddingNet(8)
+    with pytest.raises(TypeError, match="floating tensor .* got dtype torch.int64"):  # torch: "expected scalar type Long"
+        net(torch.zeros(2, 1, 8, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="got ndarray"):
+        net(torch.zeros(2, 1, 8, 8).numpy())

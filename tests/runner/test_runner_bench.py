@@ -374,3 +374,18 @@ def test_a_resume_removes_the_previous_summary_until_it_writes_its_own(tmp_path)
     assert not any((out / "tiny" / name).exists() for name in RUN_FILES if name not in ("config.toml", "environment.json"))
     assert bench(config_path, out, "--resume", "--epochs", "3") == 0
     assert json.loads((out / "tiny" / "results.json").read_text())["epochs"] == 3
+
+
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(tmp_path, caplog):
+    # run_benchmark wrote config.toml and environment.json, then torch failed, and a rerun was refused
+    from pml_dsb.runner.bench import run_benchmark
+
+    _, cfg = tiny_config(tmp_path, epochs=1, methods=["NSM"])
+    with pytest.raises(ValueError, match="device 'cuda:99'"):
+        run_benchmark(cfg, tmp_path / "out", device="cuda:99", progress=False)
+    with pytest.raises(ValueError, match="device 'cuda:99'"):
+        train_one(cfg, "NSM", 0, device="cuda:99", out_dir=tmp_path / "one", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "one").exists()
+    config_path, _ = tiny_config(tmp_path, epochs=1, methods=["NSM"])
+    assert main(["bench", "--config", config_path, "--out", str(tmp_path / "cli"), "--device", "cuda:99"]) == 2
+    assert "--device: device 'cuda:99'" in caplog.text and not (tmp_path / "cli").exists()

@@ -257,7 +257,32 @@ def test_overrides():
     assert apply_overrides(cfg) is cfg
     with pytest.raises(ConfigError):
         apply_overrides(cfg, epochs=0)
+    # checked as a config file's values: "3" gave a bare '<' TypeError, 2.0 was taken
+    for kwargs, words in ((dict(epochs="3"), "[training] epochs must be int, got '3'"),
+                          (dict(epochs=2.0), "[training] epochs must be int, got 2.0"),
+                          (dict(seeds="12"), "seeds must be list of int")):
+        with pytest.raises(ConfigError) as info:
+            apply_overrides(cfg, **kwargs)
+        assert words in str(info.value)
     assert dataclasses.replace(cfg) == cfg
+
+
+def test_build_loss_refuses_counts_and_sizes_it_would_misread():
+    from pml_dsb.runner.methods import build_loss
+
+    cfg = load_config(default_config_path())
+    # [] built a loss of 0 classes, -3 shrank the memory, 5.7 and 9.9 were truncated, True was 1
+    for args, kwargs, words in ((("ST", cfg, []), {}, "train_counts must be at least 2 whole numbers"),
+                                (("DSB-ST", cfg, [5, -3, 2]), {}, "train_counts"),
+                                (("CB-ST", cfg, [5.7, 3, 2]), {}, "train_counts"),
+                                (("DSB-ST", cfg, [5, 3, 2]), dict(memory_size=9.9), "memory_size must be a whole"),
+                                (("DSB-ST", cfg, [5, 3, 2]), dict(memory_size=True), "memory_size")):
+        with pytest.raises(ValueError) as info:
+            build_loss(*args, **kwargs)
+        assert words in str(info.value)
+    import numpy as np
+
+    assert build_loss("DSB-ST", cfg, np.array([5, 3, 2])).memory.memory_size == 10
 
 
 @pytest.mark.parametrize("epochs, needle", [(3, "weighted never; these runs will equal their parents'"),
