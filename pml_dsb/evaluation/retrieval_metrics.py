@@ -37,6 +37,7 @@ faiss has GPU support, on CPU faiss otherwise.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,9 +74,11 @@ def train_count_group(count: int) -> str:
     >>> [train_count_group(n) for n in (500, 101, 100, 20, 19, 0)]
     ['many', 'many', 'medium', 'medium', 'few', 'few']
     """
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) and not (
-        isinstance(count, (float, np.floating)) and float(count).is_integer()
-    ) or count < 0:
+    try:
+        value = float(count)  # ints, numpy and torch scalars
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(count, (bool, np.bool_)) or not value.is_integer() or value < 0:  # NaN and inf: not integers
         raise ValueError(f"count must be a whole number >= 0, got {count!r}")  # -5 and NaN read as "few"
     if count > 100:
         return "many"

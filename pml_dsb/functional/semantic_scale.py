@@ -62,9 +62,12 @@ def unit_rows(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z / z.abs().amax(-1, keepdim=True).clamp(min=tiny), dim=-1, eps=tiny)
 
 
-def _check_flag(name: str, value) -> None:
-    if not isinstance(value, bool):  # "no" or None would silently read as true or false
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool if it is one (numpy's included); "no" or None would
+    silently read as true or false."""
+    if not isinstance(value, (bool, _np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _describe(value) -> str:
@@ -237,7 +240,7 @@ def padded_class_scales(
         block to the Gram form and nothing to the covariance form: they never
         count as samples.
     """
-    _check_flag("normalize", normalize)
+    normalize = check_flag("normalize", normalize)
     if not isinstance(features, torch.Tensor) or features.dim() != 3 or not features.is_floating_point():
         raise TypeError(f"features must be a floating (t, n, d) tensor, got {_describe(features)}")
     t, n, d = features.shape
@@ -323,7 +326,7 @@ def semantic_scale(features: torch.Tensor, normalize: bool = True) -> torch.Tens
     0.0
     """
     _check_features(features)
-    _check_flag("normalize", normalize)
+    normalize = check_flag("normalize", normalize)
     m = features.shape[0]
     if m < 2:
         return torch.zeros((), dtype=torch.float64, device=features.device)
@@ -381,7 +384,7 @@ def class_semantic_scales(
     tensor([0.5000, 0.0000, 0.0000], dtype=torch.float64)
     """
     _check_features(features)
-    _check_flag("normalize", normalize)
+    normalize = check_flag("normalize", normalize)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     _check_labels(labels, num_classes, features.shape[0])

@@ -70,8 +70,9 @@ def dsb_weights(
             f"scales must be finite, got {scales[bad].tolist()} "
             f"(classes {torch.nonzero(bad).flatten().tolist()})"
         )
-    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool or bool((counts < 0).any()):
-        raise ValueError(f"counts must be integers >= 0, got {counts.tolist()} (dtype {counts.dtype})")
+    whole = not counts.is_floating_point() or bool((torch.isfinite(counts) & (counts == counts.round())).all())
+    if counts.is_complex() or counts.dtype == torch.bool or not whole or bool((counts < 0).any()):
+        raise ValueError(f"counts must be whole numbers >= 0, got {counts.tolist()} (dtype {counts.dtype})")
     has_scale = (counts.to(scales.device) >= 2) & (scales > eps)
     weights = torch.ones_like(scales)
     if not bool(has_scale.any()):

@@ -25,6 +25,7 @@ import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction, MarginLoss, ProxyAnchorLoss
 
 from ..distributed.gather import check_batch_collectively, should_gather
+from ..functional.semantic_scale import check_flag
 from ..memory.semantic_scale_memory import SemanticScaleMemory, _raiser
 
 __all__ = ["DSBWeightingMixin", "weight_losses_by_class", "dsb_class_weights", "with_dsb_weighting"]
@@ -55,6 +56,8 @@ def weight_losses_by_class(
     >>> weight_losses_by_class(d, torch.tensor([0, 1, 1]), torch.tensor([2.0, 0.5]))["loss"]["losses"]
     tensor([2.0000, 0.5000, 0.5000])
     """
+    if names is not None and not isinstance(names, str):
+        names = list(names)  # a generator would be used up by the check below
     _check_class_weighting(loss_dict, labels, class_weights, names)
     return _weight_losses_by_class(loss_dict, labels, class_weights, names, element_indices)
 
@@ -329,9 +332,7 @@ class DSBWeightingMixin:
         self.num_classes = num_classes
         self.embedding_size = embedding_size  # PML records it but never sets it
         self.memory = memory
-        if not isinstance(update_memory, bool):  # "no" would read as True
-            raise TypeError(f"update_memory must be True or False, got {update_memory!r}")
-        self.update_memory = update_memory
+        self.update_memory = check_flag("update_memory", update_memory)
         self._sample_indices = None
         self._pending_sample_indices = None  # from expect_sample_indices(), for the next call
         self._validated = None  # the embeddings forward() checked, while it runs

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from ..distributed.gather import check_batch_collectively, gather_batch, should_gather
 from ..functional.semantic_scale import (
+    check_flag,
     class_semantic_scales,
     logdet_and_inverse_spd,
     logdet_spd,
@@ -297,8 +298,7 @@ class SemanticScaleMemory(torch.nn.Module):
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         check_normalize(normalize)
         check_eps(eps)
-        if not isinstance(l2_normalize, bool):  # "no" would read as True
-            raise TypeError(f"l2_normalize must be True or False, got {l2_normalize!r}")
+        l2_normalize = check_flag("l2_normalize", l2_normalize)
         if scale_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"scale_dtype must be torch.float32 or torch.float64, got {scale_dtype}")
         self.num_classes = num_classes

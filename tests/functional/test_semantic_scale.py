@@ -484,3 +484,8 @@ def test_bad_arguments_name_themselves(call, exc, words):
     with pytest.raises(exc) as info:
         call(z)
     assert words in str(info.value)
+
+
+def test_numpy_bools_are_bools():
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(semantic_scale(z, normalize=np.False_), semantic_scale(z, normalize=False))

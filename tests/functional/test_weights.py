@@ -88,8 +88,8 @@ def test_dsb_weights_hypothesis(np_ref, data, normalize):
         # +inf took weight 0: that class's loss silently dropped
         (dict(scales=torch.tensor([float("inf"), 1.0]), counts=torch.full((2,), 2)), ValueError,
          "scales must be finite, got [inf] (classes [0])"),
-        (dict(scales=torch.ones(2), counts=torch.tensor([2, -1])), ValueError, "counts must be integers >= 0"),
-        (dict(scales=torch.ones(2), counts=torch.tensor([2.0, float("nan")])), ValueError, "counts must be integers"),
+        (dict(scales=torch.ones(2), counts=torch.tensor([2, -1])), ValueError, "counts must be whole numbers >= 0"),
+        (dict(scales=torch.ones(2), counts=torch.tensor([2.0, float("nan")])), ValueError, "counts must be whole numbers"),
         (dict(scales=[1.0, 2.0], counts=torch.full((2,), 2)), TypeError, "scales must be a torch.Tensor, got list"),
     ],
     ids=["length", "2-D", "normalize", "eps<0", "eps-nan", "nan-scale", "inf-scale", "negative-count", "nan-count",
@@ -160,3 +160,8 @@ def test_class_balanced_bad_arguments(counts, beta, exc, word):
     with pytest.raises(exc) as info:
         class_balanced_weights(counts, beta=beta)
     assert word in str(info.value)
+
+
+def test_whole_float_counts_are_counts():
+    scales = torch.tensor([1.0, 2.0, 0.5])
+    assert torch.equal(dsb_weights(scales, torch.tensor([5.0, 5.0, 1.0])), dsb_weights(scales, torch.tensor([5, 5, 1])))

@@ -1216,6 +1216,11 @@ def test_public_helpers_refuse_what_they_would_misread(gen):
             call()
         assert words in str(info.value)
     assert weight_losses_by_class(d, torch.tensor([0, 1, 1]), w)["loss"]["losses"].tolist() == [2.0, 0.5, 0.5]
+    d["loss"]["losses"] = torch.ones(3)  # names from a generator: the check must not use it up (it once did)
+    got = weight_losses_by_class(d, torch.tensor([0, 1, 1]), w, names=(n for n in ["loss"]))
+    assert got["loss"]["losses"].tolist() == [2.0, 0.5, 0.5]
+    # numpy's bools are bools
+    assert with_dsb_weighting(pml_losses.NTXentLoss)(C, D, memory_size=8, update_memory=np.False_).update_memory is False
 
 
 @pytest.mark.parametrize("case", list(CASES))
