@@ -43,6 +43,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from ..functional.semantic_scale import describe
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -137,21 +139,15 @@ def _fingerprint(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[int, i
 
 def _check_shapes(embeddings, labels, indices) -> None:
     if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be a (batch, size) tensor, got {_shape_of(embeddings)}")
+        raise ValueError(f"embeddings must be a (batch, size) tensor, got {describe(embeddings)}")
     batch = embeddings.shape[0]
     for name, value in (("labels", labels), ("indices", indices)):
         if name == "indices" and value is None:
             continue
         if not isinstance(value, torch.Tensor) or value.dim() != 1 or len(value) != batch:
-            raise ValueError(f"{name} must be a ({batch},) tensor, one per embedding, got {_shape_of(value)}")
+            raise ValueError(f"{name} must be a ({batch},) tensor, one per embedding, got {describe(value)}")
         if value.is_floating_point() or value.is_complex():
             raise TypeError(f"{name} must be integers, got dtype {value.dtype}")
-
-
-def _shape_of(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 def check_batch_collectively(

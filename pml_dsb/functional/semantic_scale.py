@@ -70,7 +70,8 @@ def check_flag(name: str, value) -> bool:
     return bool(value)
 
 
-def _describe(value) -> str:
+def describe(value) -> str:
+    """A value for an error message: a tensor's shape and dtype, else its type."""
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
     return type(value).__name__
@@ -242,12 +243,12 @@ def padded_class_scales(
     """
     normalize = check_flag("normalize", normalize)
     if not isinstance(features, torch.Tensor) or features.dim() != 3 or not features.is_floating_point():
-        raise TypeError(f"features must be a floating (t, n, d) tensor, got {_describe(features)}")
+        raise TypeError(f"features must be a floating (t, n, d) tensor, got {describe(features)}")
     t, n, d = features.shape
     if d == 0:
         raise ValueError(f"features must have shape (t, n, d) with d >= 1, got shape {tuple(features.shape)}")
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (t, n):
-        raise TypeError(f"mask must be a bool tensor of shape {(t, n)}, got {_describe(mask)}")
+        raise TypeError(f"mask must be a bool tensor of shape {(t, n)}, got {describe(mask)}")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
     out = torch.zeros(t, dtype=dtype, device=features.device)

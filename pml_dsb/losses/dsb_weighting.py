@@ -25,7 +25,7 @@ import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction, MarginLoss, ProxyAnchorLoss
 
 from ..distributed.gather import check_batch_collectively, should_gather
-from ..functional.semantic_scale import check_flag
+from ..functional.semantic_scale import check_flag, describe
 from ..memory.semantic_scale_memory import SemanticScaleMemory, _raiser
 
 __all__ = ["DSBWeightingMixin", "weight_losses_by_class", "dsb_class_weights", "with_dsb_weighting"]
@@ -65,11 +65,11 @@ def weight_losses_by_class(
 def _check_class_weighting(loss_dict, labels, class_weights, names) -> None:
     """The public function's checks (the DSB losses pass the memory's own, checked, tensors)."""
     if not isinstance(class_weights, torch.Tensor) or class_weights.dim() != 1 or not class_weights.is_floating_point():
-        raise TypeError(f"class_weights must be a 1-D floating tensor, got {_describe(class_weights)}")
+        raise TypeError(f"class_weights must be a 1-D floating tensor, got {describe(class_weights)}")
     if not bool(torch.isfinite(class_weights).all()):
         raise ValueError(f"class_weights must be finite, got {class_weights.tolist()}")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels must be a 1-D integer tensor, got {_describe(labels)}")
+        raise TypeError(f"labels must be a 1-D integer tensor, got {describe(labels)}")
     if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < len(class_weights):
         raise ValueError(  # -1 would silently take the last class's weight
             f"labels must lie in [0, {len(class_weights)}) (class_weights has one weight per class), got values from "
@@ -77,12 +77,6 @@ def _check_class_weighting(loss_dict, labels, class_weights, names) -> None:
         )
     if isinstance(names, str) or (names is not None and any(name not in loss_dict for name in names)):
         raise ValueError(f"names must be a sequence of keys of the loss dict {sorted(loss_dict)}, got {names!r}")
-
-
-def _describe(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    return type(value).__name__
 
 
 def _weight_losses_by_class(loss_dict, labels, class_weights, names, element_indices) -> dict:
