@@ -1,6 +1,7 @@
-"""JSON that strict parsers read: what the run folder and ``pml-dsb analyze`` write."""
+"""JSON that strict parsers read: what the run folder and ``pml-dsb analyze`` write, and read back."""
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -23,3 +24,13 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def read_json(path: str) -> Any:
+    """The JSON file at ``path``; a file that is not JSON raises ``ValueError``
+    naming it (json's own error names a line and column only)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({err})") from None

@@ -15,7 +15,6 @@ value is missing (an empty cell, or a class without an evaluated query).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .._json import read_json
 from .correlation import scored_classes
 
 logger = logging.getLogger(__name__)
@@ -100,8 +100,7 @@ def load_run_table(path: Union[str, os.PathLike]) -> RunTable:
     dataset = factor = None
     results_path = os.path.join(path, "results.json")
     if os.path.isfile(results_path):
-        with open(results_path, encoding="utf-8") as fh:
-            results = json.load(fh)
+        results = read_json(results_path)
         ds = results.get("dataset") if isinstance(results, dict) else None
         dataset = ds.get("name") if isinstance(ds, dict) else ds
         factor = results.get("imbalance_factor") if isinstance(results, dict) else None
@@ -113,6 +112,13 @@ def load_run_table(path: Union[str, os.PathLike]) -> RunTable:
         rows = list(reader)
     if not rows:
         raise ValueError(f"{csv_path}: no rows")
+    for line, r in enumerate(rows, start=2):  # before any use: float('abc') named no file or line
+        for c, parse in (("class", int), ("seed", int), ("train_count", _num), ("semantic_scale", _num),
+                         ("recall_at_1", _num)):
+            try:
+                parse(r[c])
+            except (TypeError, ValueError):
+                raise ValueError(f"{csv_path}, line {line}: column {c!r}: {r[c]!r} is not a number") from None
     methods: list[str] = []
     for r in rows:
         if r["method"] not in methods:

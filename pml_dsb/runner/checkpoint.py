@@ -30,6 +30,7 @@ import pickle
 import random
 import tempfile
 import zipfile
+import zlib
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
@@ -158,6 +159,10 @@ def load_checkpoint(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
+    # torch.load does not check the zip's CRC-32s: flipped bytes in a tensor loaded as other weights
+    damaged = _damaged_member(path)
+    if damaged is not None:
+        raise CheckpointError(f"{path}: corrupt (the checksum of {damaged!r} does not match its bytes)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
@@ -173,6 +178,18 @@ def load_checkpoint(
     if seed is not None and state["seed"] != seed:
         raise CheckpointError(f"{path}: checkpoint of seed {state['seed']!r}, expected {seed!r}")
     return state
+
+
+def _damaged_member(path: str) -> Optional[str]:
+    """The first member of a zip checkpoint whose CRC-32 fails (None: all pass,
+    or not a zip, which torch.load then judges)."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
+        return f"the archive ({type(err).__name__})"
 
 
 # --------------------------------------------------------------- RNG state

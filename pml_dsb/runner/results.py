@@ -72,7 +72,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as _dt
-import json
 import logging
 import math
 import os
@@ -84,6 +83,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from .._json import read_json
 from .config import BenchConfig, config_to_dict, dump_config, load_config
 from .methods import PARENTS, canonical_method
 
@@ -637,10 +637,7 @@ def load_run(path: Union[str, os.PathLike], data_root: Optional[str] = None) -> 
 
     def read(name):
         p = os.path.join(path, name)
-        if not os.path.isfile(p):
-            return None
-        with open(p, encoding="utf-8") as fh:
-            return json.load(fh)
+        return read_json(p) if os.path.isfile(p) else None
 
     return Run(path=path, config=config, results=read("results.json"), environment=read("environment.json"))
 

@@ -416,7 +416,7 @@ def train_one(
     epochs = config.training.epochs
     key = run_compatibility_key(config, method)
 
-    done = on_main(_finished_result, result_path, epochs, key) if resume else None
+    done = on_main(_finished_result, result_path, epochs, key, method, seed) if resume else None
     if done is not None:
         logger.info("%s: finished earlier, result read from %s", where, result_path)
         return done
@@ -529,11 +529,19 @@ def check_resumable(config: BenchConfig, method: str, seed: int, out_dir: Union[
     method = canonical_method(method)
     run_dir = run_dir_for(out_dir, method, seed)
     key = run_compatibility_key(config, method)
-    if _finished_result(os.path.join(run_dir, "result.json"), config.training.epochs, key) is not None:
+    if _finished_result(os.path.join(run_dir, "result.json"), config.training.epochs, key, method, seed) is not None:
         return
     last_path = os.path.join(run_dir, "last.pt")
     if os.path.isfile(last_path):
-        _resumable_state(config, method, seed, last_path, key, world_size, "cpu")
+        state = _resumable_state(config, method, seed, last_path, key, world_size, "cpu")
+        best_epoch = state["best"]["epoch"]
+        if best_epoch > 0:  # the run's result is read from it at the end, after the training
+            best = load_checkpoint(os.path.join(run_dir, "best.pt"), kind="best", method=method, seed=seed)
+            if best["epoch"] != best_epoch:
+                raise CheckpointError(
+                    f"{os.path.join(run_dir, 'best.pt')}: of epoch {best['epoch']}, but {last_path} records "
+                    f"its best epoch as {best_epoch}; delete the run's folder to train it again"
+                )
 
 
 def _resumable_state(config: BenchConfig, method: str, seed: int, last_path: str, key: dict, world_size: int,
@@ -569,7 +577,12 @@ def _resumable_state(config: BenchConfig, method: str, seed: int, last_path: str
     return state
 
 
-def _finished_result(result_path: str, epochs: int, key: dict) -> Optional[dict]:
+#: what the summary of a run folder reads from each run's result.json
+_RESULT_KEYS = ("method", "seed", "best_epoch", "metrics", "last_metrics", "init_metrics", "per_class_recall_at_1",
+                "train_semantic_scales", "history", "train_seconds")
+
+
+def _finished_result(result_path: str, epochs: int, key: dict, method: str, seed: int) -> Optional[dict]:
     """``result.json`` of a run finished earlier with these settings, else None."""
     if not os.path.isfile(result_path):
         return None
@@ -582,9 +595,20 @@ def _finished_result(result_path: str, epochs: int, key: dict) -> Optional[dict]
         raise CheckpointError(
             f"{result_path}: not a run's result (a JSON {type(done).__name__}); delete it to train this run again"
         )
-    if done.get("epochs") == epochs and done.get("compatibility_key") == key:
-        return done
-    return None
+    if done.get("epochs") != epochs or done.get("compatibility_key") != key:
+        return None
+    # reused as it is by the summary: what it reads must be there
+    missing = [k for k in _RESULT_KEYS if k not in done]
+    if missing:
+        raise CheckpointError(
+            f"{result_path}: lacks {', '.join(missing)}; delete it to train this run again"
+        )
+    if (done["method"], done["seed"]) != (method, seed):
+        raise CheckpointError(
+            f"{result_path}: the result of {done['method']} seed {done['seed']}, expected {method} seed {seed}; "
+            f"delete it to train this run again"
+        )
+    return done
 
 
 def _rank_rng(state: dict, ctx) -> dict:

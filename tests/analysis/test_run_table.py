@@ -1,5 +1,6 @@
 """Reading a run folder's per_class.csv and results.json into arrays."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -57,3 +58,13 @@ def test_errors(tmp_path):
     write_run(tmp_path / "dup", [("NSM", 0, 1, 5, 1.0, "train", 0.5), ("NSM", 0, 1, 5, 9.9, "train", 0.1)])
     with pytest.raises(ValueError, match="more than one row for method NSM, seed 0, class 1"):
         load_run_table(tmp_path / "dup")
+    # float('abc') and int('') named no file or line; json's error named neither the file
+    for row, words in ((("NSM", 0, 1, 5, "abc", "train", 0.5), "line 3: column 'semantic_scale': 'abc' is not a number"),
+                       (("NSM", 0, "", 5, 1.0, "train", 0.5), "line 3: column 'class': '' is not a number")):
+        folder = write_run(tmp_path / "cell", [("NSM", 0, 0, 5, 1.0, "train", 0.5), row])
+        with pytest.raises(ValueError, match=re.escape(f"{folder / 'per_class.csv'}, {words}")):
+            load_run_table(folder)
+    folder = write_run(tmp_path / "json", [("NSM", 0, 0, 5, 1.0, "train", 0.5)])
+    (folder / "results.json").write_text('{"dataset": ')
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'results.json'}: not valid JSON")):
+        load_run_table(folder)

@@ -389,3 +389,34 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(tmp_p
     config_path, _ = tiny_config(tmp_path, epochs=1, methods=["NSM"])
     assert main(["bench", "--config", config_path, "--out", str(tmp_path / "cli"), "--device", "cuda:99"]) == 2
     assert "--device: device 'cuda:99'" in caplog.text and not (tmp_path / "cli").exists()
+
+
+@pytest.mark.parametrize("case", ["best-of-another-method", "result-without-metrics", "result-of-another-seed"])
+def test_a_resume_checks_best_pt_and_result_json_before_anything_changes(tmp_path, caplog, case):
+    """best.pt was read only at the end of the resumed training (after last.pt and
+    environment.json had been rewritten); a result.json lacking a key failed in
+    the summary with a bare KeyError, after the old tables had been deleted."""
+    config_path, _ = tiny_config(tmp_path, epochs=2, methods=["NSM", "DSB-NSM"])
+    out = tmp_path / "results"
+    if case == "best-of-another-method":
+        assert bench(config_path, out, "--stop-after-epoch", "1") == 0
+    else:
+        assert bench(config_path, out) == 0
+    runs = out / "tiny" / "checkpoints"
+    if case == "best-of-another-method":
+        (runs / "NSM" / "seed0" / "best.pt").write_bytes((runs / "DSB-NSM" / "seed0" / "best.pt").read_bytes())
+        words = "checkpoint of method 'DSB-NSM', expected 'NSM'"
+    else:
+        path = runs / "NSM" / "seed0" / "result.json"
+        result = json.loads(path.read_text())
+        if case == "result-without-metrics":
+            del result["metrics"]
+            words = "lacks metrics; delete it to train this run again"
+        else:
+            result["seed"] = 7
+            words = "the result of NSM seed 7, expected NSM seed 0"
+        path.write_text(json.dumps(result))
+    before = _folder_bytes(out / "tiny")
+    assert bench(config_path, out, "--resume") == 2
+    assert words in caplog.text and "Traceback" not in caplog.text
+    assert _folder_bytes(out / "tiny") == before

@@ -87,6 +87,25 @@ def test_truncated_file_is_refused(tmp_path):
             load_checkpoint(path)
 
 
+def test_flipped_bytes_inside_a_tensor_are_refused(tmp_path):
+    # torch.load does not check the zip's checksums: other weights loaded silently
+    import zipfile
+
+    model, loss, opt = make()
+    path = tmp_path / "last.pt"
+    save_checkpoint(state_of(model, loss, opt), path)
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)  # the largest tensor's bytes
+    data = bytearray(path.read_bytes())
+    local = info.header_offset  # its local header: name and extra-field lengths at bytes 26 and 28
+    start = local + 30 + int.from_bytes(data[local + 26 : local + 28], "little") + int.from_bytes(
+        data[local + 28 : local + 30], "little")
+    data[start + 8 : start + 24] = bytes(255 - b for b in data[start + 8 : start + 24])
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"corrupt \\(the checksum of '{info.filename}' does not match"):
+        load_checkpoint(path)
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_foreign_files_are_refused(tmp_path):
     model, loss, opt = make()
