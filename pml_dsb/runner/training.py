@@ -61,7 +61,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .._json import json_safe
+from .._json import json_safe, read_json
 from ..distributed.ddp import (
     all_gather_objects,
     average_gradients,
@@ -587,10 +587,9 @@ def _finished_result(result_path: str, epochs: int, key: dict, method: str, seed
     if not os.path.isfile(result_path):
         return None
     try:
-        with open(result_path, encoding="utf-8") as fh:
-            done = json.load(fh)
-    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"{result_path}: unreadable ({err}); delete it to train this run again") from None
+        done = read_json(result_path)
+    except (OSError, ValueError) as err:  # read_json names the file
+        raise CheckpointError(f"{err}; delete it to train this run again") from None
     if not isinstance(done, dict):
         raise CheckpointError(
             f"{result_path}: not a run's result (a JSON {type(done).__name__}); delete it to train this run again"
