@@ -69,6 +69,9 @@ def pearson(x, y) -> np.ndarray:
     if x0.shape != y0.shape or x0.shape[-1] < 2:
         raise ValueError(f"x and y need the same shape with >= 2 values, got {x0.shape}, {y0.shape}")
     n = x0.shape[-1]
+    # r is scale-invariant: each row to magnitude <= 1 first, so that the sums
+    # of squares below neither overflow (1e160) nor underflow (1e-170)
+    x0, y0 = _peak_scaled(x0), _peak_scaled(y0)
     x = x0 - x0.mean(-1, keepdims=True)
     y = y0 - y0.mean(-1, keepdims=True)
     sxx = (x * x).sum(-1)
@@ -80,6 +83,11 @@ def pearson(x, y) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(const, np.nan, (x * y).sum(-1) / np.sqrt(np.where(const, 1.0, sxx * syy)))
     return np.clip(r, -1.0, 1.0)
+
+
+def _peak_scaled(a: np.ndarray) -> np.ndarray:
+    peak = np.abs(a).max(-1, keepdims=True)
+    return a / np.where(peak > 0, peak, 1.0)
 
 
 def spearman(x, y) -> np.ndarray:
@@ -502,7 +510,7 @@ def scale_bias_analysis(
         ``{"correlations": [PredictorCorrelation.to_dict(), ...],
         "comparison": {"spearman": compare_predictors(...), "pearson": ...}}``.
 
-    >>> out = scale_bias_analysis([1, 2, 3, 4, 5], [5, 4, 3, 2, 1], [.1, .2, .3, .5, .4], n_boot=100)
+    >>> out = scale_bias_analysis([1, 2, 3, 4, 5], [3, 5, 4, 1, 2], [.1, .2, .3, .5, .4], n_boot=100)
     >>> out["comparison"]["spearman"]["winner"]
     'semantic_scale'
     """

@@ -18,6 +18,7 @@ than two samples have no spread: their scale is 0.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import numpy as _np
@@ -57,9 +58,20 @@ def unit_rows(z: torch.Tensor) -> torch.Tensor:
     for any norm the dtype holds: each row is first divided by its largest
     magnitude, so that its squares neither overflow (``F.normalize`` gave rows
     of norm past ~1e154 in float64 as zero) nor underflow (below its 1e-12
-    floor, rows came out short of unit length)."""
-    tiny = torch.finfo(z.dtype).tiny
-    return F.normalize(z / z.abs().amax(-1, keepdim=True).clamp(min=tiny), dim=-1, eps=tiny)
+    floor, rows came out short of unit length). A zero row's gradient is
+    ``F.normalize``'s (1/eps): dividing it by a clamped tiny magnitude as well
+    gave 1/tiny**2, an infinite gradient."""
+    peak = z.abs().amax(-1, keepdim=True)
+    scaled = z / torch.where(peak > 0, peak, torch.ones_like(peak))  # non-zero rows: norm in [1, sqrt(d)]
+    return F.normalize(scaled, dim=-1, eps=max(1e-12, torch.finfo(z.dtype).tiny))
+
+
+def check_int(name: str, value, low: int) -> int:
+    """``value`` as an int if it is a whole number >= ``low`` (numpy's integers
+    too, e.g. ``labels.max() + 1``); bools, floats and strings are refused."""
+    if isinstance(value, (bool, _np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
 
 
 def check_flag(name: str, value) -> bool:
@@ -330,7 +342,7 @@ def semantic_scale(features: torch.Tensor, normalize: bool = True) -> torch.Tens
     normalize = check_flag("normalize", normalize)
     m = features.shape[0]
     if m < 2:
-        return torch.zeros((), dtype=torch.float64, device=features.device)
+        return _connected(torch.zeros((), dtype=torch.float64, device=features.device), features)
     mask = torch.ones(1, m, dtype=torch.bool, device=features.device)
     return padded_class_scales(features.unsqueeze(0), mask, normalize=normalize)[0]
 
@@ -386,8 +398,9 @@ def class_semantic_scales(
     """
     _check_features(features)
     normalize = check_flag("normalize", normalize)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    num_classes = int(num_classes)  # numpy's integers too, as the marginal functions take
     _check_labels(labels, num_classes, features.shape[0])
     labels = labels.to(features.device).long()
     out = torch.zeros(num_classes, dtype=torch.float64, device=features.device)
@@ -397,7 +410,16 @@ def class_semantic_scales(
         cls = classes[bucket]
         block, mask = group_by_class(features, labels, cls)
         out[cls] = padded_class_scales(block, mask, normalize=normalize)
-    return out
+    return _connected(out, features)
+
+
+def _connected(scales: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """``scales`` in the graph of ``features`` when those need gradients: a
+    class with fewer than two samples (S = 0) then gets zero gradients instead
+    of a backward() that fails because nothing requires grad."""
+    if features.requires_grad and not scales.requires_grad:
+        return scales + (features * 0).sum(dtype=scales.dtype)  # finite features (checked): exactly 0
+    return scales
 
 
 def size_buckets(sizes: torch.Tensor, ratio: float = 1.5, max_buckets: int | None = None) -> list[torch.Tensor]:

@@ -73,13 +73,16 @@ def dsb_weights(
     whole = not counts.is_floating_point() or bool((torch.isfinite(counts) & (counts == counts.round())).all())
     if counts.is_complex() or counts.dtype == torch.bool or not whole or bool((counts < 0).any()):
         raise ValueError(f"counts must be whole numbers >= 0, got {counts.tolist()} (dtype {counts.dtype})")
-    has_scale = (counts.to(scales.device) >= 2) & (scales > eps)
+    # with eps = 0, a subnormal scale's 1/S overflows: such a class has no usable scale
+    has_scale = (counts.to(scales.device) >= 2) & (scales > eps) & torch.isfinite(1.0 / scales)
     weights = torch.ones_like(scales)
     if not bool(has_scale.any()):
         return weights
     inv = 1.0 / scales[has_scale]
     if normalize == "mean":
-        inv = inv / inv.mean()
+        # equal scales give weights of exactly 1 (the parent's loss, bit for bit):
+        # a mean of three or more equal values can round one ulp away from them
+        inv = torch.ones_like(inv) if bool(inv.max() == inv.min()) else inv / inv.mean()
     weights.fill_(float(inv.max()))
     weights[has_scale] = inv
     return weights

@@ -1,10 +1,13 @@
 """PML's ``CrossBatchMemory`` around a DSB pair or triplet loss."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from pytorch_metric_learning.losses import CrossBatchMemory
 from pytorch_metric_learning.utils import common_functions as c_f
 
+from ..functional.semantic_scale import check_int
 from .dsb_weighting import DSBWeightingMixin, check_indices_tuple
 
 __all__ = ["DSBCrossBatchMemory"]
@@ -47,10 +50,9 @@ class DSBCrossBatchMemory(CrossBatchMemory):
                 f"DSBCrossBatchMemory wraps a DSB loss (e.g. with_dsb_weighting(TripletMarginLoss)(...)), got "
                 f"{type(loss).__name__}; use PML's CrossBatchMemory for other losses"
             )
-        for name, value, least in (("embedding_size", embedding_size, 1), ("memory_size", memory_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                # PML accepted 0 (failing at the first call) and gave torch's errors for the rest
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        # PML accepted 0 (failing at the first call) and gave torch's errors for the rest
+        embedding_size = check_int("embedding_size", embedding_size, 1)
+        memory_size = check_int("memory_size", memory_size, 1)
         # the name PML checks: that of the first PML class under the weighting
         # (set before Module.__init__, which runs the check)
         mro = type(loss).__mro__
@@ -77,6 +79,13 @@ class DSBCrossBatchMemory(CrossBatchMemory):
                 self._check_indices_tuple(indices_tuple, len(embeddings))
             if enqueue_mask is not None:
                 self._check_enqueue_mask(enqueue_mask, len(embeddings))
+                # more rows than slots would overwrite slots within one write and
+                # leave PML's position short of a full queue
+                if int(enqueue_mask.sum()) > self.memory_size:
+                    raise ValueError(
+                        f"enqueue_mask queues {int(enqueue_mask.sum())} embeddings, more than the queue's "
+                        f"memory_size={self.memory_size}"
+                    )
             elif isinstance(embeddings, torch.Tensor) and len(embeddings) > self.memory_size:
                 raise ValueError(
                     f"batch of {len(embeddings)} embeddings is larger than the queue's memory_size={self.memory_size}"
@@ -141,16 +150,50 @@ class DSBCrossBatchMemory(CrossBatchMemory):
         return {"queue_idx": int(self.queue_idx), "has_been_filled": bool(self.has_been_filled)}
 
     def set_extra_state(self, state):
-        queue_idx, filled = state["queue_idx"], state["has_been_filled"]
+        self._check_queue_state(state)
+        self.queue_idx, self.has_been_filled = state["queue_idx"], state["has_been_filled"]
+
+    def _check_queue_state(self, state) -> None:
+        queue_idx = state.get("queue_idx") if isinstance(state, dict) else None
+        filled = state.get("has_been_filled") if isinstance(state, dict) else None
         if not (isinstance(queue_idx, int) and 0 <= queue_idx < self.memory_size and isinstance(filled, bool)):
             raise ValueError(
                 f"queue state {state!r} does not fit this DSBCrossBatchMemory (memory_size={self.memory_size})"
             )
-        self.queue_idx, self.has_been_filled = queue_idx, filled
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """PML's queue and the DSB loss's memory load together or not at all:
+        torch loads what fits and raises at the end, which could leave the
+        queue of one checkpoint beside the memory of another; on an error both
+        are put back as they were."""
+        saved = {
+            key: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+            for key, value in self.state_dict().items()
+        }
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except Exception:
+            super().load_state_dict(saved, strict=False)
+            raise
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
+        error_msgs = args[1]  # (unexpected_keys, error_msgs)
+        # the queue's rows and its position are one state: check both before taking either
         key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+        mismatched = [
+            f"size mismatch for {prefix + name}: copying a param with shape {tuple(state_dict[prefix + name].shape)} "
+            f"from checkpoint, the shape in current model is {tuple(getattr(self, name).shape)}."
+            for name in ("embedding_memory", "label_memory")
+            if isinstance(state_dict.get(prefix + name), torch.Tensor)
+            and state_dict[prefix + name].shape != getattr(self, name).shape
+        ]
+        if key in state_dict:
+            self._check_queue_state(state_dict[key])  # ValueError, as set_extra_state's
+        if mismatched:
+            error_msgs.extend(mismatched)
+            error_msgs.append(f"the queue of the {type(self).__name__} was left unchanged (nothing loaded into it)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
         if key in missing_keys:  # saved before the queue's position was: it restarts, as it did then
             missing_keys.remove(key)
             self.queue_idx, self.has_been_filled = 0, False

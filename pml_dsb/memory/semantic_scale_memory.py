@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from ..distributed.gather import check_batch_collectively, gather_batch, should_gather
 from ..functional.semantic_scale import (
     check_flag,
+    check_int,
     class_semantic_scales,
     logdet_and_inverse_spd,
     logdet_spd,
@@ -287,15 +288,11 @@ class SemanticScaleMemory(torch.nn.Module):
     ):
         super().__init__()
         object.__setattr__(self, "_buffers", _UnrecordedBuffers())
-        for name, value, low in (
-            ("num_classes", num_classes, 2),
-            ("embedding_size", embedding_size, 1),
-            ("memory_size", memory_size, 1),
-            ("warmup_epochs", warmup_epochs, 0),
-            ("exact_refresh_every", exact_refresh_every, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        num_classes = check_int("num_classes", num_classes, 2)
+        embedding_size = check_int("embedding_size", embedding_size, 1)
+        memory_size = check_int("memory_size", memory_size, 1)
+        warmup_epochs = check_int("warmup_epochs", warmup_epochs, 0)
+        exact_refresh_every = check_int("exact_refresh_every", exact_refresh_every, 1)
         check_normalize(normalize)
         check_eps(eps)
         l2_normalize = check_flag("l2_normalize", l2_normalize)
@@ -311,8 +308,7 @@ class SemanticScaleMemory(torch.nn.Module):
         self.scale_dtype = scale_dtype
         if gram_size is None:
             gram_size = max(2, embedding_size // 2)
-        if isinstance(gram_size, bool) or not isinstance(gram_size, int) or gram_size < 2:
-            raise ValueError(f"gram_size must be an int >= 2, got {gram_size!r}")
+        gram_size = check_int("gram_size", gram_size, 2)
         self.gram_size = min(gram_size, memory_size)
         if not (distributed is None or isinstance(distributed, bool)):
             raise ValueError(f"distributed must be None (auto), True or False, got {distributed!r}")

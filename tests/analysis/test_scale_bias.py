@@ -38,6 +38,15 @@ def test_equal_scipy_on_fixed_inputs():
         assert g == pytest.approx(stats.spearmanr(r, Y)[0], abs=1e-12)
 
 
+@pytest.mark.parametrize("factor", [1e160, 1e200, 1e-170, 1e-300])
+def test_pearson_is_scale_invariant_at_extreme_magnitudes(factor):
+    # sums of squares of such values overflow or underflow unless rescaled first
+    want = stats.pearsonr(X, Y)[0]
+    assert float(pearson(np.asarray(X) * factor, Y)) == pytest.approx(want, abs=1e-12)
+    assert float(pearson(X, np.asarray(Y) * factor)) == pytest.approx(want, abs=1e-12)
+    assert math.isnan(float(pearson(np.full(4, factor), [1.0, 2.0, 3.0, 4.0])))
+
+
 def test_constant_input_is_nan():
     assert math.isnan(float(pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])))
     assert math.isnan(float(spearman([0.1] * 5, [1, 2, 3, 4, 5])))

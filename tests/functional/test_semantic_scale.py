@@ -220,6 +220,38 @@ def test_gradient_flows_to_input(gen):
     assert x.grad is not None and x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0
 
 
+def test_fewer_than_two_samples_give_zero_gradients(gen):
+    # S = 0 for m < 2 is still a function of the features: backward() works
+    x = _randn(gen, 3, 4, torch.float64).requires_grad_()
+    semantic_scale(x[:1]).backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    y = _randn(gen, 3, 4, torch.float64).requires_grad_()
+    class_semantic_scales(y, torch.tensor([0, 1, 2]), 4).sum().backward()  # no class has two
+    assert torch.equal(y.grad, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_row_gets_a_finite_gradient(gen, dtype):
+    # a zero row (ReLU embeddings) stays zero when normalised; its gradient is
+    # F.normalize's 1/eps, not 1/tiny**2 (inf); the other rows' gradients are
+    # those of a from-scratch float64 formula in which the zero row is a constant
+    x = _randn(gen, 5, 3, dtype)
+    x[2] = 0
+    x.requires_grad_()
+    value = semantic_scale(x)
+    value.backward()
+    assert torch.isfinite(x.grad).all()
+
+    rows = x.detach().double()[[0, 1, 3, 4]].requires_grad_()
+    z = torch.cat([(rows / rows.norm(dim=1, keepdim=True))[:2], torch.zeros(1, 3, dtype=torch.float64),
+                   (rows / rows.norm(dim=1, keepdim=True))[2:]])
+    zc = z - z.mean(0)
+    ref = 0.5 * torch.logdet(torch.eye(3, dtype=torch.float64) + (3 / 5) * zc.T @ zc) / math.log(2)
+    ref.backward()
+    np.testing.assert_allclose(float(value.detach()), float(ref.detach()), rtol=1e-6)
+    np.testing.assert_allclose(x.grad[[0, 1, 3, 4]].double().numpy(), rows.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize(
     "bad,exc,words",
@@ -296,6 +328,12 @@ def test_class_scales_reject_bad_labels(gen, labels, exc, words):
         class_semantic_scales(_randn(gen, 3, 2), labels, 3)
     for w in words:
         assert w in str(info.value)
+
+
+def test_class_scales_accept_numpy_integer_num_classes(gen):
+    x, labels = _randn(gen, 6, 3), torch.tensor([0, 0, 1, 1, 1, 0])
+    num_classes = np.asarray(labels).max() + 1  # np.int64
+    assert torch.equal(class_semantic_scales(x, labels, num_classes), class_semantic_scales(x, labels, 2))
 
 
 @pytest.mark.parametrize("num_classes", [0, True, 2.0, "3"], ids=str)

@@ -38,6 +38,26 @@ def test_dsb_weights_hand_values():
     np.testing.assert_allclose(raw.numpy(), [1.0, 0.5, 0.25, 1.0], rtol=1e-15)
 
 
+@pytest.mark.parametrize("scale,classes", [(5.1, 3), (0.3, 7), (2.9, 7)])
+def test_dsb_weights_of_equal_scales_are_exactly_one(scale, classes):
+    # 1/S divided by its mean rounds one ulp away from 1 at these values; a
+    # class without a scale gets the largest weight, 1, too
+    scales = torch.full((classes + 1,), scale, dtype=torch.float64)
+    counts = torch.tensor([3] * classes + [1])
+    assert torch.equal(dsb_weights(scales, counts), torch.ones(classes + 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("normalize", ["mean", None])
+def test_dsb_weights_subnormal_scale_with_zero_eps_counts_as_no_scale(normalize):
+    # 1/1e-320 overflows: that class gets the largest weight of the others, as without a scale
+    got = dsb_weights(torch.tensor([1e-320, 1.0, 2.0], dtype=torch.float64), torch.tensor([3, 3, 3]),
+                      normalize=normalize, eps=0.0)
+    want = dsb_weights(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([3, 3, 3]),
+                       normalize=normalize, eps=0.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_dsb_weights_all_ones_without_any_scale():
     got = dsb_weights(torch.zeros(4), torch.tensor([0, 1, 5, 1]))
     assert torch.equal(got, torch.ones(4, dtype=torch.float64))

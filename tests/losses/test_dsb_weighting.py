@@ -79,16 +79,17 @@ def test_stages_1_and_2_equal_parent_exactly(case, dtype, gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", list(CASES))
-def test_stage_3_with_equal_scales_equals_parent_exactly(case, dtype, gen):
-    M = 8
-    dsb, parent, _ = make_pair(case, gen, 2, D, M, 1)
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_stage_3_with_equal_scales_equals_parent_exactly(case, dtype, classes, gen):
+    M = 4 * classes
+    dsb, parent, _ = make_pair(case, gen, classes, D, M, 1)
     v = torch.randn(4, D, generator=gen, dtype=dtype)
-    emb = torch.cat([v, v])  # both classes hold the same four vectors
-    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    emb = torch.cat([v] * classes)  # every class holds the same four vectors
+    labels = torch.arange(classes).repeat_interleave(4)
     e1, e2 = leaf(emb), leaf(emb)
     got = dsb(e1, labels)
     assert dsb.memory.stage == 3
-    assert torch.equal(dsb.memory.weights(), torch.ones(2, dtype=torch.float64))  # precondition
+    assert torch.equal(dsb.memory.weights(), torch.ones(classes, dtype=torch.float64))  # precondition
     want = parent(e2, labels)
     _assert_same_loss_and_grads(dsb, parent, got, want, e1, e2)
 
@@ -1085,6 +1086,48 @@ def test_cross_batch_memory_checks_pmls_own_conditions_first(gen):
         wrapper(emb, labels, (torch.tensor([0]), torch.tensor([1]), torch.tensor([2])),
                 enqueue_mask=torch.zeros(6, dtype=torch.bool))
     _assert_same_states(before, _states(wrapper))
+
+
+def test_cross_batch_memory_refuses_a_mask_that_queues_more_than_the_queue_holds(gen):
+    """PML checks only an unmasked batch's size: 6 masked rows into a queue of
+    4 overwrote slots within one write and left PML's position at 2, unfilled."""
+    from pml_dsb import DSBCrossBatchMemory
+
+    wrapper = DSBCrossBatchMemory(with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=64),
+                                  embedding_size=D, memory_size=4)
+    wrapper(*_batch(gen, 3))
+    before = _states(wrapper)
+    emb, labels = _batch(gen, 8)
+    mask = torch.tensor([True] * 6 + [False] * 2)
+    with pytest.raises(ValueError, match="enqueue_mask queues 6 embeddings, more than the queue's memory_size=4"):
+        wrapper(emb, labels, enqueue_mask=mask)
+    _assert_same_states(before, _states(wrapper))
+    wrapper(emb[2:], labels[2:], enqueue_mask=mask[2:])  # 4 rows: fits
+    assert (wrapper.queue_idx, wrapper.has_been_filled) == (3, True)
+
+
+@pytest.mark.parametrize("which", ["dsb memory", "queue"])
+def test_cross_batch_memory_loads_its_queue_and_memory_together_or_not_at_all(gen, which):
+    """torch loads what fits and raises at the end: a checkpoint whose DSB
+    memory (or queue) had another size replaced the queue (or the memory) and
+    left the two out of step."""
+    from pml_dsb import DSBCrossBatchMemory
+
+    def make(dsb_size, queue_size):
+        loss = with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=dsb_size, warmup_epochs=1)
+        return DSBCrossBatchMemory(loss, embedding_size=D, memory_size=queue_size)
+
+    source = make(30, 8) if which == "dsb memory" else make(24, 12)
+    target = make(24, 8)
+    for _ in range(3):
+        source(*_batch(gen, 6))
+    target(*_batch(gen, 6))
+    before = _states(target)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        target.load_state_dict(source.state_dict())
+    _assert_same_states(before, _states(target))
+    target(*_batch(gen, 6))  # still usable: both queues as they were, in step
+    assert target.loss.memory.num_enqueued == 12 and target.queue_idx == 4
 
 
 def test_cross_batch_memory_checks_indices_tuple_before_its_queue_changes(gen):

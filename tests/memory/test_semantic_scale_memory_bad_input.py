@@ -188,6 +188,24 @@ def test_bad_constructor_arguments(kwargs, exc, words):
         assert w in str(info.value)
 
 
+def test_numpy_integers_are_accepted_as_sizes():
+    # e.g. labels.max() + 1 computed in numpy; PML's parents accept them too
+    from pytorch_metric_learning.losses import TripletMarginLoss
+
+    from pml_dsb import DSBCrossBatchMemory, DSBNormalizedSoftmaxLoss, with_dsb_weighting
+
+    mem = SemanticScaleMemory(np.int64(C), np.int32(D), np.int64(M), warmup_epochs=np.int64(2), gram_size=np.int64(3))
+    assert (mem.num_classes, mem.embedding_size, mem.memory_size, mem.warmup_epochs, mem.gram_size) == (C, D, M, 2, 3)
+    assert all(type(v) is int for v in (mem.num_classes, mem.embedding_size, mem.memory_size, mem.warmup_epochs))
+    loss = DSBNormalizedSoftmaxLoss(np.int64(C), np.int64(D), memory_size=np.int64(M))
+    assert loss.memory.memory_size == M
+    wrapper = DSBCrossBatchMemory(with_dsb_weighting(TripletMarginLoss)(C, D, memory_size=M),
+                                  embedding_size=np.int64(D), memory_size=np.int64(8))
+    assert (wrapper.embedding_size, wrapper.memory_size) == (D, 8)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2, got np.True_"):
+        SemanticScaleMemory(np.bool_(True), D, M)
+
+
 def test_a_batch_without_indices_is_refused_by_an_index_addressed_memory():
     g = torch.Generator().manual_seed(7)
     mem = SemanticScaleMemory(C, D, M, warmup_epochs=1)
