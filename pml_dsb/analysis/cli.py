@@ -83,7 +83,7 @@ def _features(args):
         return features, labels, {**info, "checkpoint": os.path.abspath(args.checkpoint)}
     name, split = args.dataset or args.default_dataset, args.split or "train"
     dataset = load_dataset(name, split=split, root=args.root, imbalance_factor=args.imbalance_factor,
-                           seed=0 if args.split_seed is None else args.split_seed)
+                           seed=args.split_seed)
     features, labels = raw_features(dataset)
     info = {"source": "raw inputs (flattened)", "dataset": name, "split": split,
             "imbalance_factor": getattr(dataset, "imbalance_factor", None), "dimension": int(features.shape[1])}
@@ -311,6 +311,9 @@ def _at_least_10(text: str) -> int:
     return value
 
 
+_at_least_10.__name__ = "integer"  # argparse's "invalid integer value" for non-numbers
+
+
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
         value = int(text)
@@ -354,6 +357,11 @@ def _check_sources(args) -> None:
     if args.checkpoint and ignored:
         args.parser.error(f"{', '.join(ignored)}: not used with --checkpoint (its run's config gives the "
                           f"dataset and the train split); leave them out")
+    name = args.dataset or args.default_dataset
+    if args.split_seed is not None and not (args.checkpoint or getattr(args, "run", None)) and name not in (
+        None, "digits-lt"
+    ):
+        args.parser.error(f"--split-seed: applies to digits-lt only ({name} has a fixed split); leave it out")
     if getattr(args, "run", None) and (ignored or args.root or args.checkpoint):
         extra = ignored + (["--root"] if args.root else []) + (["--checkpoint"] if args.checkpoint else [])
         args.parser.error(f"{', '.join(extra)}: not used with --run (the run folder's per_class.csv gives "

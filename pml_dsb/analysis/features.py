@@ -38,13 +38,14 @@ def load_dataset(
     split: str = "train",
     root: Optional[Union[str, os.PathLike]] = None,
     imbalance_factor: Optional[float] = None,
-    seed: int = 0,
+    seed: Optional[int] = None,
 ):
     """The dataset ``name`` (one of :data:`DATASET_NAMES`) with its deterministic
     (test-time) transform, so that raw features do not depend on augmentation.
 
     ``root`` is required for every dataset but ``digits-lt``; ``imbalance_factor``
-    applies to the long-tailed ones (default 10); ``seed`` is digits-LT's split seed.
+    applies to the long-tailed ones (default 10); ``seed`` is digits-LT's split
+    seed (default 0); the other datasets have fixed splits and refuse one.
 
     >>> ds = load_dataset("digits-lt", imbalance_factor=50)
     >>> len(ds), ds.num_classes
@@ -58,9 +59,11 @@ def load_dataset(
         raise ValueError(f"dataset must be one of {DATASET_NAMES}, got {name!r}")
     if imbalance_factor is not None and name not in ("digits-lt", "cifar100-lt"):
         raise ValueError(f"imbalance_factor applies to the long-tailed datasets, not to {name!r} (got {imbalance_factor})")
+    if seed is not None and name != "digits-lt":
+        raise ValueError(f"a split seed applies to digits-lt only; {name!r} has a fixed split (got {seed})")
     factor = 10.0 if imbalance_factor is None else imbalance_factor
     if name == "digits-lt":
-        return datasets.DigitsLT(imbalance_factor=factor, split=split, seed=seed)
+        return datasets.DigitsLT(imbalance_factor=factor, split=split, seed=0 if seed is None else seed)
     if root is None:
         raise ValueError(f"dataset {name!r} needs a data root (--root DIR); nothing is downloaded")
     transform = default_transform(name.replace("-", ""), "test")

@@ -94,6 +94,13 @@ class Cars196(LabelledDataset):
         reader = {"original": _read_original, "torchvision": _read_torchvision,
                   "kaggle": _read_kaggle}[self.layout]
         paths, classes = reader(self.root, self.split)
+        # an id outside 1..196 (a 0-based copy, say) would silently drop or shift images
+        bad = next((i for i, c in enumerate(classes) if not 1 <= c <= 196), None)
+        if bad is not None:
+            raise ValueError(
+                f"Cars196: the {self.layout!r} annotations under {self.root!r} give image "
+                f"{paths[bad]!r} the class {classes[bad]}; expected a class id from 1 to 196"
+            )
         wanted = self.TRAIN_CLASSES if self.split == "train" else self.TEST_CLASSES
         keep = [i for i, c in enumerate(classes) if c in wanted]
         if not keep:
@@ -188,5 +195,16 @@ def _read_kaggle(root: str, split: str) -> tuple[list[str], list[int]]:
         "Cars196",
         _LAYOUT_TEXT["kaggle"],
     )
+    # PML's reader keeps the ids in its split's range and drops the rest unseen
+    for name in ("anno_train.csv", "anno_test.csv"):
+        path = os.path.join(root, name)
+        with open(path) as f:
+            for line_number, line in enumerate(f, 1):
+                value = line.strip().split(",")[-1]
+                if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 196):
+                    raise ValueError(
+                        f"Cars196: line {line_number} of {path!r} gives the class {value}; "
+                        f"expected a class id from 1 to 196"
+                    )
     pml = _PMLCars196(root, split=split, download=False)
     return list(pml.paths), [int(c) for c in pml.labels]

@@ -156,24 +156,28 @@ def check_batch_collectively(
     labels,
     indices=None,
     group=None,
+    enqueues: Optional[bool] = None,
 ) -> tuple[list[int], bool]:
     """Run ``check(embeddings, labels, indices)`` here and agree on the verdict with every rank.
 
     Collective: every rank of ``group`` must call it. Returns each rank's
     batch size and whether the batches carry dataset indices. If the batch of
     any rank fails its check (any exception), or ranks disagree on passing
-    indices, every rank raises the same :class:`BatchRejectedError`.
+    indices, or on ``enqueues`` (whether the call stores the batch or only
+    reads it: ``torch.no_grad()`` or ``update_memory=False`` on some ranks
+    only, whose next collective calls would differ; None: no say), every
+    rank raises the same :class:`BatchRejectedError`.
 
     Also warns when every rank holds exactly the same batch (same size and
     fingerprint): either the data is not sharded across ranks, or the batch
     was already gathered (PML's ``DistributedLossWrapper``) and the memory
     should be built with ``distributed=False``.
     """
-    sizes, with_indices, _ = _agree(check, embeddings, labels, indices, group)
+    sizes, with_indices, _ = _agree(check, embeddings, labels, indices, group, enqueues)
     return sizes, with_indices
 
 
-def _agree(check, embeddings, labels, indices, group) -> tuple[list[int], bool, list]:
+def _agree(check, embeddings, labels, indices, group, enqueues=None) -> tuple[list[int], bool, list]:
     """:func:`check_batch_collectively`, also returning each rank's embedding dtype."""
     error: Optional[BaseException] = None
     try:
@@ -189,7 +193,8 @@ def _agree(check, embeddings, labels, indices, group) -> tuple[list[int], bool, 
     world = dist.get_world_size(group)
     device = _comm_device(group)
     status = torch.tensor(
-        [int(error is not None), batch, int(indices is not None), fp_labels, fp_emb, dtype_code, dim],
+        [int(error is not None), batch, int(indices is not None), fp_labels, fp_emb, dtype_code, dim,
+         -1 if enqueues is None else int(enqueues)],
         dtype=torch.long,
         device=device,
     )
@@ -213,6 +218,15 @@ def _agree(check, embeddings, labels, indices, group) -> tuple[list[int], bool, 
         raise BatchRejectedError(
             f"the ranks' embeddings have different sizes {dims} (in rank order); no rank changed its memory",
             [r for r, size in enumerate(dims) if size != dims[0]],
+        )
+    modes = table[:, 7].tolist()
+    if len({m for m in modes if m >= 0}) > 1:
+        stores = [r for r, m in enumerate(modes) if m == 1]
+        raise BatchRejectedError(
+            f"ranks {stores} store this batch in their memory and ranks "
+            f"{[r for r, m in enumerate(modes) if m == 0]} only read it (torch.no_grad() or "
+            "update_memory=False on some ranks only): every rank must do the same; no rank changed its memory",
+            [r for r, m in enumerate(modes) if m == 0],
         )
     with_indices = table[:, 2].tolist()
     if len(set(with_indices)) > 1:
@@ -245,6 +259,7 @@ def gather_batch(
     group=None,
     drop_duplicate_indices: bool = True,
     widest_dtype: bool = False,
+    enqueues: Optional[bool] = None,
 ) -> GlobalBatch:
     """Every rank's batch, concatenated in rank order, on every rank.
 
@@ -263,9 +278,12 @@ def gather_batch(
     and come back in it: then every rank holds the same values, its own rows
     included (an exact cast of them).
 
+    ``enqueues``: whether this call stores the batch, agreed on as
+    :func:`check_batch_collectively` does.
+
     Returns a :class:`GlobalBatch` on the collective device (CPU for gloo).
     """
-    sizes, with_indices, dtypes = _agree(check, embeddings, labels, indices, group)
+    sizes, with_indices, dtypes = _agree(check, embeddings, labels, indices, group, enqueues)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     device = _comm_device(group)
     batch, dim = sizes[rank], embeddings.shape[1]

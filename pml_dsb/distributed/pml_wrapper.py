@@ -78,27 +78,33 @@ class DistributedDSBLossWrapper(DistributedLossWrapper):
             )
         super().__init__(loss, efficient=False)
         memory.distributed = False
+        # every rank's memory takes the same global batches: reads on some ranks
+        # only must leave it as it is (see SemanticScaleMemory.scales)
+        memory._replicated_by_wrapper = True
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None, enqueue_mask=None):
+        unsupported = {"indices_tuple": indices_tuple, "ref_emb": ref_emb, "ref_labels": ref_labels,
+                       "enqueue_mask": enqueue_mask}
+        given = [name for name, value in unsupported.items() if value is not None]
         if not is_distributed() or torch.distributed.get_world_size() == 1:
-            return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            if given:  # as with several ranks, not silently ignored or passed on
+                raise ValueError(f"DistributedDSBLossWrapper does not support {given}")
+            return self.loss(embeddings, labels)
         memory = self.loss.memory
+        enqueues = self.loss.update_memory and torch.is_grad_enabled()
 
         def check(emb, lab, _):  # inside the collective check: a bad call on one rank raises on all
-            unsupported = {
-                "indices_tuple": indices_tuple,
-                "ref_emb": ref_emb,
-                "ref_labels": ref_labels,
-                "enqueue_mask": enqueue_mask,
-            }
-            given = [name for name, value in unsupported.items() if value is not None]
             if given:
                 raise ValueError(f"DistributedDSBLossWrapper does not support {given}")
             # as the wrapped loss will check it: a batch it only reads is not checked
             # against the memory's size or addressing
-            memory.validate_batch(emb, lab, enqueue=self.loss.update_memory and torch.is_grad_enabled())
+            memory.validate_batch(emb, lab, enqueue=enqueues)
 
-        batch = gather_batch(embeddings, labels, check=check, drop_duplicate_indices=False, widest_dtype=True)
+        # the ranks agree on enqueueing too: a rank under no_grad() alone would
+        # leave its memory behind the others'
+        batch = gather_batch(
+            embeddings, labels, check=check, drop_duplicate_indices=False, widest_dtype=True, enqueues=enqueues
+        )
         # every rank computes in the widest dtype of the ranks' rows, on the same
         # values: its own rows are an exact cast of what the others received
         rows = batch.embeddings.to(device=embeddings.device)

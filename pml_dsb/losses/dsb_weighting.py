@@ -417,7 +417,7 @@ class DSBWeightingMixin:
             self._enqueues = None
             self._enqueue_due = False
         if reader:  # raises if the parent refused the batch on another rank
-            check_batch_collectively(None, embeddings, labels)
+            check_batch_collectively(None, embeddings, labels, enqueues=False)
         return out
 
     def __reduce_ex__(self, protocol):

@@ -266,6 +266,17 @@ class SemanticScaleMemory(torch.nn.Module):
     #: --device cuda). Tests set it.
     max_buckets: Optional[int] = None
 
+    #: Set by DistributedDSBLossWrapper, which hands every rank the same global
+    #: batches (the memory itself then does not gather): see :meth:`scales`.
+    _replicated_by_wrapper = False
+
+    def _replicated(self) -> bool:
+        """Whether several ranks hold this same memory now (it gathers, or a
+        DistributedDSBLossWrapper gathers for it)."""
+        if not should_gather(None):  # one process (distributed=True with one rank included)
+            return False
+        return should_gather(self.distributed) or self._replicated_by_wrapper
+
     def _buckets(self, sizes: torch.Tensor) -> list[torch.Tensor]:
         limit = self.max_buckets
         if limit is None and sizes.device.type != "cpu":
@@ -544,7 +555,7 @@ class SemanticScaleMemory(torch.nn.Module):
         if not should_gather(self.distributed):
             check(embeddings, labels, indices)
             return
-        sizes, with_indices = check_batch_collectively(check, embeddings, labels, indices)
+        sizes, with_indices = check_batch_collectively(check, embeddings, labels, indices, enqueues=enqueue)
         # distinct dataset indices in [0, M) always fit; a sample repeated across
         # ranks (DistributedSampler's padding) is enqueued once
         if enqueue and not with_indices and sum(sizes) > self.memory_size:
@@ -687,7 +698,7 @@ class SemanticScaleMemory(torch.nn.Module):
                 rows, error = self._stored_rows(embeddings), None
             except Exception as err:  # reaches the other ranks through the check
                 rows, error = embeddings, err
-            emb, labels, indices, _, _ = gather_batch(rows, labels, indices, check=_raiser(error))
+            emb, labels, indices, _, _ = gather_batch(rows, labels, indices, check=_raiser(error), enqueues=True)
             self._validate_local_batch(emb, labels, indices)  # same global batch, same verdict everywhere
             emb = emb.to(device=device)
         else:
@@ -710,6 +721,8 @@ class SemanticScaleMemory(torch.nn.Module):
         self.index_addressed.fill_(indices is not None)
         self._addressing_unknown = False
         self.enqueued_count += batch
+        if self.stage == 3 and self._replicated():
+            self._refresh()  # every rank here, at the same point of the same history (see scales)
 
     def _reject_collectively(self, error: BaseException) -> None:
         """For a caller that failed where an enqueue was due (a loss whose parent
@@ -832,16 +845,27 @@ class SemanticScaleMemory(torch.nn.Module):
 
         Recomputes only the classes touched since the last call; 0 for a class
         with fewer than two samples. The first call builds the per-class
-        statistics that later calls update, except before stage 3 in a
-        memory that gathers: there the scales are computed from the contents
-        and nothing is kept, so that a read on some ranks only (logging on
-        rank 0) leaves every rank's memory the same (statistics built at other
-        times differ in rounding).
+        statistics that later calls update.
+
+        A memory that every rank holds alike (it gathers, or a
+        :class:`~pml_dsb.distributed.DistributedDSBLossWrapper` gathers for
+        it) keeps its statistics up to date in :meth:`enqueue` instead, from
+        stage 3 on, at the same point on every rank; a read with nothing to
+        update returns them, any other read (before stage 3, or after a
+        restore before the next enqueue) computes the scales from the
+        contents and keeps nothing. So a read on some ranks only (logging on
+        rank 0) leaves every rank's memory the same: statistics built or
+        refreshed at different times differ in rounding.
         """
+        if self._replicated() and (not bool(self.statistics_built) or bool(self.stale.any())):
+            rows, labels = self.contents()
+            return class_semantic_scales(rows, labels, self.num_classes, normalize=False)
+        return self._refresh()
+
+    def _refresh(self) -> torch.Tensor:
+        """:meth:`scales`, building the statistics first if need be and
+        updating the stale classes."""
         if not bool(self.statistics_built):
-            if self.stage < 3 and should_gather(self.distributed):
-                rows, labels = self.contents()
-                return class_semantic_scales(rows, labels, self.num_classes, normalize=False)
             self._build_statistics()
         stale = torch.nonzero(self.stale).flatten()
         if stale.numel():

@@ -73,7 +73,8 @@ def load_backbone_state_dict(backbone: nn.Module, path: str, arch: str) -> None:
     wrapper and a ``module.`` prefix are accepted, every other key must match."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+    # a three-byte file failed inside the unpickler with IndexError
+    except (pickle.UnpicklingError, EOFError, RuntimeError, IndexError, KeyError, TypeError, ValueError) as err:
         # torch's own message for a file it cannot read suggests weights_only=False
         # (arbitrary code): a weights file is tensors, so say what is wrong instead
         raise ValueError(

@@ -141,6 +141,14 @@ def _check_against_data(config: BenchConfig, data) -> None:
             "at one batch at most; these runs will hardly differ from their parents'"
             if tr.epochs == config.dsb.warmup_epochs else "never; these runs will equal their parents'")
     check_m_per_class(tr, classes)
+    # each test query is ranked against the other test items: found at the first
+    # evaluation otherwise, after the run folder was written
+    largest, neighbours = max(config.evaluation.recall_ks), len(data.test) - 1
+    if largest > neighbours:
+        raise ConfigError(
+            f"[evaluation] recall_ks asks for k = {largest} neighbours, but each query of the {len(data.test)} "
+            f"test items has {neighbours} others; lower recall_ks"
+        )
 
 
 def _check_model_fits_data(model: torch.nn.Module, data, config: BenchConfig) -> None:

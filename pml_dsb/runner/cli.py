@@ -58,6 +58,8 @@ def parse_seeds(text: str) -> list[int]:
             part = part.strip()
             if "-" in part[1:]:
                 lo, hi = (int(v) for v in part.split("-", 1))
+                if lo > hi:
+                    raise argparse.ArgumentTypeError(f"seed range {part!r} runs backwards: write lo-hi with lo <= hi")
                 if lo > MAX_SEED or hi > MAX_SEED or hi - lo >= MAX_SEEDS:  # before listing them
                     raise argparse.ArgumentTypeError(
                         f"seeds must be at most {MAX_SEEDS} integers in [0, {MAX_SEED}], got {text!r}")

@@ -537,7 +537,9 @@ def check_resumable(config: BenchConfig, method: str, seed: int, out_dir: Union[
         best_epoch = state["best"]["epoch"]
         if best_epoch > 0:  # the run's result is read from it at the end, after the training
             best = load_checkpoint(os.path.join(run_dir, "best.pt"), kind="best", method=method, seed=seed)
-            if best["epoch"] != best_epoch:
+            # a best.pt past last.pt's epoch: killed between writing the two; the resume
+            # trains that epoch again and rewrites it (checked again at the end)
+            if best["epoch"] != best_epoch and best["epoch"] <= state["epoch"]:
                 raise CheckpointError(
                     f"{os.path.join(run_dir, 'best.pt')}: of epoch {best['epoch']}, but {last_path} records "
                     f"its best epoch as {best_epoch}; delete the run's folder to train it again"
@@ -625,6 +627,11 @@ def _final_result(model, data, config, device, method, seed, best, history, elap
     """The run's result from the best checkpoint (train-feature scales), written to ``result.json``."""
     # the best epoch's model gives the features of the semantic scales
     best_state = load_checkpoint(best_path, kind="best", map_location=device, method=method, seed=seed)
+    if best_state["epoch"] != best["epoch"]:  # a stale best.pt that the resumed training did not rewrite
+        raise CheckpointError(
+            f"{best_path}: of epoch {best_state['epoch']}, but the run's best epoch is {best['epoch']}; "
+            f"delete the run's folder to train it again"
+        )
     model.load_state_dict(best_state["model"])
     features, labels = embed(model, data.train_eval, config.evaluation.batch_size, device)
     train_scales = class_semantic_scales(features, labels, data.num_classes)

@@ -155,13 +155,16 @@ def test_checkpoint_features_come_from_the_files_own_weights(tmp_path):
         (["analyze", "marginal", "--checkpoint", "x.pt", "--dataset", "digits-lt", "--imbalance-factor", "5"],
          "--dataset, --imbalance-factor: not used with --checkpoint"),
         (["analyze", "summary", "--run", "r", "--split-seed", "3"], "--split-seed: not used with --run"),
+        # only digits-lt has a seeded split: CUB's was read as given, the seed silently dropped
+        (["analyze", "summary", "--dataset", "cub200", "--root", "r", "--split-seed", "3"],
+         "--split-seed: applies to digits-lt only (cub200 has a fixed split)"),
         (["analyze", "manifold", "--factors", "1", "1", "2"], "--factors needs at least two distinct values"),
         # one point has no spread: S = 0 at every factor, reported "NOT monotonic"
         (["analyze", "manifold", "--points", "1"], "argument --points: must be an integer >= 2, got 1"),
         (["analyze", "marginal", "--max-points", "1"], "argument --max-points: must be an integer >= 2, got 1"),
     ],
-    ids=["no-source", "checkpoint-split", "checkpoint-dataset", "run-split-seed", "repeated-factor", "points",
-         "max-points"],
+    ids=["no-source", "checkpoint-split", "checkpoint-dataset", "run-split-seed", "cub-split-seed",
+         "repeated-factor", "points", "max-points"],
 )
 def test_inputs_that_would_be_ignored_are_usage_errors(tmp_path, capsys, argv, words):
     with pytest.raises(SystemExit) as info:
@@ -207,6 +210,9 @@ def test_bootstrap_needs_ten_replicates(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["analyze", "imbalance", "--run", str(run_dir), "--bootstrap", "9", "--out", str(tmp_path / "i")])
     assert info.value.code == 2 and "must be at least 10" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's own wording, not the parser function's name
+        main(["analyze", "imbalance", "--run", str(run_dir), "--bootstrap", "x", "--out", str(tmp_path / "i")])
+    assert "argument --bootstrap: invalid integer value: 'x'" in capsys.readouterr().err
     run(["analyze", "imbalance", "--run", str(run_dir), "--bootstrap", "10", "--out", str(tmp_path / "i")], capsys)
 
 

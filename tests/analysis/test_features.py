@@ -1,5 +1,6 @@
 """Embedding a dataset for the analysis: a model's features and the labels, in order."""
 import numpy as np
+import pytest
 import torch
 
 from pml_dsb.analysis.features import embed_dataset, raw_features
@@ -24,3 +25,13 @@ def test_a_model_without_parameters_embeds_on_the_cpu():
     x = torch.randn(5, 2, 3)
     features, labels = embed_dataset(torch.nn.Flatten(), torch.utils.data.TensorDataset(x, torch.arange(5)))
     assert torch.equal(features, x.flatten(1)) and labels.tolist() == list(range(5))
+
+
+def test_load_dataset_refuses_a_split_seed_for_fixed_splits():
+    from pml_dsb.analysis.features import load_dataset
+
+    with pytest.raises(ValueError, match="a split seed applies to digits-lt only; 'cub200' has a fixed split"):
+        load_dataset("cub200", root=".", seed=3)
+    a, b = load_dataset("digits-lt"), load_dataset("digits-lt", seed=0)  # the default is seed 0
+    assert a.source_indices.tolist() == b.source_indices.tolist()
+    assert load_dataset("digits-lt", seed=1).source_indices.tolist() != a.source_indices.tolist()

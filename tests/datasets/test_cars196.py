@@ -188,6 +188,16 @@ def test_missing_image_is_named(cars):
     assert path in str(info.value)
 
 
+@pytest.mark.parametrize("layout,bad_id", [("original", 0), ("original", 197), ("torchvision", 0), ("kaggle", 0)])
+def test_class_ids_outside_1_to_196_are_refused(tmp_path, monkeypatch, layout, bad_id):
+    # a 0-based copy of the annotations dropped class 0's images and shifted the split by one
+    monkeypatch.setitem(globals(), "SPEC", [(bad_id, 0, "RGB")] + SPEC[1:])
+    MAKERS[layout](tmp_path)
+    for split in ("train", "test"):
+        with pytest.raises(ValueError, match=f"the class {bad_id}; expected a class id from 1 to 196"):
+            Cars196(tmp_path, split=split)
+
+
 def test_mat_without_the_expected_fields(tmp_path):
     make_original(tmp_path)
     bad = np.zeros((1, 1), dtype=[("relative_im_path", "O"), ("label", "O")])

@@ -8,6 +8,7 @@ each other and with one process fed the concatenated batches.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
@@ -234,6 +235,8 @@ def scenario_indices(rank, world):
 
 
 def reference_indices():
+    """One process; it reads the scales after each enqueue in stage 3, where a
+    memory held by several ranks keeps its statistics up to date itself."""
     from pml_dsb import SemanticScaleMemory
 
     mem = SemanticScaleMemory(C, D, memory_size=16, warmup_epochs=1)
@@ -243,6 +246,8 @@ def reference_indices():
         ids = torch.tensor(ids[0] + ids[1])
         keep = torch.tensor([int(i) not in ids[:k].tolist() for k, i in enumerate(ids)])
         mem.enqueue(emb[keep], labels[keep], ids[keep])
+        if mem.stage == 3:
+            mem.scales()
         enqueued.append(mem.num_enqueued)
     return {"enqueued": enqueued, "state": state_of(mem)}
 
@@ -450,11 +455,12 @@ def scenario_dsb_wrapper_read(rank, world):
 
 def reference_dsb_wrapper_read(world=2):
     ref = _read_only_loss()
+    state = state_of(ref.memory)  # before its reads: those of the ranks keep nothing
     values = []
     for step in (make_batches(3, UNEVEN, 1)[0], make_batches(4, (M + 1, M + 1), 1)[0]):
         with torch.no_grad():
             values.append(ref(*concat(step)))
-    return {"loss": values, "state": state_of(ref.memory)}
+    return {"loss": values, "state": state}
 
 
 SHARD_N, SHARD_BATCH = 29, 9  # 4 global batches: 9, 9, 9, 2 samples
@@ -611,8 +617,52 @@ def scenario_rank_local_read(rank, world):
     return rec
 
 
-F64_STEPS = 5
-F64_STEPS = 5
+def scenario_rank_local_read_late(rank, world):
+    """Rank 0 reads scales() at every step, rank 1 only at the last: a gathering
+    memory fed by enqueue() (a DSB-CE loop) and a loss under
+    DistributedDSBLossWrapper (whose memory does not gather itself). The reads
+    on rank 0 alone once built (in the warm-up, under the wrapper) or refreshed
+    (in stage 3) the statistics there first, and the ranks' memories differed."""
+    from pml_dsb import SemanticScaleMemory
+    from pml_dsb.distributed import DistributedDSBLossWrapper
+
+    mem, loss = SemanticScaleMemory(C, D, M, warmup_epochs=WARMUP), new_loss()
+    wrapped = DistributedDSBLossWrapper(loss)
+    rec = {"scales": [], "loss": [], "stage": []}
+    steps = make_batches(14, UNEVEN, STEPS + 3)
+    for t, step in enumerate(steps):
+        mem.enqueue(*step[rank])
+        rec["loss"].append(wrapped(*step[rank]).detach().clone())
+        rec["stage"].append(mem.stage)
+        if rank == 0 or t == len(steps) - 1:
+            rec["scales"].append((mem.scales(), loss.memory.scales()))
+    rec["state"], rec["wrapped_state"] = state_of(mem), state_of(loss.memory)
+    rec["contents"] = mem.contents()
+    return rec
+
+
+def scenario_enqueue_mismatch(rank, world):
+    """Rank 0 calls the loss under torch.no_grad() at step 1 (it only reads),
+    rank 1 with gradients (it enqueues): their next collective calls differed,
+    and gloo aborted both. Now every rank raises, and no memory changes."""
+    from pml_dsb.distributed import DistributedDSBLossWrapper
+
+    direct, wrapped_loss = new_loss(), new_loss()
+    wrapped = DistributedDSBLossWrapper(wrapped_loss)
+    rec = {"errors": [], "enqueued": []}
+    for t, step in enumerate(make_batches(15, UNEVEN, 3)):
+        emb, labels = step[rank]
+        for call in (direct, wrapped):
+            try:
+                with torch.no_grad() if (t, rank) == (1, 0) else contextlib.nullcontext():
+                    call(emb, labels)
+                rec["errors"].append(None)
+            except ValueError as err:
+                rec["errors"].append((type(err).__name__, getattr(err, "bad_ranks", None)))
+        rec["enqueued"].append((direct.memory.num_enqueued, wrapped_loss.memory.num_enqueued))
+    return rec
+
+
 F64_STEPS = 5
 
 
@@ -671,6 +721,8 @@ SCENARIOS = {
     "reader": scenario_reader,
     "gather_shapes": scenario_gather_shapes,
     "rank_local_read": scenario_rank_local_read,
+    "rank_local_read_late": scenario_rank_local_read_late,
+    "enqueue_mismatch": scenario_enqueue_mismatch,
 }
 
 

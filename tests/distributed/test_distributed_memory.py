@@ -215,7 +215,7 @@ def test_dsb_wrapper_around_a_loss_that_only_reads(ranks):
         assert len(rec["loss"]) == 2
         for got, want in zip(rec["loss"], ref["loss"]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        assert_same_state(rec["state"], ref["state"])  # nothing enqueued
+        assert_same_state(rec["state"], ref["state"])  # nothing enqueued, nothing kept by the reads
 
 
 def test_errors_found_on_one_rank_raise_on_every_rank_at_once(ranks):
@@ -245,3 +245,24 @@ def test_scales_read_on_one_rank_before_stage_3_keep_the_memories_equal(ranks, n
     labels = lib.concat(mem_steps[0])[1]
     want = np_ref.class_scales(rows.double().numpy(), labels.numpy(), lib.C, normalize=False)
     np.testing.assert_allclose(r0["read"][0].numpy(), want, rtol=1e-6, atol=1e-12)
+
+
+def test_scales_read_on_one_rank_at_any_stage_keep_the_memories_equal(ranks, np_ref):
+    r0, r1 = records(ranks, "rank_local_read_late")
+    assert r0["stage"][0] == 1 and r0["stage"][-1] == 3 and len(r0["scales"]) == len(r0["stage"])
+    assert len(r1["scales"]) == 1  # rank 1 reads once, at the last step
+    assert_same_state(r0["state"], r1["state"])
+    assert_same_state(r0["wrapped_state"], r1["wrapped_state"])
+    assert all(torch.equal(a, b) for a, b in zip(r0["loss"], r1["loss"]))
+    for a, b in zip(r0["scales"][-1], r1["scales"][0]):
+        assert torch.equal(a, b)
+    rows, labels = r0["contents"]
+    want = np_ref.class_scales(rows.double().numpy(), labels.numpy(), lib.C, normalize=False)
+    np.testing.assert_allclose(r0["scales"][-1][0].numpy(), want, rtol=1e-6, atol=1e-12)
+
+
+def test_ranks_that_disagree_on_enqueueing_raise_everywhere_and_change_nothing(ranks):
+    r0, r1 = records(ranks, "enqueue_mismatch")
+    rejected = ("BatchRejectedError", [0])  # rank 0 only reads: the rank named
+    assert r0["errors"] == r1["errors"] == [None, None, rejected, rejected, None, None]
+    assert r0["enqueued"] == r1["enqueued"] == [(12, 12), (12, 12), (24, 24)]

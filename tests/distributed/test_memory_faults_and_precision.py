@@ -237,6 +237,13 @@ def test_dsb_loss_wrapper_checks_its_loss_and_passes_through_on_one_process(gen)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "non-distributed setting" warning from PML's wrapper
         assert torch.equal(wrapped(emb, labels), plain(emb, labels))
+    # refused as with several ranks (enqueue_mask was ignored, indices_tuple passed on)
+    before = {k: v.clone() for k, v in loss.memory.state_dict().items()}
+    for extra in ({"enqueue_mask": torch.zeros(len(emb), dtype=torch.bool)},
+                  {"indices_tuple": (torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))}):
+        with pytest.raises(ValueError, match=rf"does not support \['{next(iter(extra))}'\]"):
+            wrapped(emb, labels, **extra)
+    assert all(torch.equal(v, loss.memory.state_dict()[k]) for k, v in before.items())
 
 
 # ----------------------------------------------------- helpers, one process

@@ -74,7 +74,7 @@ def test_missing_file(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage" * 10], ids=["empty", "not-a-torch-file"])
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, b"abc"], ids=["empty", "not-a-torch-file", "three-bytes"])
 def test_unreadable_file_is_named_without_suggesting_weights_only_false(tmp_path, content):
     path = tmp_path / "broken.pth"
     path.write_bytes(content)

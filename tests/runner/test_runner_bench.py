@@ -215,6 +215,19 @@ def test_overwrite_deletes_nothing_when_a_check_fails(tmp_path, caplog):
     assert _folder_bytes(out / "tiny") == before
 
 
+def test_recall_ks_beyond_the_test_set_is_refused_before_the_run_folder_is_written(tmp_path, caplog):
+    # found at the first evaluation, with config.toml and environment.json written:
+    # the corrected config was then refused as "already holds a run"
+    _, cfg = tiny_config(tmp_path, epochs=1, methods=["NSM"])
+    cfg = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, recall_ks=[1, 2, 1000]))
+    path = tmp_path / "far.toml"
+    path.write_text(dump_config(cfg))
+    out = tmp_path / "results"
+    assert bench(str(path), out) == 2
+    assert "recall_ks asks for k = 1000 neighbours" in caplog.text and "Traceback" not in caplog.text
+    assert not (out / "tiny").exists()
+
+
 @pytest.mark.parametrize("case", ["epochs-beyond", "cosine-over-other-epochs", "other-settings"])
 def test_a_refused_resume_writes_nothing(tmp_path, caplog, monkeypatch, case):
     """The checks of last.pt once ran in train_one, after config.toml and
@@ -376,19 +389,42 @@ def test_a_resume_removes_the_previous_summary_until_it_writes_its_own(tmp_path)
     assert json.loads((out / "tiny" / "results.json").read_text())["epochs"] == 3
 
 
-def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(tmp_path, caplog):
+@pytest.mark.parametrize("device", ["cuda:99", "xpu", "meta"])
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(tmp_path, caplog, device):
     # run_benchmark wrote config.toml and environment.json, then torch failed, and a rerun was refused
+    # (only CUDA was checked: xpu failed with an AssertionError, meta at its first copy)
     from pml_dsb.runner.bench import run_benchmark
 
+    if device == "xpu" and torch.xpu.is_available():
+        pytest.skip("this machine has an xpu device")  # never on CI's CPU machines
     _, cfg = tiny_config(tmp_path, epochs=1, methods=["NSM"])
-    with pytest.raises(ValueError, match="device 'cuda:99'"):
-        run_benchmark(cfg, tmp_path / "out", device="cuda:99", progress=False)
-    with pytest.raises(ValueError, match="device 'cuda:99'"):
-        train_one(cfg, "NSM", 0, device="cuda:99", out_dir=tmp_path / "one", progress=False)
+    with pytest.raises(ValueError, match=f"device '{device}'"):
+        run_benchmark(cfg, tmp_path / "out", device=device, progress=False)
+    with pytest.raises(ValueError, match=f"device '{device}'"):
+        train_one(cfg, "NSM", 0, device=device, out_dir=tmp_path / "one", progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "one").exists()
     config_path, _ = tiny_config(tmp_path, epochs=1, methods=["NSM"])
-    assert main(["bench", "--config", config_path, "--out", str(tmp_path / "cli"), "--device", "cuda:99"]) == 2
-    assert "--device: device 'cuda:99'" in caplog.text and not (tmp_path / "cli").exists()
+    assert main(["bench", "--config", config_path, "--out", str(tmp_path / "cli"), "--device", device]) == 2
+    assert f"--device: device '{device}'" in caplog.text and not (tmp_path / "cli").exists()
+
+
+def test_a_run_killed_between_writing_best_pt_and_last_pt_resumes_to_the_uninterrupted_result(tmp_path):
+    """best.pt is written before last.pt: a kill between the two left a best.pt one
+    epoch past last.pt, and the resume refused the run ("records its best epoch as ...")."""
+    config_path, _ = tiny_config(tmp_path, epochs=3, methods=["NSM"])
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert bench(config_path, straight) == 0
+    run = killed / "tiny" / "checkpoints" / "NSM" / "seed0"
+    assert bench(config_path, killed, "--stop-after-epoch", "1") == 0
+    after_1 = (run / "last.pt").read_bytes()
+    assert bench(config_path, killed, "--resume", "--stop-after-epoch", "2") == 0
+    assert torch.load(run / "best.pt", weights_only=False)["epoch"] == 2  # precondition: epoch 2 improved
+    (run / "last.pt").write_bytes(after_1)  # as the kill left it: best.pt of epoch 2, last.pt of epoch 1
+    assert bench(config_path, killed, "--resume") == 0
+    want = json.loads((straight / "tiny" / "checkpoints" / "NSM" / "seed0" / "result.json").read_text())
+    got = json.loads((run / "result.json").read_text())
+    assert got["best_epoch"] == want["best_epoch"] and got["metrics"] == want["metrics"]
+    assert got["history"] == want["history"] and got["train_semantic_scales"] == want["train_semantic_scales"]
 
 
 @pytest.mark.parametrize("case", ["best-of-another-method", "result-without-metrics", "result-of-another-seed"])

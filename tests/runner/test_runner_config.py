@@ -223,6 +223,14 @@ def test_cli_seeds_outside_numpys_range_or_too_many_are_usage_errors(text, capsy
     assert info.value.code == 2 and "seeds must be at most 1000 integers in [0, 4294967295]" in capsys.readouterr().err
 
 
+def test_cli_seed_range_running_backwards_is_a_usage_error(capsys):
+    from pml_dsb.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--seeds", "0,5-3"])
+    assert info.value.code == 2 and "seed range '5-3' runs backwards" in capsys.readouterr().err
+
+
 def test_toml_syntax_error_names_the_file(tmp_path):
     path = write(tmp_path, "[dataset\nname = 1\n")
     with pytest.raises(ConfigError, match="not valid TOML") as err:
