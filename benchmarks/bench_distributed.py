@@ -58,10 +58,7 @@ def _timed_loop(args, rank: int, world: int) -> dict:
     # fill the memory once so every timed step replaces samples (steady state)
     filler = torch.Generator().manual_seed(args.seed + 1)
     with torch.no_grad():
-        for start in range(0, args.memory, args.batch):
-            size = min(args.batch, args.memory - start)
-            if size < world:  # every rank needs at least one sample
-                break
+        for size in _fill_sizes(args.memory, args.batch, args.world):
             emb = torch.randn(size, args.dim, generator=filler)
             labels = torch.randint(0, args.classes, (size,), generator=filler)
             _enqueue_share(loss.memory, emb, labels, rank, world)
@@ -100,6 +97,23 @@ def _timed_loop(args, rank: int, world: int) -> dict:
             "stage": walls[0]["stage"],
         }
     return out
+
+
+def _fill_sizes(memory: int, batch: int, world: int) -> list[int]:
+    """Global batches that fill the memory exactly, the same for one process
+    and for ``world`` (each rank needs a row of each): a last batch smaller
+    than ``world`` joins the one before (it was skipped by the distributed run
+    only, and the two runs' memories differed).
+
+    >>> _fill_sizes(129, 64, 2), _fill_sizes(130, 64, 2)
+    ([64, 65], [64, 64, 2])
+    """
+    sizes, rest = [batch] * (memory // batch), memory % batch
+    if rest and sizes and rest < world:
+        sizes[-1] += rest
+    elif rest:
+        sizes.append(rest)
+    return sizes
 
 
 def _enqueue_share(memory, emb, labels, rank, world):
@@ -162,6 +176,8 @@ def main(argv=None) -> int:
         return 0
     if args.world < 2:  # the comparison is against one process
         parser.error(f"--world must be at least 2, got {args.world}")
+    if args.batch < args.world or args.memory < args.batch:  # each rank needs a row of every batch
+        parser.error(f"need --world <= --batch <= --memory, got {args.world}, {args.batch}, {args.memory}")
 
     torch.set_num_threads(1)
     single = _timed_loop(args, 0, 1)

@@ -37,7 +37,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from bench_environment import git_revision
+# the checkout's pml_dsb, not an installed copy (the worker imports it)
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_environment import git_revision  # noqa: E402
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 

@@ -8,7 +8,7 @@ from pytorch_metric_learning.losses import CrossBatchMemory
 from pytorch_metric_learning.utils import common_functions as c_f
 
 from ..functional.semantic_scale import check_int
-from .dsb_weighting import DSBWeightingMixin, check_indices_tuple
+from .dsb_weighting import DSBWeightingMixin, _validate_storing, check_indices_tuple
 
 __all__ = ["DSBCrossBatchMemory"]
 
@@ -93,7 +93,7 @@ class DSBCrossBatchMemory(CrossBatchMemory):
 
         if enqueue_mask is None and stores:
             # every row is a query the loss stores: one check covers reading and storing
-            memory._validate_with(pml_checks, embeddings, labels, announced, enqueue=True)
+            _validate_storing(memory, pml_checks, embeddings, labels, announced)
         else:
             memory._validate_with(pml_checks, embeddings, labels, None, enqueue=False)  # every row is read
             if enqueue_mask is not None:
@@ -102,7 +102,7 @@ class DSBCrossBatchMemory(CrossBatchMemory):
                     announced = announced[~enqueue_mask]
             if has_queries and stores:
                 # the loss stores the queries: their size and the memory's addressing too
-                memory.validate_batch(embeddings[~enqueue_mask], labels[~enqueue_mask], announced, enqueue=True)
+                _validate_storing(memory, None, embeddings[~enqueue_mask], labels[~enqueue_mask], announced)
         if indices_tuple is not None or has_queries:
             self.loss._pending_sample_indices = announced  # for the loss's call inside PML's forward
             queued = len(embeddings) if enqueue_mask is None else int(enqueue_mask.sum())

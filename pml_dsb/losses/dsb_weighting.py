@@ -167,6 +167,57 @@ def check_indices_tuple(indices_tuple, batch: int, references: int, what: str = 
             )
 
 
+def last_occurrences(indices: torch.Tensor) -> torch.Tensor:
+    """Positions of the last occurrence of each distinct value, in increasing order.
+
+    >>> last_occurrences(torch.tensor([4, 7, 4, 2])).tolist()
+    [1, 2, 3]
+    """
+    n = indices.numel()
+    _, inverse = torch.unique(indices, return_inverse=True)
+    last = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long)
+    last = last.scatter_reduce(0, inverse.cpu(), torch.arange(n), reduce="amax")
+    return last.sort().values.to(indices.device)
+
+
+def _stored_positions(embeddings, labels, indices) -> Optional[torch.Tensor]:
+    """The rows of a batch that an index-addressed memory stores when its
+    dataset ``indices`` repeat (a sampler that draws with replacement, such as
+    PML's ``MPerClassSampler`` for a class smaller than m): one slot takes one
+    sample, the batch's last copy. None when nothing repeats, or when the
+    batch is malformed (the memory's checks then say how)."""
+    if not (
+        isinstance(indices, torch.Tensor) and indices.dim() == 1 and indices.numel() > 1
+        and not indices.is_floating_point() and not indices.is_complex() and indices.dtype != torch.bool
+        and isinstance(embeddings, torch.Tensor) and embeddings.dim() >= 1 and len(embeddings) == len(indices)
+        and isinstance(labels, torch.Tensor) and labels.shape == indices.shape
+    ):
+        return None
+    if torch.unique(indices).numel() == indices.numel():
+        return None
+    return last_occurrences(indices)
+
+
+def _validate_storing(memory: SemanticScaleMemory, precheck, embeddings, labels, indices) -> Optional[torch.Tensor]:
+    """``memory``'s checks of a batch it will store, with repeated dataset
+    indices allowed (see :func:`_stored_positions`): every row is then checked
+    as read, the stored ones as stored. Returns the stored positions (None: all)."""
+    keep = _stored_positions(embeddings, labels, indices)
+    if keep is None:
+        memory._validate_with(precheck, embeddings, labels, indices, enqueue=True)
+        return None
+
+    def check_every_row():
+        if precheck is not None:
+            precheck()
+        memory._validate_local_batch(embeddings, labels, None, enqueue=False)
+
+    rows = keep.to(embeddings.device)
+    memory._validate_with(check_every_row, embeddings[rows], labels[keep.to(labels.device)], indices[keep],
+                          enqueue=True)
+    return keep
+
+
 class _MemoryDefault:
     """Default of ``warmup_epochs``/``normalize``: the memory's own when one is
     given, else the memory's constructor default."""
@@ -214,7 +265,9 @@ class DSBWeightingMixin:
     ``forward`` also takes ``sample_indices``: dataset indices of the batch,
     making the memory index-addressed (one slot per sample). Under PML's
     trainers, which cannot pass them, :class:`~pml_dsb.losses.SampleIndicesGetter`
-    announces them through :meth:`expect_sample_indices`.
+    announces them through :meth:`expect_sample_indices`. An index repeated
+    in a batch (a sampler that draws with replacement) is stored once, its
+    last copy; the loss covers every row.
 
     Parameters are never re-typed in ``forward`` (PML's ``cast_types`` rewrites
     ``.data``): the loss is computed in the widest of the embeddings', the
@@ -328,6 +381,7 @@ class DSBWeightingMixin:
         self.memory = memory
         self.update_memory = check_flag("update_memory", update_memory)
         self._sample_indices = None
+        self._stored_rows = None  # while forward() runs: the rows stored when dataset indices repeat
         self._pending_sample_indices = None  # from expect_sample_indices(), for the next call
         self._validated = None  # the embeddings forward() checked, while it runs
         self._enqueue_due = False  # while forward() runs: the memory's enqueue is still to come
@@ -372,9 +426,11 @@ class DSBWeightingMixin:
         # so that a batch bad on one rank raises on every rank
         # not train()/eval(): PML's trainers put a loss in freeze_these in eval mode
         enqueues = self.update_memory and torch.is_grad_enabled()
-        self.memory._validate_with(
-            _raiser(conflict), embeddings, labels, sample_indices if enqueues else None, enqueue=enqueues
-        )
+        stored = None  # the rows stored when dataset indices repeat (None: all)
+        if enqueues and sample_indices is not None:
+            stored = _validate_storing(self.memory, _raiser(conflict), embeddings, labels, sample_indices)
+        else:
+            self.memory._validate_with(_raiser(conflict), embeddings, labels, None, enqueue=enqueues)
         # PML takes ref_emb/ref_labels that *are* the batch's tensors for "no
         # reference set" (each sample then is not its own pair): a cast batch
         # passes its cast on as the reference too
@@ -398,6 +454,7 @@ class DSBWeightingMixin:
         saved = {name: self._parameters[name] for name in narrow}
         self._parameters.update(narrow)
         self._sample_indices = sample_indices
+        self._stored_rows = stored
         self._validated = embeddings
         self._enqueues = self._enqueue_due = enqueues
         # a loss that does not enqueue agrees with the other ranks after its parent ran
@@ -413,6 +470,7 @@ class DSBWeightingMixin:
         finally:
             self._parameters.update(saved)
             self._sample_indices = None
+            self._stored_rows = None
             self._validated = None
             self._enqueues = None
             self._enqueue_due = False
@@ -462,7 +520,12 @@ class DSBWeightingMixin:
             # forward() validated this very batch before the parent saw it
             validated = embeddings is getattr(self, "_validated", None)
             self._enqueue_due = False  # the enqueue makes its own collective calls, failing or not
-            self.memory._enqueue(embeddings, labels, self._sample_indices, validated=validated)
+            stored, indices = getattr(self, "_stored_rows", None), self._sample_indices
+            if stored is not None and validated:  # repeated dataset indices: each one's last copy
+                emb, lab, indices = embeddings[stored.to(embeddings.device)], labels[stored.to(labels.device)], indices[stored]
+            else:
+                emb, lab = embeddings, labels
+            self.memory._enqueue(emb, lab, indices, validated=validated)
         self.dsb_stage = self.memory.stage
         self.dsb_num_enqueued = self.memory.num_enqueued
         self.dsb_fill_level = self.memory.fill_level

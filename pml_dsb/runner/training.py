@@ -72,6 +72,7 @@ from ..distributed.ddp import (
     wrap_model,
 )
 from ..functional import class_semantic_scales
+from ..losses.dsb_weighting import last_occurrences
 from .builders import (
     RunData,
     build_embedding_model,
@@ -290,19 +291,6 @@ def _mper_class():
     return MPerClassSampler
 
 
-def _last_occurrences(indices: torch.Tensor) -> torch.Tensor:
-    """Positions of the last occurrence of each distinct value, in increasing order.
-
-    >>> _last_occurrences(torch.tensor([4, 7, 4, 2])).tolist()
-    [1, 2, 3]
-    """
-    n = indices.numel()
-    _, inverse = torch.unique(indices, return_inverse=True)
-    last = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long)
-    last = last.scatter_reduce(0, inverse.cpu(), torch.arange(n), reduce="amax")
-    return last.sort().values.to(indices.device)
-
-
 def _global_batch(value: torch.Tensor, size: int) -> tuple[bool, int, float]:
     """Whether the loss is finite on every rank, the global batch size and the
     global batch's mean loss (one all-reduce; collective)."""
@@ -331,7 +319,7 @@ def _train_epoch(model, loss_fn, loader, optimizers, device, use_indices: bool, 
             # the runner enqueues (loss_fn.update_memory is False): a sampler that draws with
             # replacement (MPerClassSampler) can repeat an index in a batch, and one slot
             # takes one sample, the batch's last copy
-            keep = _last_occurrences(indices)
+            keep = last_occurrences(indices)
             loss_fn.memory.enqueue(embeddings.detach()[keep], labels[keep], indices[keep].to(device))
         value = loss_fn(embeddings, labels)
         if distributed:

@@ -176,7 +176,9 @@ def _bad_calls(B=4, M=12):
         "batch-larger-than-memory": (
             (torch.randn(M + 1, D), torch.zeros(M + 1, dtype=torch.long)), {}, ValueError, [str(M + 1), "memory_size"],
         ),
-        "sample-indices-duplicate": ((e, y), {"sample_indices": torch.tensor([1, 7, 7, 2])}, ValueError, ["indices", "7"]),
+        # a repeated index stores its last copy (a sampler drawing with replacement), but every row is read
+        "sample-indices-repeated-nan-in-dropped-copy": (
+            (e_nan, y), {"sample_indices": torch.tensor([1, 7, 2, 7])}, ValueError, ["embeddings", "NaN"]),
         "sample-indices-out-of-range": ((e, y), {"sample_indices": torch.tensor([1, M, 3, 2])}, ValueError, ["indices", str(M)]),
     }
 
@@ -1008,6 +1010,38 @@ def test_cross_batch_memory_gives_announced_indices_to_its_queries(gen):
     with pytest.raises(ValueError, match="filled with dataset indices; this batch has none"):
         ours(*_batch(gen, 6))
     _assert_same_states(before, _states(ours))
+
+
+@pytest.mark.parametrize("how", ["sample_indices", "announced", "cross_batch_memory"])
+def test_repeated_sample_indices_store_each_samples_last_copy(gen, how):
+    """A sampler drawing with replacement repeats dataset indices in a batch:
+    the loss covers every row (stage 1: the parent's loss and gradients) and the
+    memory takes each index's last copy, as a memory fed those rows alone."""
+    from pml_dsb import DSBCrossBatchMemory
+
+    emb, _ = _batch(gen, 6)
+    idx = torch.tensor([3, 5, 3, 8, 5, 1])
+    labels = torch.tensor([0, 1, 0, 2, 1, 3])  # a repeated index has its sample's label
+    last = torch.tensor([2, 3, 4, 5])
+    ref = SemanticScaleMemory(C, D, 12, warmup_epochs=2)
+    ref.enqueue(emb[last], labels[last], idx[last])
+    if how == "cross_batch_memory":
+        loss = with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=12, warmup_epochs=2)
+        wrapper = DSBCrossBatchMemory(loss, embedding_size=D, memory_size=16)
+        loss.expect_sample_indices(idx)
+        wrapper(emb, labels)
+        assert int(wrapper.queue_idx) == 6  # PML's queue takes every row
+    else:
+        loss, parent, _ = make_pair("norm_softmax", gen, C, D, 12, 2)
+        e1, e2 = leaf(emb), leaf(emb)
+        if how == "announced":
+            loss.expect_sample_indices(idx)
+            got = loss(e1, labels)
+        else:
+            got = loss(e1, labels, sample_indices=idx)
+        _assert_same_loss_and_grads(loss, parent, got, parent(e2, labels), e1, e2)
+    mine, want = loss.memory.state_dict(), ref.state_dict()
+    assert mine.keys() == want.keys() and all(torch.equal(mine[k], want[k]) for k in want)
 
 
 def test_cross_batch_memory_takes_a_loss_pickled_before_announced_indices(gen):

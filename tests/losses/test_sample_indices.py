@@ -14,7 +14,7 @@ from pml_dsb.datasets import IndexedDataset
 C, D, N, B = 4, 8, 40, 8
 
 
-def _train(loss, getter, gen, epochs):
+def _train(loss, getter, gen, epochs, sampler=None):
     x = torch.randn(N, 6, generator=gen)
     y = torch.randint(0, C, (N,), generator=gen)
     trunk = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU())
@@ -38,6 +38,7 @@ def _train(loss, getter, gen, epochs):
         data_device=torch.device("cpu"),
         dataloader_num_workers=0,
         data_and_label_getter=getter,
+        sampler=sampler(y) if sampler is not None else None,
     )
     torch.manual_seed(0)  # PML's loader shuffles with the global generator
     trainer.train(num_epochs=epochs)
@@ -66,6 +67,31 @@ def test_pml_trainer_fills_an_index_addressed_memory(case, gen, np_ref):
     np.testing.assert_allclose(
         loss.memory.scales().numpy(), np_ref.class_scales(stored.double().numpy(), y.numpy(), C, normalize=False), rtol=1e-10
     )
+
+
+def test_pml_trainer_with_a_sampler_that_repeats_samples_stores_each_ones_last_copy(gen, np_ref):
+    """A sampler drawing with replacement (MPerClassSampler for classes smaller
+    than m, WeightedRandomSampler) repeats dataset indices within a batch: the
+    memory refused the batch ("indices contain duplicates") and training stopped.
+    One slot takes one sample, the batch's last copy, as the benchmark runner does."""
+    loss = CASES["norm_softmax"][0](C, D, memory_size=N, warmup_epochs=1)
+    randomize_parameters(loss, gen)
+    draws = torch.Generator().manual_seed(5)
+    seen, y = _train(loss, SampleIndicesGetter(loss), gen, epochs=3, sampler=lambda y: torch.utils.data.WeightedRandomSampler(
+        torch.ones(N), num_samples=N, replacement=True, generator=draws))
+    assert any(len(set(idx.tolist())) < len(idx) for _, _, idx in seen)  # precondition: repeats happened
+    latest = {}
+    for emb, labels, idx in seen:
+        for row, i in zip(emb.double().numpy(), idx.tolist()):
+            latest[i] = row / np.linalg.norm(row)  # later copies overwrite earlier ones
+    slots = sorted(latest)
+    stored, labels = loss.memory.contents()
+    np.testing.assert_allclose(stored.double().numpy(), np.stack([latest[i] for i in slots]), rtol=1e-6, atol=1e-7)
+    assert torch.equal(labels, y[slots]) and loss.memory.num_filled == len(slots)
+    if loss.memory.stage == 3:
+        np.testing.assert_allclose(loss.memory.scales().numpy(),
+                                   np_ref.class_scales(stored.double().numpy(), labels.numpy(), C, normalize=False),
+                                   rtol=1e-10)
 
 
 def test_pml_trainer_with_a_custom_getter_and_two_losses(gen):
