@@ -89,6 +89,11 @@ _CACHED_VALUES = 1 << 17
 #: builds at once (a batch's, at small d); larger updates go class by class.
 _PER_SAMPLE_VALUES = 1 << 22
 
+#: Scales (bits) that the running statistics put below this are recomputed from
+#: the class's stored rows (see SemanticScaleMemory._exact_if_near_zero): far
+#: above their rounding, far below the scale of any class with real spread.
+_EXACT_BELOW = 1e-4
+
 
 def _is_integer_tensor(x: torch.Tensor) -> bool:
     return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
@@ -869,9 +874,30 @@ class SemanticScaleMemory(torch.nn.Module):
             self._build_statistics()
         stale = torch.nonzero(self.stale).flatten()
         if stale.numel():
-            self.cached_scales[stale] = self._compute_scales(stale).to(torch.float64)
+            values = self._compute_scales(stale).to(torch.float64)
+            self.cached_scales[stale] = self._exact_if_near_zero(stale, values)
             self.stale[stale] = False
         return self.cached_scales.clone()
+
+    def _exact_if_near_zero(self, classes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``values`` with the scales below :data:`_EXACT_BELOW` recomputed from
+        the classes' stored rows, centred explicitly. The running statistics
+        centre by cancellation (sum of z z^T less s s^T / m), whose rounding
+        enters S linearly: a class of identical samples kept S ~ 1e-12 to
+        3e-7 (float32 products, rows of norm in the thousands, a moment-form
+        class emptied and refilled), above eps, and took nearly all the
+        weight. Centred rows carry their rounding squared: S ~ 0."""
+        near_zero = (values < _EXACT_BELOW) & (self.class_counts[classes] >= 2)
+        if not bool(near_zero.any()):
+            return values
+        few = classes[near_zero]
+        slots = self.class_slots[few]
+        filled = slots >= 0
+        labels = torch.arange(len(few), device=few.device).unsqueeze(1).expand_as(slots)[filled]
+        rows = self.embedding_memory[slots[filled]]
+        values = values.clone()
+        values[near_zero] = class_semantic_scales(rows, labels, len(few), normalize=False)
+        return values
 
     def weights(self, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(C,) float64 DSB weights :math:`1/S_c` (see :func:`pml_dsb.functional.dsb_weights`).
@@ -1416,7 +1442,7 @@ class SemanticScaleMemory(torch.nn.Module):
         bits = (logdet - n * torch.log(m / self.embedding_size)) / (2.0 * math.log(2.0))
         good, bad = classes[ok], classes[~ok]
         self.cache_logdet[good] = logdet[ok]
-        self.cached_scales[good] = bits[ok]
+        self.cached_scales[good] = self._exact_if_near_zero(good, bits[ok])
         self.stale[good] = False
         self.cache_updates[good] += 1
         self.cache_valid[bad] = False
