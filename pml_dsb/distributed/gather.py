@@ -271,7 +271,8 @@ def gather_batch(
 
     With dataset ``indices``, a sample that appears on two ranks (as
     ``DistributedSampler`` pads the last batches by repeating samples) is kept
-    once, at its first position in rank order, when ``drop_duplicate_indices``.
+    once, its last copy in rank order (as one process keeps the last copy of
+    an index repeated in a batch), when ``drop_duplicate_indices``.
 
     Rows travel as float32, or with ``widest_dtype`` in the widest of the
     ranks' floating dtypes (float64 as such, narrower ones as float32, exact),
@@ -311,23 +312,22 @@ def gather_batch(
     lab = rows[:, width : width + 2].contiguous().view(torch.long).reshape(-1)
     idx = rows[:, width + 2 : width + 4].contiguous().view(torch.long).reshape(-1) if with_indices else None
     if idx is not None and drop_duplicate_indices:
-        keep = _first_occurrences(idx)
+        keep = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
+        keep[last_occurrences(idx)] = True
         if not bool(keep.all()):
             logger.debug("dropped %d samples repeated across ranks", int((~keep).sum()))
             emb, lab, idx = emb[keep], lab[keep], idx[keep]
     return GlobalBatch(emb, lab, idx, sizes, sum(sizes[:rank]))
 
 
-def _first_occurrences(values: torch.Tensor) -> torch.Tensor:
-    """Mask of the first occurrence of each value, in order.
+def last_occurrences(indices: torch.Tensor) -> torch.Tensor:
+    """Positions of the last occurrence of each distinct value, in increasing order.
 
-    >>> _first_occurrences(torch.tensor([3, 1, 3, 2, 1])).tolist()
-    [True, True, False, True, False]
+    >>> last_occurrences(torch.tensor([4, 7, 4, 2])).tolist()
+    [1, 2, 3]
     """
-    order = torch.argsort(values, stable=True)
-    sorted_values = values[order]
-    first = torch.ones_like(sorted_values, dtype=torch.bool)
-    first[1:] = sorted_values[1:] != sorted_values[:-1]
-    keep = torch.empty_like(first)
-    keep[order] = first
-    return keep
+    n = indices.numel()
+    _, inverse = torch.unique(indices, return_inverse=True)
+    last = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long)
+    last = last.scatter_reduce(0, inverse.cpu(), torch.arange(n), reduce="amax")
+    return last.sort().values.to(indices.device)

@@ -162,10 +162,12 @@ class DSBCrossBatchMemory(CrossBatchMemory):
             )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """PML's queue and the DSB loss's memory load together or not at all:
-        torch loads what fits and raises at the end, which could leave the
-        queue of one checkpoint beside the memory of another; on an error both
-        are put back as they were."""
+        """As torch loads, except that on an error (a size mismatch, or with
+        ``strict`` a missing or unexpected key) PML's queue and the DSB loss's
+        memory are both put back as they were: torch loads what fits and raises
+        at the end, which left the queue of one checkpoint beside the memory of
+        another. With ``strict=False`` a part missing from ``state_dict`` stays
+        as it is and is reported in ``missing_keys``, as torch does."""
         saved = {
             key: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
             for key, value in self.state_dict().items()
@@ -173,7 +175,9 @@ class DSBCrossBatchMemory(CrossBatchMemory):
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except Exception:
-            super().load_state_dict(saved, strict=False)
+            # with assign, the module's tensors are now the caller's: take the copies
+            # back rather than writing into the caller's state_dict
+            super().load_state_dict(saved, strict=False, assign=assign)
             raise
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):

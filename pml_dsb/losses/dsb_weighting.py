@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from pytorch_metric_learning.losses import BaseMetricLossFunction, MarginLoss, ProxyAnchorLoss
 
-from ..distributed.gather import check_batch_collectively, should_gather
+from ..distributed.gather import check_batch_collectively, last_occurrences, should_gather
 from ..functional.semantic_scale import check_flag, describe
 from ..memory.semantic_scale_memory import SemanticScaleMemory, _raiser
 
@@ -165,19 +165,6 @@ def check_indices_tuple(indices_tuple, batch: int, references: int, what: str = 
                 f"indices_tuple[{position}] holds indices from {int(t.min())} to {int(t.max())}; it indexes "
                 f"{where}, whose {bound} rows take indices 0..{bound - 1}"
             )
-
-
-def last_occurrences(indices: torch.Tensor) -> torch.Tensor:
-    """Positions of the last occurrence of each distinct value, in increasing order.
-
-    >>> last_occurrences(torch.tensor([4, 7, 4, 2])).tolist()
-    [1, 2, 3]
-    """
-    n = indices.numel()
-    _, inverse = torch.unique(indices, return_inverse=True)
-    last = torch.full((int(inverse.max()) + 1,), -1, dtype=torch.long)
-    last = last.scatter_reduce(0, inverse.cpu(), torch.arange(n), reduce="amax")
-    return last.sort().values.to(indices.device)
 
 
 def _stored_positions(embeddings, labels, indices) -> Optional[torch.Tensor]:

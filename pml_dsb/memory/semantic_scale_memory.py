@@ -680,7 +680,7 @@ class SemanticScaleMemory(torch.nn.Module):
         Bad input raises before anything changes. When the memory gathers
         (see ``distributed``) this is collective: every rank calls it, the
         global batch (all ranks' batches in rank order; a dataset index
-        repeated across ranks kept once) is enqueued on every rank, and a batch
+        repeated across ranks kept once, its last copy) is enqueued on every rank, and a batch
         rejected on any rank raises on every rank.
         """
         self._enqueue(embeddings, labels, indices, validated=False)

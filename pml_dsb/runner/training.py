@@ -72,7 +72,7 @@ from ..distributed.ddp import (
     wrap_model,
 )
 from ..functional import class_semantic_scales
-from ..losses.dsb_weighting import last_occurrences
+from ..distributed.gather import last_occurrences
 from .builders import (
     RunData,
     build_embedding_model,

@@ -244,7 +244,7 @@ def reference_indices():
     for step, ids in zip(_index_batches(), INDEX_STEPS):
         emb, labels = concat(step)
         ids = torch.tensor(ids[0] + ids[1])
-        keep = torch.tensor([int(i) not in ids[:k].tolist() for k, i in enumerate(ids)])
+        keep = torch.tensor([int(i) not in ids[k + 1:].tolist() for k, i in enumerate(ids)])  # last copies
         mem.enqueue(emb[keep], labels[keep], ids[keep])
         if mem.stage == 3:
             mem.scales()

@@ -218,8 +218,9 @@ def test_gather_batch_is_bit_exact_and_drops_repeated_indices(gen, one_rank_grou
     assert torch.equal(batch.embeddings.view(torch.int32), emb.view(torch.int32))
     assert torch.equal(batch.labels, labels) and batch.indices is None
     assert batch.sizes == [5] and batch.offset == 0
-    batch = gather_batch(emb, labels, torch.tensor([4, 1, 4, 9, 1]))
-    assert batch.indices.tolist() == [4, 1, 9] and batch.labels.tolist() == [2**40, 0, 7]
+    batch = gather_batch(emb, labels, torch.tensor([4, 1, 4, 9, 1]))  # each index's last copy, in order
+    assert batch.indices.tolist() == [4, 9, 1] and batch.labels.tolist() == [-1, 7, 3]
+    assert torch.equal(batch.embeddings, emb[[2, 3, 4]])
 
 
 def test_dsb_loss_wrapper_checks_its_loss_and_passes_through_on_one_process(gen):

@@ -1164,6 +1164,31 @@ def test_cross_batch_memory_loads_its_queue_and_memory_together_or_not_at_all(ge
     assert target.loss.memory.num_enqueued == 12 and target.queue_idx == 4
 
 
+def test_cross_batch_memory_failed_assign_load_leaves_the_callers_state_dict_alone(gen):
+    """With assign=True torch makes the module's tensors the caller's: putting the
+    old values back wrote them into the caller's state_dict."""
+    from pml_dsb import DSBCrossBatchMemory
+
+    def make():
+        loss = with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=24, warmup_epochs=1)
+        return DSBCrossBatchMemory(loss, embedding_size=D, memory_size=8)
+
+    source, target = make(), make()
+    source(*_batch(gen, 6))
+    target(*_batch(gen, 4))
+    given = {**{k: v.clone() if torch.is_tensor(v) else v for k, v in source.state_dict().items()},
+             "bogus": torch.zeros(1)}
+    copy = {k: v.clone() if torch.is_tensor(v) else v for k, v in given.items()}
+    before = _states(target)
+    with pytest.raises(RuntimeError, match="bogus"):
+        target.load_state_dict(given, strict=True, assign=True)
+    assert all(torch.equal(given[k], copy[k]) for k in given if torch.is_tensor(given[k]))
+    _assert_same_states(before, _states(target))
+    mine = target.state_dict(keep_vars=True)
+    assert not any(torch.is_tensor(t) and t.numel() and k in given and t.data_ptr() == given[k].data_ptr()
+                   for k, t in mine.items())  # (empty tensors all have data_ptr 0)
+
+
 def test_cross_batch_memory_checks_indices_tuple_before_its_queue_changes(gen):
     """indices_tuple out of range raised IndexError after PML's queue had taken
     the batch; a negative index silently counted from the end. Anchors index
