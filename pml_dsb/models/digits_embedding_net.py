@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..functional.semantic_scale import check_flag
+
 
 class DigitsEmbeddingNet(nn.Module):
     """Three 3x3 convolutions and a linear embedding head for ``N x 1 x 8 x 8`` input.
@@ -34,7 +36,7 @@ class DigitsEmbeddingNet(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.embedding_size = embedding_size
-        self.normalize = bool(normalize)
+        self.normalize = check_flag("normalize", normalize)  # "false" would read as true
 
         def block(c_in: int, c_out: int) -> list[nn.Module]:
             return [

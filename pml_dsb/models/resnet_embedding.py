@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..functional.semantic_scale import check_flag
+
 logger = logging.getLogger(__name__)
 
 ARCHS = ("resnet18", "resnet50")
@@ -153,7 +155,7 @@ class ResNetEmbedding(nn.Module):
             logger.info("ResNetEmbedding(%s): loaded backbone weights from %s", arch, path)
         self.arch = arch
         self.embedding_size = embedding_size
-        self.normalize = bool(normalize)
+        self.normalize = check_flag("normalize", normalize)  # "false" would read as true
         self.pretrained_path = path
         self.backbone = backbone
         self.embedding = nn.Linear(self.feature_size, embedding_size)

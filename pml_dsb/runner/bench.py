@@ -151,6 +151,28 @@ def _check_against_data(config: BenchConfig, data) -> None:
         )
 
 
+def _build_data_and_model(config: BenchConfig):
+    """The run's data and a model built from its config (to check against the
+    data), missing data files and missing pretrained weights named together
+    (the weights went unmentioned until the data was in place)."""
+    missing = []
+    data = model = None
+    try:
+        data = build_run_data(config)
+    except FileNotFoundError as err:
+        missing.append(err)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = build_embedding_model(config.model)
+    except FileNotFoundError as err:
+        missing.append(err)
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        raise FileNotFoundError("\n".join(str(err) for err in missing))
+    return data, model
+
+
 def _check_model_fits_data(model: torch.nn.Module, data, config: BenchConfig) -> None:
     """One test image through the model (eval mode, CPU), before the run folder
     is written: a ResNet given 1-channel 8x8 digits failed at the first
@@ -221,10 +243,10 @@ def run_benchmark(
     # missing extras, data or weights, and runs that cannot be resumed, fail
     # here: before the run folder is written or (--overwrite) deleted
     _import_optional_modules()
-    data = build_run_data(config)
+    data, model = _build_data_and_model(config)
     _check_against_data(config, data)
     with torch.random.fork_rng(devices=[]):
-        _check_model_fits_data(build_embedding_model(config.model), data, config)
+        _check_model_fits_data(model, data, config)
     if resume and not overwrite:
         on_main(_check_resumable_runs, run_dir, config, ctx.world_size)
     if overwrite:

@@ -117,3 +117,13 @@ def test_bad_arguments():
         ResNetEmbedding("resnet18", 0)
     with pytest.raises(TypeError, match="pretrained"):
         ResNetEmbedding("resnet18", 4, pretrained=1.0)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "digits_cnn"])
+@pytest.mark.parametrize("value", ["false", 0, None])
+def test_normalize_must_be_a_bool(name, value):
+    # bool("false") is True: the output was silently L2-normalised
+    from pml_dsb.models import build_model
+
+    with pytest.raises(TypeError, match=f"normalize must be True or False, got {value!r}"):
+        build_model(name, 8, normalize=value)

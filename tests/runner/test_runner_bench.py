@@ -117,6 +117,21 @@ def test_a_missing_extra_stops_bench_before_training_with_its_pip_command(tmp_pa
     assert trained == [] and not (tmp_path / "out").exists()
 
 
+def test_missing_data_and_missing_pretrained_weights_are_named_together(tmp_path, monkeypatch, caplog):
+    """The weights were checked after the data: a machine lacking both learned of
+    the weights only after placing the data."""
+    import os
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))  # no cached ImageNet weights
+    config = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "configs", "cub200_dim64.toml")
+    (tmp_path / "no_data").mkdir()
+    argv = ["bench", "--config", config, "--data-root", str(tmp_path / "no_data"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "CUB_200_2011/images.txt' was not found" in caplog.text
+    assert "no ImageNet weights for resnet50 in the torch hub cache" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_diverging_run_ends_with_a_message_not_a_traceback(tmp_path, monkeypatch, caplog):
     config_path, _ = tiny_config(tmp_path, epochs=1, methods=["NSM"])
 
