@@ -93,6 +93,7 @@ def _weight_losses_by_class(loss_dict, labels, class_weights, names, element_ind
                 f"({sorted(_ANCHOR_OF)}) can be re-weighted by class"
             )
         weights = class_weights.to(device=losses.device, dtype=losses.dtype)
+        _check_cast_weights(weights, class_weights, f"the losses of {name!r}")
         if kind == "element" and element_indices == "classes":
             entry["losses"] = losses * _along_first_dim(weights[entry["indices"]], losses, name)
             continue
@@ -105,6 +106,16 @@ def _weight_losses_by_class(loss_dict, labels, class_weights, names, element_ind
             )
         entry["losses"] = losses * _along_first_dim(weights[labels[anchors]], losses, name)
     return loss_dict
+
+
+def _check_cast_weights(cast: torch.Tensor, weights: torch.Tensor, what: str) -> None:
+    """Raise if casting finite ``weights`` overflowed (raw 1/S of a tight class
+    beyond float16's 65504 became inf: NaN losses)."""
+    if not bool(torch.isfinite(cast).all()):
+        raise ValueError(
+            f"class weights up to {float(weights.abs().max()):.6g} overflow {cast.dtype} ({what}); compute in "
+            f"float32 or wider, or use normalize='mean'"
+        )
 
 
 def _along_first_dim(weights: torch.Tensor, losses: torch.Tensor, name: str) -> torch.Tensor:
@@ -139,7 +150,9 @@ def dsb_class_weights(
         weights = memory.weights()
     else:
         weights = torch.ones(memory.num_classes, dtype=torch.float64)
-    return weights.to(device=device or memory.class_counts.device, dtype=dtype)
+    cast = weights.to(device=device or memory.class_counts.device, dtype=dtype)
+    _check_cast_weights(cast, weights, f"dtype={dtype}")
+    return cast
 
 
 def check_indices_tuple(indices_tuple, batch: int, references: int, what: str = "ref_emb") -> None:
@@ -389,6 +402,12 @@ class DSBWeightingMixin:
         ref_labels=None,
         sample_indices: Optional[torch.Tensor] = None,
     ):
+        """The parent's loss, each sample's (or anchor's) loss weighted by its
+        class in stage 3. The batch is checked first (a bad one raises and
+        changes nothing), then enqueued into the memory unless ``update_memory``
+        is false or gradients are off. ``sample_indices``: the batch's (B,)
+        dataset indices, for an index-addressed memory (one slot per sample;
+        a repeated index stores its last copy)."""
         # indices announced by expect_sample_indices() serve this call only, even a failing one
         pending = getattr(self, "_pending_sample_indices", None)  # absent from older pickles
         self._pending_sample_indices = None
@@ -481,6 +500,13 @@ class DSBWeightingMixin:
         The next call alone uses them, checked as ``sample_indices`` are."""
         self._pending_sample_indices = indices
 
+    def weight_regularization_loss(self, weights):
+        # the parameters keep their dtype (see forward): under autocast PML's
+        # regularizers mixed bf16 products with the float32 weights' limits
+        # (RegularFace filled a bf16 diagonal with float32's lowest: overflow)
+        with torch.autocast(device_type=weights.device.type, enabled=False):
+            return super().weight_regularization_loss(weights)
+
     def cast_types(self, dtype, device):
         """Check instead of re-typing parameters' ``.data`` as PML does; the
         parent's other tensors (e.g. ``LargeMarginSoftmaxLoss``'s ``n_range``)
@@ -498,6 +524,7 @@ class DSBWeightingMixin:
                 setattr(self, name, value.to(device=device, **kind))
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        """The parent's loss dict, then the enqueue, then (stage 3) the class weights applied."""
         # the parent's losses first: if it rejects the input, the memory is untouched
         loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
         names = self._weighted_loss_names(loss_dict)
@@ -509,7 +536,8 @@ class DSBWeightingMixin:
             self._enqueue_due = False  # the enqueue makes its own collective calls, failing or not
             stored, indices = getattr(self, "_stored_rows", None), self._sample_indices
             if stored is not None and validated:  # repeated dataset indices: each one's last copy
-                emb, lab, indices = embeddings[stored.to(embeddings.device)], labels[stored.to(labels.device)], indices[stored]
+                emb, lab = embeddings[stored.to(embeddings.device)], labels[stored.to(labels.device)]
+                indices = indices[stored]
             else:
                 emb, lab = embeddings, labels
             self.memory._enqueue(emb, lab, indices, validated=validated)

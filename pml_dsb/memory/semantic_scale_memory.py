@@ -210,8 +210,9 @@ class SemanticScaleMemory(torch.nn.Module):
             identical samples still gets 0. Check it on your data with
             :func:`pml_dsb.class_semantic_scales` in float64 before using it.
         gram_size: classes up to this many samples are kept in Gram form,
-            larger ones as d x d moments (default ``embedding_size // 2``,
-            where both forms cost about the same). Memory: ``num_classes *
+            larger ones as d x d moments (default ``max(2, embedding_size // 2)``,
+            where both forms cost about the same; never more than
+            ``memory_size``, which no class exceeds). Memory: ``num_classes *
             gram_size**2`` plus ``d**2`` per large class, float64, and as much
             again for the inverses once an index-addressed memory keeps them.
         exact_refresh_every: in an index-addressed memory, a class's scale is

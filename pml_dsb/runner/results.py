@@ -525,6 +525,7 @@ def environment_info(config: BenchConfig, device: str, argv: Optional[Sequence[s
 
 
 def write_environment(run_dir: Union[str, os.PathLike], info: Mapping[str, Any]) -> str:
+    """Write ``info`` as ``<run_dir>/environment.json`` (atomically); return its path."""
     from .training import write_json_atomic
 
     path = os.path.join(os.fspath(run_dir), "environment.json")

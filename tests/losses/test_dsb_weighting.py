@@ -369,6 +369,41 @@ def test_autocast_bf16_keeps_float32_parameters_and_scales(case, gen, np_ref):
     np.testing.assert_allclose(dsb.memory.scales().numpy(), model.scales(np_ref, C), rtol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["soft_triple", "norm_softmax"])
+def test_autocast_bf16_with_a_weight_regularizer_adds_the_float32_regularizer(case, gen):
+    """The DSB loss keeps float32 parameters: under autocast, PML's RegularFace
+    filled a bf16 product with float32's lowest value and raised an overflow."""
+    dsb_cls, _, kwargs = CASES[case]
+    emb, labels = _batch(gen, 6)
+    plain = dsb_cls(C, D, memory_size=12, warmup_epochs=1, **kwargs)
+    randomize_parameters(plain, gen)
+    regularized = dsb_cls(C, D, memory_size=12, warmup_epochs=1, weight_regularizer=regularizers.RegularFaceRegularizer(),
+                          weight_reg_weight=0.5, **kwargs)
+    regularized.load_state_dict(plain.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, base = regularized(emb.bfloat16(), labels), plain(emb.bfloat16(), labels)
+    weights = (regularized.fc if case == "soft_triple" else regularized.W).detach().t()  # as the parent passes them
+    want = base + 0.5 * regularizers.RegularFaceRegularizer()(weights)  # float32, no autocast
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_class_weights_that_overflow_a_half_precision_cast_are_refused(gen):
+    """Raw 1/S of a tight class (normalize=None) beyond float16's 65504 became inf:
+    CrossEntropyLoss(weight=...) then gave NaN, a float16 DSB loss inf."""
+    mem = SemanticScaleMemory(C, D, 8, warmup_epochs=1, normalize=None)
+    base, labels = torch.randn(C, D, generator=gen), torch.arange(8) % C
+    spread = torch.tensor([1e-3, 1.0, 1.0, 1.0])[labels, None]  # class 0 barely spread: S ~ 1e-5
+    mem.enqueue(base[labels] + spread * torch.randn(8, D, generator=gen), labels)
+    assert mem.stage == 3 and float(mem.weights().max()) > 65504  # precondition
+    with pytest.raises(ValueError, match="overflow torch.float16"):
+        dsb_class_weights(mem, dtype=torch.float16)
+    assert torch.isfinite(dsb_class_weights(mem, dtype=torch.float32)).all()
+    entry = {"loss": {"losses": torch.ones(8).half(), "indices": torch.arange(8), "reduction_type": "element"}}
+    with pytest.raises(ValueError, match="overflow torch.float16"):
+        weight_losses_by_class(entry, labels, mem.weights())
+
+
 # ------------------------------------------------------ memory construction
 def test_shared_memory_and_update_memory_false(gen, np_ref):
     mem = SemanticScaleMemory(C, D, 16, warmup_epochs=1)
