@@ -522,6 +522,20 @@ class DSBWeightingMixin:
                 # integer ones (ProxyNCALoss's proxy_labels: class ids) keep their dtype
                 kind = {"dtype": dtype} if value.is_floating_point() else {}
                 setattr(self, name, value.to(device=device, **kind))
+        # then the parent's own casts of its other tensors (LargeMarginSoftmaxLoss
+        # makes its integer n_range and cos_powers floating: under autocast a bf16
+        # cosine ** int64 powers stayed bf16, the parent's went float32), with
+        # empty stand-ins for the parameters whose .data it would re-type
+        parent_cast = getattr(super(), "cast_types", None)  # most PML losses have none
+        if parent_cast is None:
+            return
+        originals = {name: p for name, p in self._parameters.items() if p is not None}
+        self._parameters.update({name: torch.nn.Parameter(p.new_empty(0), requires_grad=False)
+                                 for name, p in originals.items()})
+        try:
+            parent_cast(dtype, device)
+        finally:
+            self._parameters.update(originals)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         """The parent's loss dict, then the enqueue, then (stage 3) the class weights applied."""

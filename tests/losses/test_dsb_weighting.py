@@ -388,6 +388,31 @@ def test_autocast_bf16_with_a_weight_regularizer_adds_the_float32_regularizer(ca
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["LargeMarginSoftmaxLoss", "SphereFaceLoss"])
+def test_autocast_bf16_equals_the_parent_on_the_upcast_embeddings_for_losses_that_cast_their_tensors(name, gen):
+    """The parent's cast_types makes its integer n_range and cos_powers floating;
+    kept int64, a bf16 cosine ** cos_powers stayed bf16 under autocast (the
+    parent's went float32) and the losses differed (20.7526 vs 20.7535)."""
+    parent_cls = getattr(pml_losses, name)
+    parent = parent_cls(C, D)
+    randomize_parameters(parent, gen)
+    dsb = with_dsb_weighting(parent_cls)(C, D, memory_size=100)
+    state = dsb.state_dict()
+    state.update(parent.state_dict())
+    dsb.load_state_dict(state)
+    x, labels = _batch(gen, 8)
+    lin = torch.nn.Linear(D, D)
+    lin2 = copy.deepcopy(lin)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = dsb(lin(x), labels), parent(lin2(x).float(), labels)
+    assert dsb.memory.stage == 1
+    assert torch.equal(got, want)
+    got.backward()
+    want.backward()
+    assert torch.equal(lin.weight.grad, lin2.weight.grad)
+    assert torch.equal(dsb.W.grad, parent.W.grad.to(dsb.W.dtype))
+
+
 def test_class_weights_that_overflow_a_half_precision_cast_are_refused(gen):
     """Raw 1/S of a tight class (normalize=None) beyond float16's 65504 became inf:
     CrossEntropyLoss(weight=...) then gave NaN, a float16 DSB loss inf."""
