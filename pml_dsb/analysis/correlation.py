@@ -234,6 +234,7 @@ class PredictorCorrelation:
     per_seed: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
         return {
             "predictor": self.predictor,
             "method": self.method,

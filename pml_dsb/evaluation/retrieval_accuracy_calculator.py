@@ -175,9 +175,11 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         self._metric_k[name] = k
 
     def requires_knn(self) -> list[str]:
+        """The metrics PML must run a k-NN search for (every Recall@K)."""
         return list(self._metric_k)
 
     def requires_clustering(self) -> list[str]:
+        """The metrics PML must cluster the queries for."""
         return ["NMI"]
 
     def _recall(self, ranks: RetrievalRanks, k: int, **kwargs):
@@ -194,12 +196,15 @@ class RetrievalAccuracyCalculator(AccuracyCalculator):
         return ranks.group_recall((k,), self.train_counts)[group][f"recall_at_{k}"]
 
     def calculate_NMI(self, query_labels, cluster_labels, **kwargs) -> float:
+        """sklearn's NMI of the labels against the k-means clusters (DEFINITIONS)."""
         return nmi_from_clusters(_labels_numpy(query_labels), _labels_numpy(cluster_labels))
 
     def calculate_num_lone_queries(self, lone_query_mask, **kwargs) -> int:
+        """Queries left out of Recall@K: no other sample of their label in the reference set."""
         return int(np.asarray(lone_query_mask).sum())
 
     def get_cluster_labels(self, query, query_labels, **kwargs):
+        """Seeded faiss k-means on the L2-normalised queries, k = number of distinct labels."""
         labels = _labels_numpy(query_labels)
         num_classes = int(np.unique(labels).size)
         if num_classes < 2:

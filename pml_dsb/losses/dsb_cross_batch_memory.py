@@ -60,6 +60,7 @@ class DSBCrossBatchMemory(CrossBatchMemory):
         super().__init__(loss, embedding_size, memory_size=memory_size, miner=miner, **kwargs)
 
     def check_loss_support(self, loss_name):
+        """PML's check, on the PML class under the DSB weighting."""
         super().check_loss_support(self._checked_name)
 
     def forward(self, embeddings, labels, indices_tuple=None, enqueue_mask=None):

@@ -604,6 +604,7 @@ class Run:
         return build_dataset(self.config.dataset, "train", augment=augment)
 
     def test_dataset(self):
+        """The run's test split, as its config builds it (no augmentation)."""
         from .builders import build_dataset
 
         return build_dataset(self.config.dataset, "test", augment=False)
