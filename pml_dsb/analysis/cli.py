@@ -304,21 +304,11 @@ def _cmd_summary(args) -> int:
 
 
 # ----------------------------------------------------------------- parser
-def _at_least_10(text: str) -> int:
-    value = int(text)
-    if value < 10:
-        raise argparse.ArgumentTypeError(f"must be at least 10 (fewer give no interval), got {text}")
-    return value
-
-
-_at_least_10.__name__ = "integer"  # argparse's "invalid integer value" for non-numbers
-
-
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int, why: str = ""):
     def parse(text: str) -> int:
         value = int(text)
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}{why}, got {text}")
         return value
 
     parse.__name__ = "integer"  # argparse's "invalid integer value" for non-numbers
@@ -403,7 +393,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                                    "which predictor wins by how much.")
     p.add_argument("--run", required=True, help="run folder written by `pml-dsb bench`")
     p.add_argument("--method", nargs="+", help="only these methods (default: all in the run)")
-    p.add_argument("--bootstrap", type=_at_least_10, default=2000,
+    p.add_argument("--bootstrap", type=_int_at_least(10, " (fewer give no interval)"), default=2000,
                    help="bootstrap replicates, at least 10 (an interval needs 10 defined ones; default 2000)")
     p.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")

@@ -82,6 +82,7 @@ def _check_class_weighting(loss_dict, labels, class_weights, names) -> None:
 def _weight_losses_by_class(loss_dict, labels, class_weights, names, element_indices) -> dict:
     if element_indices not in ("samples", "classes"):
         raise ValueError(f"element_indices must be 'samples' or 'classes', got {element_indices!r}")
+    largest = None  # the largest weight, read once (a host sync) if some losses are floating
     for name in loss_dict if names is None else names:
         entry = loss_dict[name]
         kind, losses = entry["reduction_type"], entry["losses"]
@@ -92,8 +93,10 @@ def _weight_losses_by_class(loss_dict, labels, class_weights, names, element_ind
                 f"loss {name!r} has reduction_type {kind!r}; only per-sample losses "
                 f"({sorted(_ANCHOR_OF)}) can be re-weighted by class"
             )
+        if largest is None:
+            largest = float(class_weights.abs().max())
+        _check_cast_weights(largest, losses.dtype, f"the losses of {name!r}")
         weights = class_weights.to(device=losses.device, dtype=losses.dtype)
-        _check_cast_weights(weights, class_weights, f"the losses of {name!r}")
         if kind == "element" and element_indices == "classes":
             entry["losses"] = losses * _along_first_dim(weights[entry["indices"]], losses, name)
             continue
@@ -108,12 +111,12 @@ def _weight_losses_by_class(loss_dict, labels, class_weights, names, element_ind
     return loss_dict
 
 
-def _check_cast_weights(cast: torch.Tensor, weights: torch.Tensor, what: str) -> None:
-    """Raise if casting finite ``weights`` overflowed (raw 1/S of a tight class
-    beyond float16's 65504 became inf: NaN losses)."""
-    if not bool(torch.isfinite(cast).all()):
+def _check_cast_weights(largest: float, dtype: torch.dtype, what: str) -> None:
+    """Raise if finite weights up to ``largest`` would overflow a cast to
+    ``dtype`` (raw 1/S of a tight class beyond float16's 65504 became inf: NaN losses)."""
+    if dtype.is_floating_point and largest > torch.finfo(dtype).max:
         raise ValueError(
-            f"class weights up to {float(weights.abs().max()):.6g} overflow {cast.dtype} ({what}); compute in "
+            f"class weights up to {largest:.6g} overflow {dtype} ({what}); compute in "
             f"float32 or wider, or use normalize='mean'"
         )
 
@@ -150,9 +153,8 @@ def dsb_class_weights(
         weights = memory.weights()
     else:
         weights = torch.ones(memory.num_classes, dtype=torch.float64)
-    cast = weights.to(device=device or memory.class_counts.device, dtype=dtype)
-    _check_cast_weights(cast, weights, f"dtype={dtype}")
-    return cast
+    _check_cast_weights(float(weights.abs().max()), dtype, f"dtype={dtype}")
+    return weights.to(device=device or memory.class_counts.device, dtype=dtype)
 
 
 def check_indices_tuple(indices_tuple, batch: int, references: int, what: str = "ref_emb") -> None:

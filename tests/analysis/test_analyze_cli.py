@@ -209,7 +209,7 @@ def test_bootstrap_needs_ten_replicates(tmp_path, capsys):
     run_dir = fake_run(tmp_path / "run")
     with pytest.raises(SystemExit) as info:
         main(["analyze", "imbalance", "--run", str(run_dir), "--bootstrap", "9", "--out", str(tmp_path / "i")])
-    assert info.value.code == 2 and "must be at least 10" in capsys.readouterr().err
+    assert info.value.code == 2 and "must be an integer >= 10 (fewer give no interval), got 9" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse's own wording, not the parser function's name
         main(["analyze", "imbalance", "--run", str(run_dir), "--bootstrap", "x", "--out", str(tmp_path / "i")])
     assert "argument --bootstrap: invalid integer value: 'x'" in capsys.readouterr().err
