@@ -168,7 +168,10 @@ class DSBCrossBatchMemory(CrossBatchMemory):
         memory are both put back as they were: torch loads what fits and raises
         at the end, which left the queue of one checkpoint beside the memory of
         another. With ``strict=False`` a part missing from ``state_dict`` stays
-        as it is and is reported in ``missing_keys``, as torch does."""
+        as it is and is reported in ``missing_keys``, as torch does. The queue
+        takes the checkpoint's dtypes (PML's forward gives it each batch's:
+        float64 rows, int32 labels), so a restored queue continues as the
+        saved one would."""
         saved = {
             key: value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
             for key, value in self.state_dict().items()
@@ -198,6 +201,16 @@ class DSBCrossBatchMemory(CrossBatchMemory):
             error_msgs.extend(mismatched)
             error_msgs.append(f"the queue of the {type(self).__name__} was left unchanged (nothing loaded into it)")
             return
+        # PML's forward gives the queue each batch's dtype (float64 rows, int32
+        # labels): the queue takes the checkpoint's, so that nothing is rounded
+        # and the restored queue continues as the saved one would
+        for name in ("embedding_memory", "label_memory"):
+            saved, current = state_dict.get(prefix + name), getattr(self, name)
+            if (
+                isinstance(saved, torch.Tensor) and saved.dtype != current.dtype
+                and saved.is_floating_point() == current.is_floating_point() and saved.dtype != torch.bool
+            ):
+                setattr(self, name, current.to(saved.dtype))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
         if key in missing_keys:  # saved before the queue's position was: it restarts, as it did then
             missing_keys.remove(key)

@@ -1164,6 +1164,36 @@ def test_cross_batch_memory_resumes_its_queue_from_a_state_dict(gen):
         make().load_state_dict({**old, "_extra_state": {"queue_idx": 16, "has_been_filled": True}})
 
 
+def test_cross_batch_memory_resumes_a_float64_queue_as_float64(gen):
+    """PML's forward gives the queue each batch's dtype (float64 rows, int32
+    labels); a checkpoint of such a queue loaded into a fresh wrapper was
+    copied into its float32/int64 buffers, and the next losses differed."""
+    from pml_dsb import DSBCrossBatchMemory
+
+    def make():
+        torch.manual_seed(0)
+        return DSBCrossBatchMemory(with_dsb_weighting(pml_losses.ContrastiveLoss)(C, D, memory_size=24, warmup_epochs=1),
+                                   embedding_size=D, memory_size=16)
+
+    batches = [(e.double() + 1e-12 * torch.randn(e.shape, generator=gen, dtype=torch.float64), y.to(torch.int32))
+               for e, y in (_batch(gen, 6) for _ in range(5))]
+    straight, first = make(), make()
+    want = [straight(*b) for b in batches]
+    for b in batches[:2]:
+        first(*b)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    assert (resumed.embedding_memory.dtype, resumed.label_memory.dtype) == (torch.float64, torch.int32)
+    got = [resumed(*b) for b in batches[2:]]
+    assert all(torch.equal(g, w) for g, w in zip(got, want[2:]))
+    # a failed load leaves the queue's dtypes (and rows) as they were
+    bad = {**first.state_dict(), "unexpected": torch.zeros(1)}
+    fresh = make()
+    with pytest.raises(RuntimeError, match="unexpected"):
+        fresh.load_state_dict(bad)
+    assert (fresh.embedding_memory.dtype, fresh.label_memory.dtype) == (torch.float32, torch.int64)
+
+
 def test_cross_batch_memory_checks_pmls_own_conditions_first(gen):
     """A batch larger than PML's queue (PML: a bare AssertionError) and
     indices_tuple with enqueue_mask raise ValueError, both queues unchanged."""
