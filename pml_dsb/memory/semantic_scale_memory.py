@@ -206,7 +206,9 @@ class SemanticScaleMemory(torch.nn.Module):
             spread), and agrees within ~1e-6 relative for
             well-spread classes, but loses accuracy as a class's spread shrinks:
             6 samples at d = 16 spread ~0.03, 0.003, 0.0003 about their mean
-            gave 2e-5, 3e-3, 0.2 relative (medians of 20 draws). A class of
+            gave 2e-5, 3e-3, 0.2 relative (medians of 20 draws); so does a
+            spread of norms with ``l2_normalize=False`` (8 rows at d = 6, half
+            of norm ~2.5, half ~250: 2.5e-5). A class of
             identical samples still gets 0. Check it on your data with
             :func:`pml_dsb.class_semantic_scales` in float64 before using it.
         gram_size: classes up to this many samples are kept in Gram form,
