@@ -9,12 +9,17 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# module name -> pip command that provides it
+# module name -> pip command that provides it: the package itself, and the extra
+# of pml-dsb that brings it (installed from a checkout, as README's quick start
+# does, "pml-dsb[...]" names a distribution pip cannot find)
 _INSTALL = {
-    "faiss": 'pip install "pml-dsb[cpu]"  (or "pml-dsb[gpu]" for faiss-gpu)',
-    "matplotlib": 'pip install "pml-dsb[plot]"',
-    "record_keeper": 'pip install "pml-dsb[record]"',
-    "torch.utils.tensorboard": 'pip install "pml-dsb[tensorboard]"',
+    "faiss": 'pip install faiss-cpu  (or faiss-gpu; the extra "pml-dsb[cpu]"/"[gpu]", '
+             'pip install -e ".[cpu]" in a checkout)',
+    "matplotlib": 'pip install matplotlib  (the extra "pml-dsb[plot]", pip install -e ".[plot]" in a checkout)',
+    "record_keeper": 'pip install record-keeper  (the extra "pml-dsb[record]", '
+                     'pip install -e ".[record]" in a checkout)',
+    "torch.utils.tensorboard": 'pip install tensorboard  (the extra "pml-dsb[tensorboard]", '
+                               'pip install -e ".[tensorboard]" in a checkout)',
 }
 
 

@@ -136,10 +136,11 @@ def _check_against_data(config: BenchConfig, data) -> None:
     if dsb_methods and tr.epochs <= config.dsb.warmup_epochs:
         # allowed (a warm-up-only run is a valid experiment), but rarely meant
         logger.warning(
-            "%s: [training] epochs = %d <= [dsb] warmup_epochs = %d: the loss is weighted %s",
+            "%s: [training] epochs = %d <= [dsb] warmup_epochs = %d: %s",
             ", ".join(dsb_methods), tr.epochs, config.dsb.warmup_epochs,
-            "at one batch at most; these runs will hardly differ from their parents'"
-            if tr.epochs == config.dsb.warmup_epochs else "never; these runs will equal their parents'")
+            "the loss is weighted at one batch at most; these runs will hardly differ from their parents'"
+            if tr.epochs == config.dsb.warmup_epochs
+            else "the loss is never weighted; these runs will equal their parents'")
     check_m_per_class(tr, classes)
     # each test query is ranked against the other test items: found at the first
     # evaluation otherwise, after the run folder was written

@@ -4,7 +4,8 @@
 flushes and ``fsync``\\ s it, then ``os.replace``\\ s it over the target (and
 syncs the folder), so that a reader sees either the previous complete file or
 the new complete file, never a partial one. A kill during the write leaves at
-most a ``.<name>.tmp-*`` file, which the next save removes.
+most a ``.<name>.tmp-*`` file, which the next save removes. The file gets the
+permissions a plain ``open`` gives (0666 less the umask).
 
 :func:`load_checkpoint` reads with ``torch.load(weights_only=True)`` (no code
 runs from the file), then refuses, with :class:`CheckpointError`, a file that
@@ -23,18 +24,18 @@ numbers, strings, tensors), so it loads with ``weights_only=True``.
 from __future__ import annotations
 
 import copy
-import glob
 import logging
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 import zlib
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
+
+from .._atomic import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -63,19 +64,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used: truncated, foreign, wrong version or incomplete."""
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: Mapping[str, Any], path: Union[str, os.PathLike]) -> None:
     """Write ``state`` to ``path`` atomically (temporary file, fsync, ``os.replace``).
 
@@ -84,29 +72,8 @@ def save_checkpoint(state: Mapping[str, Any], path: Union[str, os.PathLike]) -> 
     checked before anything is written.
     """
     _validate(state, os.fspath(path))
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(path)
-    for stale in glob.glob(os.path.join(folder, f".{glob.escape(base)}.tmp-*")):
-        try:
-            os.remove(stale)  # left by a kill during an earlier write
-        except OSError:
-            pass
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(state), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
+    with atomic_file(path, binary=True) as fh:
+        torch.save(dict(state), fh)
 
 
 def _validate(state: Any, path: str, kind: Optional[str] = None) -> None:

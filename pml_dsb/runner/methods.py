@@ -89,7 +89,10 @@ def build_loss(
     torch.Size([3])
     """
     method = canonical_method(method)
-    counts = list(train_counts)
+    try:
+        counts = list(train_counts)
+    except TypeError:  # an int, None: one count is no class list
+        counts = []
     if len(counts) < 2 or not all(_is_whole(c, 0) for c in counts):
         raise ValueError(f"train_counts must be at least 2 whole numbers >= 0 (one per class), got {train_counts!r}")
     counts = [int(c) for c in counts]

@@ -54,13 +54,13 @@ import math
 import os
 import pickle
 import random
-import tempfile
 import time
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
+from .._atomic import atomic_file
 from .._json import json_safe, read_json
 from ..distributed.ddp import (
     all_gather_objects,
@@ -188,21 +188,9 @@ def write_json_atomic(data: Any, path: Union[str, os.PathLike]) -> None:
     say) is written as null: Python reads a bare ``NaN`` token, strict JSON
     parsers (jq, JavaScript) refuse the whole file."""
     data = json_safe(data)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic_file(path) as fh:
+        json.dump(data, fh, indent=1, allow_nan=False)
+        fh.write("\n")
 
 
 # ------------------------------------------------------------- evaluation

@@ -113,7 +113,8 @@ def test_a_missing_extra_stops_bench_before_training_with_its_pip_command(tmp_pa
     trained = []
     monkeypatch.setattr("pml_dsb.runner.bench.train_one", lambda *a, **k: trained.append(a))
     assert bench(config_path, tmp_path / "out") == 2
-    assert f'pip install "pml-dsb[{extra}]"' in caplog.text and "Traceback" not in caplog.text
+    assert f'"pml-dsb[{extra}]"' in caplog.text and f'pip install -e ".[{extra}]"' in caplog.text
+    assert "Traceback" not in caplog.text
     assert trained == [] and not (tmp_path / "out").exists()
 
 

@@ -199,6 +199,29 @@ def test_a_crash_during_the_write_keeps_the_previous_file(tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX's")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_permissions_open_gives(tmp_path, umask):
+    """tempfile.mkstemp creates files readable by their owner only and
+    os.replace keeps that: results.json, result.json and the checkpoints of
+    a run came out 0600 beside its 0644 tables (unreadable to colleagues
+    sharing the folder)."""
+    from pml_dsb.runner.training import write_json_atomic
+
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as fh:  # the reference: what open gives
+            fh.write("x")
+        model, loss, opt = make()
+        save_checkpoint(state_of(model, loss, opt, epoch=1), tmp_path / "last.pt")
+        write_json_atomic({"a": 1}, tmp_path / "results.json")
+    finally:
+        os.umask(old)
+    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert want == 0o666 & ~umask
+    assert {(tmp_path / name).stat().st_mode & 0o777 for name in ("last.pt", "results.json")} == {want}
+
+
 def test_rng_state_round_trip():
     saved = capture_rng_state()
     a = (torch.rand(3), np.random.rand(3), random.random())

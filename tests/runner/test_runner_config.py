@@ -282,6 +282,7 @@ def test_build_loss_refuses_counts_and_sizes_it_would_misread():
     # [] built a loss of 0 classes, -3 shrank the memory, 5.7 and 9.9 were truncated, True was 1
     for args, kwargs, words in ((("ST", cfg, []), {}, "train_counts must be at least 2 whole numbers"),
                                 (("DSB-ST", cfg, [5, -3, 2]), {}, "train_counts"),
+                                (("DSB-ST", cfg, 100), {}, "train_counts must be at least 2"),  # a raw TypeError
                                 (("CB-ST", cfg, [5.7, 3, 2]), {}, "train_counts"),
                                 (("DSB-ST", cfg, [5, 3, 2]), dict(memory_size=9.9), "memory_size must be a whole"),
                                 (("DSB-ST", cfg, [5, 3, 2]), dict(memory_size=True), "memory_size")):
@@ -293,7 +294,7 @@ def test_build_loss_refuses_counts_and_sizes_it_would_misread():
     assert build_loss("DSB-ST", cfg, np.array([5, 3, 2])).memory.memory_size == 10
 
 
-@pytest.mark.parametrize("epochs, needle", [(3, "weighted never; these runs will equal their parents'"),
+@pytest.mark.parametrize("epochs, needle", [(3, "never weighted; these runs will equal their parents'"),
                                             (5, "weighted at one batch at most"), (6, None)])
 def test_a_dsb_run_within_its_warm_up_is_announced(caplog, epochs, needle):
     from pml_dsb.runner.bench import _check_against_data
