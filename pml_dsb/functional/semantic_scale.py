@@ -62,7 +62,7 @@ def unit_rows(z: torch.Tensor) -> torch.Tensor:
     ``F.normalize``'s (1/eps): dividing it by a clamped tiny magnitude as well
     gave 1/tiny**2, an infinite gradient."""
     peak = z.abs().amax(-1, keepdim=True)
-    scaled = z / torch.where(peak > 0, peak, torch.ones_like(peak))  # non-zero rows: norm in [1, sqrt(d)]
+    scaled = z / torch.where(peak > 0, peak, 1.0)  # non-zero rows: norm in [1, sqrt(d)]
     return F.normalize(scaled, dim=-1, eps=max(1e-12, torch.finfo(z.dtype).tiny))
 
 

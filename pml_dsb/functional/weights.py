@@ -61,28 +61,50 @@ def dsb_weights(
             f"scales and counts must both have shape (C,), got {tuple(scales.shape)} "
             f"and {tuple(counts.shape)}"
         )
+    scales = _finite_scales(scales)
+    whole = not counts.is_floating_point() or bool((torch.isfinite(counts) & (counts == counts.round())).all())
+    if counts.is_complex() or counts.dtype == torch.bool or not whole or bool((counts < 0).any()):
+        raise ValueError(f"counts must be whole numbers >= 0, got {counts.tolist()} (dtype {counts.dtype})")
+    return _dsb_weights(scales, counts, normalize, eps, finite=True)
+
+
+def _finite_scales(scales: torch.Tensor) -> torch.Tensor:
+    """``scales`` in float64; ``ValueError`` unless every one is finite."""
     scales = scales.to(torch.float64)
     # NaN would read as "no scale" and get the largest weight, +inf as a weight
     # of 0 (its loss dropped); a rounding-negative scale is <= eps: no scale
-    bad = ~torch.isfinite(scales)
-    if bool(bad.any()):
+    # the largest magnitude is finite iff every value is (a NaN propagates): one
+    # reduction, where torch.isfinite(...).any() is 6 operations
+    if scales.numel() and not math.isfinite(float(scales.abs().amax())):
+        bad = ~torch.isfinite(scales)
         raise ValueError(
             f"scales must be finite, got {scales[bad].tolist()} "
             f"(classes {torch.nonzero(bad).flatten().tolist()})"
         )
-    whole = not counts.is_floating_point() or bool((torch.isfinite(counts) & (counts == counts.round())).all())
-    if counts.is_complex() or counts.dtype == torch.bool or not whole or bool((counts < 0).any()):
-        raise ValueError(f"counts must be whole numbers >= 0, got {counts.tolist()} (dtype {counts.dtype})")
+    return scales
+
+
+def _dsb_weights(
+    scales: torch.Tensor, counts: torch.Tensor, normalize: Optional[str], eps: float, finite: bool = False
+) -> torch.Tensor:
+    """:func:`dsb_weights` without the checks of its arguments, except that the
+    scales must be finite (checked unless ``finite``): for a memory's own scales
+    and counts (a (C,) tensor and whole counts >= 0)."""
+    if not finite:
+        scales = _finite_scales(scales)
     # with eps = 0, a subnormal scale's 1/S overflows: such a class has no usable scale
-    has_scale = (counts.to(scales.device) >= 2) & (scales > eps) & torch.isfinite(1.0 / scales)
+    inv_all = torch.reciprocal(scales)  # each class's 1/S once (1.0 / x is reciprocal(x) * 1.0: the same values)
+    # (finite scales > eps >= 0 have a positive 1/S, finite or +inf: != inf is isfinite there, in one operation)
+    has_scale = (counts.to(scales.device) >= 2) & (scales > eps) & (inv_all != math.inf)
     weights = torch.ones_like(scales)
     if not bool(has_scale.any()):
         return weights
-    inv = 1.0 / scales[has_scale]
+    inv = inv_all[has_scale]
     if normalize == "mean":
         # equal scales give weights of exactly 1 (the parent's loss, bit for bit):
         # a mean of three or more equal values can round one ulp away from them
-        inv = torch.ones_like(inv) if bool(inv.max() == inv.min()) else inv / inv.mean()
+        low, high = torch.aminmax(inv)
+        inv = torch.ones_like(inv) if bool(high == low) else inv / inv.mean()
     weights.fill_(float(inv.max()))
     weights[has_scale] = inv
     return weights

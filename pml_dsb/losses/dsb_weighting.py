@@ -79,10 +79,11 @@ def _check_class_weighting(loss_dict, labels, class_weights, names) -> None:
         raise ValueError(f"names must be a sequence of keys of the loss dict {sorted(loss_dict)}, got {names!r}")
 
 
-def _weight_losses_by_class(loss_dict, labels, class_weights, names, element_indices) -> dict:
+def _weight_losses_by_class(loss_dict, labels, class_weights, names, element_indices, largest=None) -> dict:
+    """``largest``: the largest magnitude of ``class_weights``, if the caller has
+    it; else read once (a host sync) where a loss needs it."""
     if element_indices not in ("samples", "classes"):
         raise ValueError(f"element_indices must be 'samples' or 'classes', got {element_indices!r}")
-    largest = None  # the largest weight, read once (a host sync) if some losses are floating
     for name in loss_dict if names is None else names:
         entry = loss_dict[name]
         kind, losses = entry["reduction_type"], entry["losses"]
@@ -182,31 +183,32 @@ def check_indices_tuple(indices_tuple, batch: int, references: int, what: str = 
             )
 
 
-def _stored_positions(embeddings, labels, indices) -> Optional[torch.Tensor]:
+def _stored_positions(embeddings, labels, indices) -> tuple[Optional[torch.Tensor], bool]:
     """The rows of a batch that an index-addressed memory stores when its
     dataset ``indices`` repeat (a sampler that draws with replacement, such as
     PML's ``MPerClassSampler`` for a class smaller than m): one slot takes one
     sample, the batch's last copy. None when nothing repeats, or when the
-    batch is malformed (the memory's checks then say how)."""
+    batch is malformed (the memory's checks then say how). Also whether the
+    indices were found free of repeats (the memory then need not look again)."""
     if not (
         isinstance(indices, torch.Tensor) and indices.dim() == 1 and indices.numel() > 1
         and not indices.is_floating_point() and not indices.is_complex() and indices.dtype != torch.bool
         and isinstance(embeddings, torch.Tensor) and embeddings.dim() >= 1 and len(embeddings) == len(indices)
         and isinstance(labels, torch.Tensor) and labels.shape == indices.shape
     ):
-        return None
+        return None, False
     if torch.unique(indices).numel() == indices.numel():
-        return None
-    return last_occurrences(indices)
+        return None, True
+    return last_occurrences(indices), False
 
 
 def _validate_storing(memory: SemanticScaleMemory, precheck, embeddings, labels, indices) -> Optional[torch.Tensor]:
     """``memory``'s checks of a batch it will store, with repeated dataset
     indices allowed (see :func:`_stored_positions`): every row is then checked
     as read, the stored ones as stored. Returns the stored positions (None: all)."""
-    keep = _stored_positions(embeddings, labels, indices)
-    if keep is None:
-        memory._validate_with(precheck, embeddings, labels, indices, enqueue=True)
+    keep, unique = _stored_positions(embeddings, labels, indices)
+    if keep is None:  # indices free of repeats: the memory need not look for them again
+        memory._validate_with(precheck, embeddings, labels, indices, enqueue=True, unique_indices=unique)
         return None
 
     def check_every_row():
@@ -412,7 +414,9 @@ class DSBWeightingMixin:
         a repeated index stores its last copy)."""
         # indices announced by expect_sample_indices() serve this call only, even a failing one
         pending = getattr(self, "_pending_sample_indices", None)  # absent from older pickles
-        self._pending_sample_indices = None
+        # plain attributes (no parameter, buffer or module has these names): set in
+        # the instance's dict, without nn.Module.__setattr__'s checks (~2 us each)
+        vars(self)["_pending_sample_indices"] = None
         conflict = None
         if indices_tuple is not None and isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2:
             try:  # through the collective check below, as any other bad input
@@ -461,10 +465,8 @@ class DSBWeightingMixin:
         # call alone computes with (differentiable) float64 casts of them instead
         saved = {name: self._parameters[name] for name in narrow}
         self._parameters.update(narrow)
-        self._sample_indices = sample_indices
-        self._stored_rows = stored
-        self._validated = embeddings
-        self._enqueues = self._enqueue_due = enqueues
+        vars(self).update(_sample_indices=sample_indices, _stored_rows=stored, _validated=embeddings,
+                          _enqueues=enqueues, _enqueue_due=enqueues)
         # a loss that does not enqueue agrees with the other ranks after its parent ran
         reader = not enqueues and should_gather(self.memory.distributed)
         try:
@@ -477,11 +479,8 @@ class DSBWeightingMixin:
             raise
         finally:
             self._parameters.update(saved)
-            self._sample_indices = None
-            self._stored_rows = None
-            self._validated = None
-            self._enqueues = None
-            self._enqueue_due = False
+            vars(self).update(_sample_indices=None, _stored_rows=None, _validated=None, _enqueues=None,
+                              _enqueue_due=False)
         if reader:  # raises if the parent refused the batch on another rank
             check_batch_collectively(None, embeddings, labels, enqueues=False)
         return out
@@ -549,7 +548,7 @@ class DSBWeightingMixin:
         if enqueues:
             # forward() validated this very batch before the parent saw it
             validated = embeddings is getattr(self, "_validated", None)
-            self._enqueue_due = False  # the enqueue makes its own collective calls, failing or not
+            vars(self)["_enqueue_due"] = False  # the enqueue makes its own collective calls, failing or not
             stored, indices = getattr(self, "_stored_rows", None), self._sample_indices
             if stored is not None and validated:  # repeated dataset indices: each one's last copy
                 emb, lab = embeddings[stored.to(embeddings.device)], labels[stored.to(labels.device)]
@@ -557,23 +556,26 @@ class DSBWeightingMixin:
             else:
                 emb, lab = embeddings, labels
             self.memory._enqueue(emb, lab, indices, validated=validated)
-        self.dsb_stage = self.memory.stage
-        self.dsb_num_enqueued = self.memory.num_enqueued
-        self.dsb_fill_level = self.memory.fill_level
+        records = vars(self)  # plain attributes: see forward
+        records.update(dsb_stage=self.memory.stage, dsb_num_enqueued=self.memory.num_enqueued,
+                       dsb_fill_level=self.memory.fill_level)
         for name in self._DSB_RECORDS[3:]:  # a restored memory may start below stage 3
-            setattr(self, name, math.nan)
+            records[name] = math.nan
         if self.dsb_stage == 3:
             scales = self.memory.scales()
-            weights = self.memory.weights(scales)
-            _weight_losses_by_class(loss_dict, labels, weights, names, self.dsb_element_indices)
+            weights = self.memory._own_weights(scales)  # = memory.weights(scales), its checks passed by construction
             # over the classes that have a scale (DEFINITIONS: S = 0 is "no scale yet")
             has_scale = scales[(self.memory.class_counts >= 2) & (scales > self.memory.eps)]
+            # the recorded figures in one transfer (one host sync on a GPU, not five)
+            figures = [*torch.aminmax(weights)]
             if has_scale.numel():
-                self.dsb_mean_scale = float(has_scale.mean())
-                self.dsb_min_scale = float(has_scale.min())
-                self.dsb_max_scale = float(has_scale.max())
-            self.dsb_min_weight = float(weights.min())
-            self.dsb_max_weight = float(weights.max())
+                figures += [has_scale.mean(), *torch.aminmax(has_scale)]
+            figures = torch.stack(figures).tolist()
+            # weights are positive: the largest is also the largest magnitude
+            _weight_losses_by_class(loss_dict, labels, weights, names, self.dsb_element_indices, largest=figures[1])
+            if has_scale.numel():
+                records.update(zip(("dsb_mean_scale", "dsb_min_scale", "dsb_max_scale"), figures[2:]))
+            records.update(dsb_min_weight=figures[0], dsb_max_weight=figures[1])
         return loss_dict
 
     def _weighted_loss_names(self, loss_dict: dict) -> list:

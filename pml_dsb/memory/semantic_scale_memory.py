@@ -70,7 +70,7 @@ from ..functional.semantic_scale import (
     unit_rows,
     unnormalized_norm_limit,
 )
-from ..functional.weights import check_eps, check_normalize, dsb_weights
+from ..functional.weights import _dsb_weights, check_eps, check_normalize, dsb_weights
 
 logger = logging.getLogger(__name__)
 
@@ -551,14 +551,17 @@ class SemanticScaleMemory(torch.nn.Module):
         """
         self._validate_with(None, embeddings, labels, indices, enqueue)
 
-    def _validate_with(self, precheck, embeddings, labels, indices, enqueue: bool) -> None:
+    def _validate_with(
+        self, precheck, embeddings, labels, indices, enqueue: bool, unique_indices: bool = False
+    ) -> None:
         """:meth:`validate_batch`, running ``precheck()`` (a caller's own checks of
-        this rank's call) first, inside the collective verdict when gathering."""
+        this rank's call) first, inside the collective verdict when gathering
+        (``unique_indices``: the caller found no index repeated in ``indices``)."""
 
         def check(emb, lab, idx):
             if precheck is not None:
                 precheck()
-            self._validate_local_batch(emb, lab, idx, enqueue=enqueue)
+            self._validate_local_batch(emb, lab, idx, enqueue=enqueue, unique_indices=unique_indices and idx is indices)
 
         if not should_gather(self.distributed):
             check(embeddings, labels, indices)
@@ -578,8 +581,10 @@ class SemanticScaleMemory(torch.nn.Module):
         labels: torch.Tensor,
         indices: Optional[torch.Tensor] = None,
         enqueue: bool = True,
+        unique_indices: bool = False,
     ) -> None:
-        """The checks of :meth:`validate_batch` on this process's batch alone."""
+        """The checks of :meth:`validate_batch` on this process's batch alone
+        (``unique_indices``: the caller found no index repeated in ``indices``)."""
         if not isinstance(embeddings, torch.Tensor):
             raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
         if not embeddings.is_floating_point():
@@ -606,22 +611,22 @@ class SemanticScaleMemory(torch.nn.Module):
             raise ValueError(
                 f"labels must have shape ({batch},) to match embeddings, got {tuple(labels.shape)}"
             )
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = (int(v) for v in torch.aminmax(labels))
         if lo < 0 or hi >= self.num_classes:
             raise ValueError(
                 f"labels must lie in [0, num_classes={self.num_classes}), got values in [{lo}, {hi}]"
             )
         # the largest magnitude is finite iff every value is (a NaN propagates):
         # 5-10x faster on CPU than isfinite(...).all() (162 against 31 us at 64 x 512)
-        largest = embeddings.abs().amax()
-        if not bool(torch.isfinite(largest)):
+        largest = float(embeddings.detach().abs().amax())  # one host read (torch.isfinite is 4 operations)
+        if not math.isfinite(largest):
             bad = int((~torch.isfinite(embeddings)).any(1).sum())
             raise ValueError(
                 f"embeddings contain NaN or Inf in {bad} of {batch} rows; the memory was not changed"
             )
-        if not self.l2_normalize and not enqueue and float(largest) > torch.finfo(torch.float32).max:
+        if not self.l2_normalize and not enqueue and largest > torch.finfo(torch.float32).max:
             raise ValueError(
-                f"embeddings reach magnitude {float(largest):.3g}, beyond float32's range (l2_normalize=False)"
+                f"embeddings reach magnitude {largest:.3g}, beyond float32's range (l2_normalize=False)"
             )
         if not self.l2_normalize and enqueue:
             # the trace of (d/m)·Zc·Zcᵀ is at most d times the largest squared norm
@@ -642,13 +647,14 @@ class SemanticScaleMemory(torch.nn.Module):
                 raise ValueError(
                     f"indices must have shape ({batch},) to match embeddings, got {tuple(indices.shape)}"
                 )
-            lo, hi = int(indices.min()), int(indices.max())
+            lo, hi = (int(v) for v in torch.aminmax(indices))
             if lo < 0 or hi >= self.memory_size:
                 raise ValueError(
                     f"indices must lie in [0, memory_size={self.memory_size}), got values in [{lo}, {hi}]"
                 )
-            values, counts = torch.unique(indices, return_counts=True)
-            if bool((counts > 1).any()):
+            # the counts only for the message: one unique (no host sync) when nothing repeats
+            if not unique_indices and torch.unique(indices).numel() < indices.numel():
+                values, counts = torch.unique(indices, return_counts=True)
                 raise ValueError(
                     f"indices contain duplicates {values[counts > 1].tolist()}; each sample needs its own slot"
                 )
@@ -727,7 +733,7 @@ class SemanticScaleMemory(torch.nn.Module):
         if indices is None:
             self.queue_idx.copy_((self.queue_idx + batch) % self.memory_size)
         self.index_addressed.fill_(indices is not None)
-        self._addressing_unknown = False
+        vars(self)["_addressing_unknown"] = False  # a plain attribute: no nn.Module.__setattr__ checks
         self.enqueued_count += batch
         if self.stage == 3 and self._replicated():
             self._refresh()  # every rank here, at the same point of the same history (see scales)
@@ -763,11 +769,13 @@ class SemanticScaleMemory(torch.nn.Module):
             self._overwrite_and_update(slots, emb, labels)
             return
         counts_before, large_before = self.class_counts.clone(), self.moment_index >= 0
-        removed = self._remove(slots)
-        self._promote_large_classes(labels)
+        removed = self._remove(slots, refilled=True)
+        grouped = torch.unique(labels, return_inverse=True, return_counts=True)
+        if not bool(large_before.all()):  # else every class has its moments already: none to promote
+            self._promote_large_classes(labels, grouped)
         self.embedding_memory[slots] = emb
         self.label_memory[slots] = labels
-        positions = self._allocate_positions(labels)
+        positions = self._allocate_positions(labels, grouped)
         self.class_slots[labels, positions] = slots
         self.slot_position[slots] = positions
         self.class_counts.index_add_(0, labels, torch.ones_like(labels))
@@ -808,26 +816,34 @@ class SemanticScaleMemory(torch.nn.Module):
         self.stale[labels] = True
         self._update_classes(removed, emb, labels, positions, self.class_counts, large, refill=True)
 
-    def _remove(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Free the filled ``slots``; return their labels, positions, embeddings and form."""
+    def _remove(self, slots: torch.Tensor, refilled: bool = False) -> tuple[torch.Tensor, ...]:
+        """Free the filled ``slots``; return their labels, positions, embeddings and form.
+        ``refilled``: the caller writes every slot's label and position next (nothing
+        reads them in between), so they are not reset to -1 here."""
         old = self.label_memory[slots]
         filled = old >= 0
-        slots, old = slots[filled], old[filled]
+        if not bool(filled.all()):
+            slots, old = slots[filled], old[filled]
         positions = self.slot_position[slots]
         # the form is read now: a class promoted later in this enqueue builds its
         # moments from what remains, so its removed samples must not count twice
-        removed = (old, positions, self.embedding_memory[slots].clone(), self.moment_index[old] >= 0)
+        # (advanced indexing copies the rows: no clone needed)
+        removed = (old, positions, self.embedding_memory[slots], self.moment_index[old] >= 0)
         if slots.numel():
             self.class_slots[old, positions] = -1
-            self.class_counts.index_add_(0, old, -torch.ones_like(old))
+            self.class_counts.index_add_(0, old, torch.full_like(old, -1))
             self.stale[old] = True
-            self.label_memory[slots] = -1
-            self.slot_position[slots] = -1
+            if not refilled:
+                self.label_memory[slots] = -1
+                self.slot_position[slots] = -1
         return removed
 
-    def _allocate_positions(self, labels: torch.Tensor) -> torch.Tensor:
-        """A free position in its class's slot list for every new sample."""
-        classes, inverse, new_counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    def _allocate_positions(self, labels: torch.Tensor, grouped: Optional[tuple] = None) -> torch.Tensor:
+        """A free position in its class's slot list for every new sample
+        (``grouped``: ``torch.unique(labels, return_inverse=True, return_counts=True)`` if known)."""
+        if grouped is None:
+            grouped = torch.unique(labels, return_inverse=True, return_counts=True)
+        classes, inverse, new_counts = grouped
         needed = int((self.class_counts[classes] + new_counts).max())
         if needed > self.class_slots.shape[1]:
             self._grow_capacity(needed)
@@ -879,7 +895,7 @@ class SemanticScaleMemory(torch.nn.Module):
         if stale.numel():
             values = self._compute_scales(stale).to(torch.float64)
             self.cached_scales[stale] = self._exact_if_near_zero(stale, values)
-            self.stale[stale] = False
+            self.stale.zero_()  # = self.stale[stale] = False: stale holds every True position
         return self.cached_scales.clone()
 
     def _exact_if_near_zero(self, classes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -890,6 +906,8 @@ class SemanticScaleMemory(torch.nn.Module):
         3e-7 (float32 products, rows of norm in the thousands, a moment-form
         class emptied and refilled), above eps, and took nearly all the
         weight. Centred rows carry their rounding squared: S ~ 0."""
+        if not len(values) or float(values.amin()) >= _EXACT_BELOW:  # none near zero: no masks
+            return values
         near_zero = (values < _EXACT_BELOW) & (self.class_counts[classes] >= 2)
         if not bool(near_zero.any()):
             return values
@@ -908,6 +926,12 @@ class SemanticScaleMemory(torch.nn.Module):
         ``scales``: the result of :meth:`scales` if the caller already has it.
         """
         return dsb_weights(self.scales() if scales is None else scales, self.class_counts, self.normalize, self.eps)
+
+    def _own_weights(self, scales: torch.Tensor) -> torch.Tensor:
+        """:meth:`weights` of ``scales`` that :meth:`scales` just returned: the
+        checks of :func:`~pml_dsb.functional.dsb_weights` that its own (C,)
+        float64 scales and whole counts pass by construction are skipped."""
+        return _dsb_weights(scales, self.class_counts, self.normalize, self.eps)
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored (embeddings, labels), unfilled slots left out."""
@@ -969,9 +993,12 @@ class SemanticScaleMemory(torch.nn.Module):
         self.stale.fill_(True)
         self.statistics_built.fill_(True)
 
-    def _promote_large_classes(self, labels: torch.Tensor) -> None:
-        """Switch classes that would outgrow the Gram form to moments, for good."""
-        classes, new_counts = torch.unique(labels, return_counts=True)
+    def _promote_large_classes(self, labels: torch.Tensor, grouped: Optional[tuple] = None) -> None:
+        """Switch classes that would outgrow the Gram form to moments, for good
+        (``grouped``: as :meth:`_allocate_positions` takes it)."""
+        if grouped is None:
+            grouped = torch.unique(labels, return_inverse=True, return_counts=True)
+        classes, _, new_counts = grouped
         grow = (self.class_counts[classes] + new_counts > self.gram_size) & (self.moment_index[classes] < 0)
         promote = classes[grow]
         if promote.numel() == 0:
@@ -1056,28 +1083,40 @@ class SemanticScaleMemory(torch.nn.Module):
         widest class of its bucket; past that they are zero already)."""
         old_labels, old_positions, old_emb, old_large = removed
         dev = emb.device
+        n_old, n_new = len(old_labels), len(labels)
+        n_old_large = int(old_large.sum())
         # Gram form: clear the rows and columns of removed samples
-        small = ~old_large
-        if not refill and bool(small.any()):
+        if not refill and n_old_large < n_old:
+            small = ~old_large
             c, p = old_labels[small], old_positions[small]
             # positions never reach the slot lists' capacity: nothing to clear past it
             span = min(self.gram_size, self.class_slots.shape[1])
             self.gram[c, p, :span] = 0.0
             self.gram[c.unsqueeze(1), torch.arange(span, device=dev), p.unsqueeze(1)] = 0.0
-        # moment form: one signed update for removed and added samples
-        new_large = self.moment_index[labels] >= 0
-        self._accumulate_moments(
-            torch.cat([self.moment_index[old_labels[old_large]], self.moment_index[labels[new_large]]]),
-            torch.cat([old_emb[old_large], emb[new_large]]),
-            torch.cat(
-                [
-                    torch.full((int(old_large.sum()),), -1.0, dtype=torch.float64, device=dev),
-                    torch.ones(int(new_large.sum()), dtype=torch.float64, device=dev),
-                ]
-            ),
-        )
+        # moment form: one signed update for removed and added samples (boolean
+        # masks only where some samples are of the Gram form)
+        new_index = self.moment_index[labels]
+        if old_labels is labels:  # a refill in place: the same classes out and in, forms unchanged
+            new_large, n_new_large = old_large, n_old_large
+        else:
+            new_large = new_index >= 0
+            n_new_large = int(new_large.sum())
+        if old_labels is labels and n_old_large == n_old:
+            old_index = new_index
+        elif n_old_large == n_old:
+            old_index = self.moment_index[old_labels]
+        else:
+            old_index = self.moment_index[old_labels[old_large]]
+            old_emb = old_emb[old_large]
+        if n_new_large < n_new:
+            new_index, new_emb = new_index[new_large], emb[new_large]
+        else:
+            new_emb = emb
+        sign = torch.ones(n_old_large + n_new_large, dtype=torch.float64, device=dev)
+        sign[:n_old_large] = -1.0
+        self._accumulate_moments(torch.cat([old_index, new_index]), torch.cat([old_emb, new_emb]), sign)
         # Gram form: one new row (and column) per added sample
-        if bool((~new_large).any()):
+        if n_new_large < n_new:
             self._add_gram_rows(labels[~new_large], positions[~new_large], emb[~new_large])
 
     def _add_gram_rows(self, labels: torch.Tensor, positions: torch.Tensor, emb: torch.Tensor) -> None:
@@ -1132,16 +1171,34 @@ class SemanticScaleMemory(torch.nn.Module):
         return last.max(1).values
 
     def _compute_scales(self, classes: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(len(classes), dtype=torch.float64, device=classes.device)
         counts = self.class_counts[classes]
         ready = counts >= 2
-        large = ready & (self.moment_index[classes] >= 0)
+        index = self.moment_index[classes]
+        large = ready & (index >= 0)
+        n_large = int(large.sum())
+        low_rank_min = self._low_rank_min_size()
+        # whether any class here could keep an inverse (see below), from Python
+        # values alone: if not, no build masks (a FIFO memory, or d and gram_size
+        # both below low_rank_min_size, as at CUB's d = 64 on CPU)
+        may_build = self.l2_normalize and (
+            (n_large and self.embedding_size >= low_rank_min)
+            or (n_large < len(classes) and self.gram_size >= low_rank_min and self.scale_dtype == torch.float64)
+        ) and bool(self.index_addressed)
+        if not may_build and 0 < n_large == len(classes):  # every class large and ready, none cached
+            out = self._moment_scales(classes, counts, None, index)
+            self.exact_count[classes] = counts
+            self.cache_valid[classes] = False
+            return out
+        out = torch.zeros(len(classes), dtype=torch.float64, device=classes.device)
         # keep an inverse for the low-rank path where it will pay: index-addressed
         # enqueues and a count unchanged since this class's last exact refresh.
         # Not for unnormalised rows: a class mixing norms 1 and 300 drifted to
         # 4e-2 relative error through the Woodbury updates (exact refreshes: 1e-12)
-        build = ready & (counts == self.exact_count[classes]) & self.index_addressed & self.l2_normalize
-        if bool(large.any()):
+        if may_build:
+            build = ready & (counts == self.exact_count[classes]) & self.index_addressed & self.l2_normalize
+        else:
+            build = torch.zeros_like(ready)
+        if n_large:
             build_large = build[large] & (self.embedding_size >= self._low_rank_min_size())
             out[large] = self._moment_scales(classes[large], counts[large], build_large)
             build[large] = build_large
@@ -1198,11 +1255,22 @@ class SemanticScaleMemory(torch.nn.Module):
             self._store_cache(built, logdet[build] - (width - m.squeeze(1)[build]) * torch.log(beta))
         return bits
 
-    def _moment_scales(self, classes: torch.Tensor, counts: torch.Tensor, build: torch.Tensor) -> torch.Tensor:
-        index = self.moment_index[classes]
+    def _moment_scales(
+        self,
+        classes: torch.Tensor,
+        counts: torch.Tensor,
+        build: Optional[torch.Tensor],
+        index: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Scales of moment-form ``classes``; ``build``: those that keep an inverse
+        (None: none); ``index``: their ``moment_index`` if the caller has it."""
+        if index is None:
+            index = self.moment_index[classes]
         m = counts.to(torch.float64)
         mean_part = self.moment_sum[index] / m.sqrt().unsqueeze(1)
         if self.embedding_size >= 256 and index.device.type == "cpu":
+            if build is None:
+                build = torch.zeros(len(classes), dtype=torch.bool, device=classes.device)
             return self._moment_scales_one_by_one(classes, index, m, mean_part, build)
         scatter = self.moment_outer.index_select(0, index)
         scatter.baddbmm_(mean_part.unsqueeze(2), mean_part.unsqueeze(1), alpha=-1.0)
@@ -1260,9 +1328,9 @@ class SemanticScaleMemory(torch.nn.Module):
         """
         beta = m / self.embedding_size
         matrix.diagonal(dim1=1, dim2=2).add_(beta.unsqueeze(1))
-        n_log_beta = matrix.shape[-1] * torch.log(beta)
         inverse = None
         if build is not None and bool(build.any()):
+            n_log_beta = matrix.shape[-1] * torch.log(beta)
             logdet = torch.empty(len(matrix), dtype=torch.float64, device=matrix.device)
             reduced = torch.empty_like(logdet)
             logdet[build], inverse = logdet_and_inverse_spd(matrix[build])
