@@ -66,6 +66,24 @@ def test_bootstrap_seeded_and_reproducible(seeded_run):
     assert lo <= point <= hi
 
 
+@pytest.mark.parametrize("confidence", [0.95, 0.8])
+def test_bootstrap_interval_takes_the_two_tail_quantiles(confidence):
+    """A 95% percentile interval is the 2.5% and 97.5% quantiles of the
+    replicates, not the 5% and 95% (a 90% interval called 95%)."""
+    from pml_dsb.analysis.correlation import _interval
+
+    values = np.random.default_rng(3).normal(size=4001)
+    tail = (1 - confidence) / 2
+    assert _interval(values, confidence) == pytest.approx(tuple(np.percentile(values, [100 * tail, 100 * (1 - tail)])))
+    # through the public function: replicates drawn as its docstring says
+    rng = np.random.default_rng(7)
+    idx = rng.integers(0, len(X), size=(500, len(X)))
+    replicates = np.array([stats.pearsonr(X[i], Y[i])[0] for i in idx])
+    want = np.quantile(replicates[np.isfinite(replicates)], [tail, 1 - tail])
+    assert bootstrap_correlation(X, Y, "pearson", n_boot=500, confidence=confidence, seed=7) == pytest.approx(
+        tuple(want), abs=1e-12)
+
+
 def test_seed_bootstrap_needs_two_seeds():
     assert all(math.isnan(v) for v in bootstrap_correlation(X, Y, unit="seeds", n_boot=50))
     with pytest.raises(ValueError, match="n_boot"):
@@ -97,6 +115,32 @@ def test_winner_margin_and_plain_statement(seeded_run):
     flipped = compare_predictors({"semantic_scale": -scale.mean(0)}, acc, n_boot=50)
     assert flipped["winner"] == "semantic_scale" and flipped["opposite_sign"] == ["semantic_scale"]
     assert "LOWER accuracy" in flipped["statement"]
+
+
+def test_the_winner_has_the_largest_magnitude_whatever_its_sign():
+    """A count that tracks accuracy perfectly but inversely (rho = -1) beats a
+    scale with rho = +0.89: the winner is the largest |rho|, and its margin is
+    positive."""
+    acc = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    scale, count = [1, 2, 4, 3, 6, 5], [60, 50, 40, 30, 20, 10]
+    r = compare_predictors({"semantic_scale": scale, "train_count": count}, acc, n_boot=200)
+    rho_scale, rho_count = stats.spearmanr(scale, acc)[0], stats.spearmanr(count, acc)[0]
+    assert (r["winner"], r["runner_up"]) == ("train_count", "semantic_scale")
+    assert r["margin"] == pytest.approx(abs(rho_count) - abs(rho_scale)) and r["margin"] > 0
+    assert "semantic scale tracks per-class accuracy best" not in r["statement"]
+
+
+def test_lead_fraction_counts_strict_leads_only():
+    """Scale ranks 6 classes as accuracy does (|rho| = 1 in every replicate);
+    the count swaps the last two. The scale leads strictly only in the
+    replicates that draw both of those classes: 1 - 2(5/6)^6 + (4/6)^6 = 0.418
+    of them; in the others the two tie, which is no lead."""
+    acc = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    r = compare_predictors({"semantic_scale": [1, 2, 3, 4, 5, 6], "train_count": [1, 2, 3, 4, 6, 5]},
+                           acc, n_boot=2000, seed=0)
+    assert r["winner"] == "semantic_scale"
+    both = 1 - 2 * (5 / 6) ** 6 + (4 / 6) ** 6
+    assert r["lead_fraction"] == pytest.approx(both, abs=0.05)  # binomial sd ~0.011
 
 
 def test_balanced_counts_cannot_rank(seeded_run):

@@ -116,6 +116,32 @@ def test_self_never_returned_among_identical_points():
         np.testing.assert_allclose(sims, 1.0, atol=1e-6)
 
 
+def test_when_self_is_not_among_the_hits_the_farthest_is_dropped(rng, monkeypatch):
+    """Self can lose its place among the k + 1 hits (its own similarity rounds
+    below near-duplicates'); the k nearest others must then be kept, in the
+    search's order. A search that never returns the query stands in for faiss."""
+    from pml_dsb.evaluation import _faiss_backend
+
+    x, _ = clustered_data(rng, [10] * 4, dim=6, noise=1.0)
+    full = normalize(x) @ normalize(x).T
+    np.fill_diagonal(full, -np.inf)  # the stand-in's hits: the k + 1 best others
+    order = np.argsort(-full, axis=1, kind="stable")
+
+    def search_without_self(reference, device):
+        def search(queries, k):
+            rows = np.argmax(queries @ normalize(x).T, axis=1)  # each query's own row
+            idx = order[rows, :k]
+            return np.take_along_axis(full[rows], idx, 1).astype(np.float32), idx
+
+        return search
+
+    monkeypatch.setattr(_faiss_backend, "exact_ip_search", search_without_self)
+    for batch_size in (4096, 7):
+        sims, idx = knn_search(x, k=3, batch_size=batch_size)
+        np.testing.assert_array_equal(idx, order[:, :3])
+        np.testing.assert_allclose(sims, np.take_along_axis(full, order[:, :3], 1), atol=1e-6)
+
+
 def test_knn_search_matches_brute_force_order(rng):
     x, _ = clustered_data(rng, [20] * 5, dim=10, noise=2.0)
     r, _ = clustered_data(rng, [25] * 5, dim=10, noise=2.0)

@@ -27,6 +27,8 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import reducers, regularizers
 
 from pml_dsb import (
+    DSBNormalizedSoftmaxLoss,
+    DSBSoftTripleLoss,
     DSBWeightingMixin,
     SemanticScaleMemory,
     dsb_class_weights,
@@ -280,6 +282,26 @@ def test_recordable_attributes(case, gen, np_ref):
         unscaled_seen += len(has) < C
         np.testing.assert_allclose(stats, [has.mean(), has.min(), has.max(), w.min(), w.max()], rtol=1e-6)
     assert model.stage(2) == 3 and unscaled_seen
+
+
+@pytest.mark.parametrize("cls", [DSBSoftTripleLoss, DSBNormalizedSoftmaxLoss], ids=["soft_triple", "norm_softmax"])
+def test_recorded_scales_leave_out_a_class_of_identical_samples(cls, gen, np_ref):
+    """A class of two identical samples has S = 0, "no scale yet" (DEFINITIONS):
+    the recorded mean/min/max scale are over the other classes, and its weight
+    is the largest of theirs."""
+    dsb = cls(num_classes=3, embedding_size=D, memory_size=8, warmup_epochs=1)
+    same = torch.randn(1, D, generator=gen)
+    emb = torch.cat([same, same, torch.randn(6, D, generator=gen)])
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])
+    dsb(emb, labels)
+    assert dsb.dsb_stage == 3
+    s = np_ref.class_scales(emb.numpy(), labels.numpy(), 3)
+    assert s[0] == pytest.approx(0.0, abs=1e-12)
+    w = np_ref.dsb_weights(s, [2, 3, 3])
+    np.testing.assert_allclose([dsb.dsb_mean_scale, dsb.dsb_min_scale, dsb.dsb_max_scale],
+                               [s[1:].mean(), s[1:].min(), s[1:].max()], rtol=1e-6)
+    np.testing.assert_allclose([dsb.dsb_min_weight, dsb.dsb_max_weight], [w.min(), w.max()], rtol=1e-6)
+    assert w[0] == w.max()
 
 
 def test_record_keeper_logs_dsb_stats(gen):
