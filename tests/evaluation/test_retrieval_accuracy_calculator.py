@@ -180,7 +180,8 @@ def test_bad_input_raises(data):
 
 def test_missing_faiss_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
-    with pytest.raises(ModuleNotFoundError, match=r"pip install \"pml-dsb\[cpu\]\""):
+    with pytest.raises(ModuleNotFoundError,
+                       match=r"pip install faiss-cpu  \(or faiss-gpu; the extra \"pml-dsb\[cpu\]\""):
         RetrievalAccuracyCalculator()
 
 
