@@ -556,26 +556,31 @@ class DSBWeightingMixin:
             else:
                 emb, lab = embeddings, labels
             self.memory._enqueue(emb, lab, indices, validated=validated)
-        records = vars(self)  # plain attributes: see forward
-        records.update(dsb_stage=self.memory.stage, dsb_num_enqueued=self.memory.num_enqueued,
-                       dsb_fill_level=self.memory.fill_level)
-        for name in self._DSB_RECORDS[3:]:  # a restored memory may start below stage 3
-            records[name] = math.nan
-        if self.dsb_stage == 3:
+        # the records through setattr: subclasses may watch them (properties, __setattr__)
+        records = {"dsb_stage": self.memory.stage, "dsb_num_enqueued": self.memory.num_enqueued,
+                   "dsb_fill_level": self.memory.fill_level}
+        records.update(dict.fromkeys(self._DSB_RECORDS[3:], math.nan))  # a restored memory may start below stage 3
+        if records["dsb_stage"] == 3:
             scales = self.memory.scales()
-            weights = self.memory._own_weights(scales)  # = memory.weights(scales), its checks passed by construction
+            own = type(self.memory).weights is SemanticScaleMemory.weights
+            # the memory's own weights skip the checks its tensors pass by construction;
+            # a memory subclass's weights() is its own
+            weights = self.memory._own_weights(scales) if own else self.memory.weights(scales)
             # over the classes that have a scale (DEFINITIONS: S = 0 is "no scale yet")
             has_scale = scales[(self.memory.class_counts >= 2) & (scales > self.memory.eps)]
             # the recorded figures in one transfer (one host sync on a GPU, not five)
-            figures = [*torch.aminmax(weights)]
+            figures = [*torch.aminmax(weights.to(scales.dtype))]
             if has_scale.numel():
                 figures += [has_scale.mean(), *torch.aminmax(has_scale)]
             figures = torch.stack(figures).tolist()
-            # weights are positive: the largest is also the largest magnitude
-            _weight_losses_by_class(loss_dict, labels, weights, names, self.dsb_element_indices, largest=figures[1])
+            # the memory's weights are positive: the largest is also the largest magnitude
+            largest = figures[1] if own else None
+            _weight_losses_by_class(loss_dict, labels, weights, names, self.dsb_element_indices, largest=largest)
             if has_scale.numel():
                 records.update(zip(("dsb_mean_scale", "dsb_min_scale", "dsb_max_scale"), figures[2:]))
             records.update(dsb_min_weight=figures[0], dsb_max_weight=figures[1])
+        for name, value in records.items():
+            setattr(self, name, value)
         return loss_dict
 
     def _weighted_loss_names(self, loss_dict: dict) -> list:

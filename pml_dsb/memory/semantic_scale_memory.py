@@ -769,7 +769,7 @@ class SemanticScaleMemory(torch.nn.Module):
             self._overwrite_and_update(slots, emb, labels)
             return
         counts_before, large_before = self.class_counts.clone(), self.moment_index >= 0
-        removed = self._remove(slots, refilled=True)
+        removed = self._remove(slots)
         grouped = torch.unique(labels, return_inverse=True, return_counts=True)
         if not bool(large_before.all()):  # else every class has its moments already: none to promote
             self._promote_large_classes(labels, grouped)
@@ -816,10 +816,8 @@ class SemanticScaleMemory(torch.nn.Module):
         self.stale[labels] = True
         self._update_classes(removed, emb, labels, positions, self.class_counts, large, refill=True)
 
-    def _remove(self, slots: torch.Tensor, refilled: bool = False) -> tuple[torch.Tensor, ...]:
-        """Free the filled ``slots``; return their labels, positions, embeddings and form.
-        ``refilled``: the caller writes every slot's label and position next (nothing
-        reads them in between), so they are not reset to -1 here."""
+    def _remove(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Free the filled ``slots``; return their labels, positions, embeddings and form."""
         old = self.label_memory[slots]
         filled = old >= 0
         if not bool(filled.all()):
@@ -833,9 +831,8 @@ class SemanticScaleMemory(torch.nn.Module):
             self.class_slots[old, positions] = -1
             self.class_counts.index_add_(0, old, torch.full_like(old, -1))
             self.stale[old] = True
-            if not refilled:
-                self.label_memory[slots] = -1
-                self.slot_position[slots] = -1
+            self.label_memory[slots] = -1
+            self.slot_position[slots] = -1
         return removed
 
     def _allocate_positions(self, labels: torch.Tensor, grouped: Optional[tuple] = None) -> torch.Tensor:

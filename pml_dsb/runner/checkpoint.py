@@ -5,7 +5,7 @@ flushes and ``fsync``\\ s it, then ``os.replace``\\ s it over the target (and
 syncs the folder), so that a reader sees either the previous complete file or
 the new complete file, never a partial one. A kill during the write leaves at
 most a ``.<name>.tmp-*`` file, which the next save removes. The file gets the
-permissions a plain ``open`` gives (0666 less the umask).
+permissions a plain ``open`` gives (a new one 0666 less the umask).
 
 :func:`load_checkpoint` reads with ``torch.load(weights_only=True)`` (no code
 runs from the file), then refuses, with :class:`CheckpointError`, a file that
@@ -72,7 +72,7 @@ def save_checkpoint(state: Mapping[str, Any], path: Union[str, os.PathLike]) -> 
     checked before anything is written.
     """
     _validate(state, os.fspath(path))
-    with atomic_file(path, binary=True) as fh:
+    with atomic_file(path, binary=True, remove_stale=True) as fh:
         torch.save(dict(state), fh)
 
 

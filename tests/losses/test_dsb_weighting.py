@@ -304,6 +304,42 @@ def test_recorded_scales_leave_out_a_class_of_identical_samples(cls, gen, np_ref
     assert w[0] == w.max()
 
 
+def test_a_memory_subclass_weights_and_a_loss_subclass_records_are_their_own(gen):
+    """A memory passed as memory= may override weights(): the loss weights by
+    them (as dsb_class_weights does). A loss subclass may watch its records
+    (a property setter): they are set through setattr."""
+
+    class CappedMemory(SemanticScaleMemory):
+        def weights(self, scales=None):
+            return super().weights(scales).clamp(max=1.5)
+
+    class Watched(DSBNormalizedSoftmaxLoss):
+        seen = []
+
+        @property
+        def dsb_max_weight(self):
+            return self.__dict__.get("_max_weight", math.nan)
+
+        @dsb_max_weight.setter
+        def dsb_max_weight(self, value):
+            self.seen.append(value)
+            self.__dict__["_max_weight"] = value
+
+    memory = CappedMemory(3, D, 8, warmup_epochs=1)
+    loss = Watched(num_classes=3, embedding_size=D, memory=memory)
+    parent = pml_losses.NormalizedSoftmaxLoss(num_classes=3, embedding_size=D,
+                                              reducer=reducers.DoNothingReducer())
+    parent.load_state_dict({"W": loss.W.detach()})
+    emb, labels = torch.randn(8, D, generator=gen), torch.tensor([0, 1, 1, 1, 2, 2, 2, 2])
+    emb[4:] = emb[4] + 0.01 * emb[4:]  # class 2 tight: the largest weight, near 2
+    got = loss(emb, labels)
+    weights = memory.weights()
+    assert float(weights.max()) == 1.5 and float(SemanticScaleMemory.weights(memory).max()) > 1.5
+    want = (parent(emb, labels)["loss"]["losses"] * weights[labels].float()).mean()
+    torch.testing.assert_close(got, want)
+    assert loss.dsb_max_weight == 1.5 and Watched.seen[-1] == 1.5
+
+
 def test_record_keeper_logs_dsb_stats(gen):
     record_keeper = pytest.importorskip("record_keeper")
 

@@ -1,4 +1,5 @@
 """Checkpoints: atomic writes, refusal of truncated and foreign files, all-or-nothing restore."""
+import json
 import os
 import pickle
 import random
@@ -201,25 +202,50 @@ def test_a_crash_during_the_write_keeps_the_previous_file(tmp_path, monkeypatch)
 
 @pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX's")
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
-def test_written_files_get_the_permissions_open_gives(tmp_path, umask):
+def test_written_files_get_the_permissions_open_gives(tmp_path, umask, monkeypatch):
     """tempfile.mkstemp creates files readable by their owner only and
     os.replace keeps that: results.json, result.json and the checkpoints of
     a run came out 0600 beside its 0644 tables (unreadable to colleagues
-    sharing the folder)."""
+    sharing the folder). An existing file keeps its mode, as with open."""
     from pml_dsb.runner.training import write_json_atomic
 
+    model, loss, opt = make()
     old = os.umask(umask)
     try:
         with open(tmp_path / "plain.txt", "w") as fh:  # the reference: what open gives
             fh.write("x")
-        model, loss, opt = make()
+        # the umask is read by the OS at creation: never set and put back (another
+        # thread creating a file meanwhile would get mode 0666)
+        monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("os.umask called"))
         save_checkpoint(state_of(model, loss, opt, epoch=1), tmp_path / "last.pt")
         write_json_atomic({"a": 1}, tmp_path / "results.json")
+        monkeypatch.undo()
+        want = (tmp_path / "plain.txt").stat().st_mode & 0o777
+        assert want == 0o666 & ~umask
+        assert {(tmp_path / name).stat().st_mode & 0o777 for name in ("last.pt", "results.json")} == {want}
+        os.chmod(tmp_path / "results.json", 0o640)
+        write_json_atomic({"a": 2}, tmp_path / "results.json")
+        assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
-    want = (tmp_path / "plain.txt").stat().st_mode & 0o777
-    assert want == 0o666 & ~umask
-    assert {(tmp_path / name).stat().st_mode & 0o777 for name in ("last.pt", "results.json")} == {want}
+
+
+def test_json_writes_work_where_modes_cannot_be_set_and_leave_other_writers_files(tmp_path, monkeypatch):
+    """Some mounts (FUSE, CIFS, vfat) refuse chmod: the write still happens.
+    Another process's temporary file of the same path, still being written,
+    is not removed (two writers of one JSON file then failed in os.replace)."""
+    from pml_dsb.runner.training import write_json_atomic
+
+    (tmp_path / ".r.json.tmp-other").write_text("in progress")
+    write_json_atomic({"a": 1}, tmp_path / "r.json")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    write_json_atomic({"a": 2}, tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 2}
+    assert sorted(os.listdir(tmp_path)) == [".r.json.tmp-other", "r.json"]
 
 
 def test_rng_state_round_trip():
