@@ -121,7 +121,7 @@ def _reference_splits(dataset_dict: Mapping[str, Any], splits_to_eval, validatio
                 f"naming splits of dataset_dict {sorted(dataset_dict)}; got {splits_to_eval!r}"
             )
         # PML's tester puts a query split that is also a reference split first
-        # (and names the SQLite tables after that order)
+        # (at its first test; the hooks set them so before it, for a resumed run)
         query, refs = item[0], list(item[1])
         pairs[query] = [query, *(r for r in refs if r != query)] if query in refs else refs
     if validation_split_name not in pairs:

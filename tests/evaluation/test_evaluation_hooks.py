@@ -124,6 +124,7 @@ def test_splits_to_eval_with_tuples_and_query_among_references(tmp_path):
     kwargs = dict(splits_to_eval=splits, dataloader_num_workers=0, batch_size=64, data_device=CPU, tensorboard=False)
     hooks = make_retrieval_hooks({"train": train, "val": val}, tmp_path / "run", **kwargs)
     table_before = hooks.hook_container.record_group_name(hooks.tester, "val")
+    assert hooks.tester.reference_split_names["val"] == ["val", "train"]  # before any test: as PML will set them
     _train(trunk, train, hooks, lr=0.1, epochs=1)
     hooks.close()
     assert splits == (("val", ("train", "val")),)  # the caller's object is left as it was

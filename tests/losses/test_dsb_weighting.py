@@ -1162,6 +1162,39 @@ def test_repeated_sample_indices_store_each_samples_last_copy(gen, how):
     assert mine.keys() == want.keys() and all(torch.equal(mine[k], want[k]) for k in want)
 
 
+def test_a_two_row_batch_of_one_sample_twice_stores_its_last_copy(gen):
+    """The smallest batch with a repeat: [3, 3] stores row 1 in slot 3 (it was
+    refused as "indices contain duplicates" when only longer batches were
+    looked at for repeats)."""
+    loss = with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=10, warmup_epochs=2)
+    emb = torch.randn(2, D, generator=gen)
+    loss(emb, torch.tensor([1, 1]), sample_indices=torch.tensor([3, 3]))
+    assert loss.memory.label_memory.tolist() == [-1, -1, -1, 1] + [-1] * 6
+    torch.testing.assert_close(loss.memory.embedding_memory[3], F.normalize(emb[1], dim=0))
+
+
+def test_a_wider_ref_emb_widens_the_loss():
+    """float32 embeddings against a float64 ref_emb (no parameters): computed in
+    float64 as the parent computes with both cast up (it was float32)."""
+    g = torch.Generator().manual_seed(0)
+    loss = with_dsb_weighting(pml_losses.ContrastiveLoss)(C, D, memory_size=64)
+    emb, ref = torch.randn(6, D, generator=g), torch.randn(6, D, generator=g, dtype=torch.float64)
+    labels, ref_labels = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 1, 2, 3, 0, 1])
+    got = loss(emb, labels, None, ref, ref_labels)
+    want = pml_losses.ContrastiveLoss()(emb.double(), labels, None, ref, ref_labels)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+def test_parameters_on_another_device_than_the_embeddings_are_named():
+    """PML's cast_types moves .data silently or fails deep inside; the DSB loss
+    asks for loss.to(device) (the meta device stands in for a GPU)."""
+    loss = with_dsb_weighting(pml_losses.NormalizedSoftmaxLoss)(C, D, memory_size=20)
+    with pytest.raises(ValueError, match=r"DSBNormalizedSoftmaxLoss.W is on cpu but the embeddings are on meta: "
+                                         r"move the loss first with loss.to\('meta'\)"):
+        loss.cast_types(torch.float32, torch.device("meta"))
+    assert loss.W.device.type == "cpu"
+
+
 def test_cross_batch_memory_takes_a_loss_pickled_before_announced_indices(gen):
     from pml_dsb import DSBCrossBatchMemory
 
@@ -1216,6 +1249,8 @@ def test_cross_batch_memory_resumes_its_queue_from_a_state_dict(gen):
     # a state saved before the position was: loads, and the queue restarts as it did then
     old = {k: v for k, v in first.state_dict().items() if not k.endswith("_extra_state")}
     restarted = make()
+    for b in batches[:2]:  # a live queue, at slot 12: the old state puts it back at 0
+        restarted(*b)
     restarted.load_state_dict(old)
     assert (restarted.queue_idx, restarted.has_been_filled) == (0, False)
     with pytest.raises(ValueError, match="does not fit this DSBCrossBatchMemory"):

@@ -117,6 +117,23 @@ def test_pml_trainer_with_a_custom_getter_and_two_losses(gen):
     assert first._pending_sample_indices is None and second._pending_sample_indices is None
 
 
+def test_every_loss_of_a_getter_gets_the_indices(gen):
+    """Two losses with memories of their own: both become index-addressed,
+    each sample in its own slot (the second loss's memory was filled first
+    in, first out when only the first loss was told)."""
+    first = CASES["norm_softmax"][0](C, D, memory_size=N, warmup_epochs=1)
+    second = CASES["norm_softmax"][0](C, D, memory_size=N, warmup_epochs=1)
+    x, y = torch.randn(B, D, generator=gen), torch.randint(0, C, (B,), generator=gen)
+    idx = torch.randperm(N, generator=gen)[:B]
+    data, labels = SampleIndicesGetter(first, second)((x, y, idx))
+    first(data, labels)
+    second(data, labels)
+    for loss in (first, second):
+        assert bool(loss.memory.index_addressed)
+        assert torch.nonzero(loss.memory.label_memory >= 0).flatten().tolist() == sorted(idx.tolist())
+        assert loss.memory.label_memory[idx].tolist() == y.tolist()
+
+
 def test_bad_uses_raise_clearly_and_leave_the_memory_as_it_was(gen):
     loss = CASES["norm_softmax"][0](C, D, memory_size=N, warmup_epochs=1)
     with pytest.raises(ValueError, match="at least one DSB loss"):

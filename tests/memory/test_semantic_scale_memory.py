@@ -395,6 +395,31 @@ def test_a_class_of_identical_samples_gets_no_scale_whatever_its_history(gen, np
     np.testing.assert_allclose(float(mem.scales()[1]), want[1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("l2_normalize, scale_dtype", [(False, torch.float64), (True, torch.float32)])
+def test_a_class_of_exactly_two_identical_samples_gets_no_scale(gen, l2_normalize, scale_dtype):
+    """Two copies are the fewest samples with a scale: a moment-form class
+    (promoted by a batch of 4) later holding 2 copies of one vector kept
+    S ~ 6e-8 > eps from its running statistics unless recomputed, and took all
+    the weight ([2.0, 0.0])."""
+    d, M = 48, 6
+    norm = 1.0 if l2_normalize else 3000.0
+    mem = SemanticScaleMemory(2, d, M, warmup_epochs=1, l2_normalize=l2_normalize, scale_dtype=scale_dtype,
+                              gram_size=2)
+    for step in range(12):
+        if step % 2 == 0:
+            emb, labels = torch.randn(M, d, generator=gen) * norm / d**0.5, torch.tensor([0, 0, 0, 0, 1, 1])
+        else:
+            v = torch.randn(1, d, generator=gen)
+            emb = torch.cat([(v / v.norm() * norm).expand(2, d), torch.randn(4, d, generator=gen) * norm / d**0.5])
+            labels = torch.tensor([0, 0, 1, 1, 1, 1])
+        mem.enqueue(emb, labels)
+        scales = mem.scales()
+        if step % 2:
+            assert int(mem.class_counts[0]) == 2 and bool(mem.moment_index[0] >= 0)
+            assert float(scales[0]) <= mem.eps
+            assert torch.equal(mem.weights(), torch.ones(2, dtype=torch.float64))
+
+
 def test_float32_index_addressed_class_overwritten_by_one_sample_gets_no_scale():
     """An index-addressed Gram-form class of 128 samples (low-rank updates on
     CPU) rewritten, three at a time, with one vector: float32 products' rounding,
@@ -544,8 +569,12 @@ def test_reset_empties_memory(gen):
     fresh = _new_memory()
     assert mem.num_enqueued == 0 and mem.stage == 1 and mem.fill_level == 0.0
     assert torch.equal(mem.scales(), fresh.scales())
-    mem.enqueue(*_batch(gen, 5, 8, 4))
+    batch = _batch(gen, 5, 8, 4)
+    mem.enqueue(*batch)
+    fresh.enqueue(*batch)
     assert mem.num_enqueued == 5
+    # first in, first out from slot 0 again, as a fresh memory
+    assert torch.equal(mem.label_memory, fresh.label_memory) and int(mem.queue_idx) == 5
 
 
 # ------------------------------------------------------------------------ CUDA

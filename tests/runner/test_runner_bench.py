@@ -211,6 +211,18 @@ def test_a_cosine_schedule_resumes_only_over_its_own_epochs(tmp_path, caplog):
     assert resumed == whole  # over its own epochs it resumes as before
 
 
+def test_an_epoch_that_only_ties_the_best_recall_is_not_the_best(tmp_path, monkeypatch):
+    """best.pt is written when Recall@1 improves strictly: with the same R@1
+    every epoch, the first epoch stays the best."""
+    import pml_dsb.runner.training as training
+
+    _, cfg = tiny_config(tmp_path, epochs=3, methods=["NSM"])
+    real = training.evaluate_model
+    monkeypatch.setattr(training, "evaluate_model", lambda *a, **k: {**real(*a, **k), "recall_at_1": 0.5})
+    result = train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False)
+    assert result["best_epoch"] == 1 and result["metrics"]["recall_at_1"] == 0.5
+
+
 def _folder_bytes(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -175,6 +175,31 @@ def test_restore_of_a_misfitting_checkpoint_applies_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="optimizers"):
         restore_training_state(state, model2, loss2, {"model": opt2, "loss": opt2})
     assert_same(before, snapshot(model2, loss2, opt2))
+    # more optimizers in the checkpoint than given: not "exactly those given" either
+    model3, loss3, opt3 = make(num_classes=3, seed=5)
+    before = snapshot(model3, loss3, opt3)
+    extra = {**state, "optimizers": {"all": state["optimizers"]["all"], "other": state["optimizers"]["all"]}}
+    with pytest.raises(CheckpointError, match=r"optimizers \['all', 'other'\] in the checkpoint, expected \['all'\]"):
+        restore_training_state(extra, model3, loss3, {"all": opt3})
+    assert_same(before, snapshot(model3, loss3, opt3))
+
+
+def test_a_failing_rng_restore_puts_every_rng_back():
+    """A checkpoint whose torch RNG state is valid but numpy's is not: the
+    restore fails after torch's was set, and torch's is put back too."""
+    model, loss, opt = make()
+    state = state_of(model, loss, opt)
+    torch.manual_seed(999)
+    state["rng"] = {**state["rng"], "torch": torch.get_rng_state()}
+    state["rng"]["numpy"] = {**state["rng"]["numpy"], "name": "not-a-bitgen"}
+    torch.manual_seed(123)
+    torch_before, numpy_before = torch.get_rng_state(), np.random.get_state()
+    before = snapshot(model, loss, opt)
+    with pytest.raises(CheckpointError, match="nothing was applied"):
+        restore_training_state(state, model, loss, {"all": opt})
+    assert torch.equal(torch.get_rng_state(), torch_before)
+    assert repr(np.random.get_state()) == repr(numpy_before)
+    assert_same(before, snapshot(model, loss, opt))
 
 
 def test_a_crash_during_the_write_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 from scipy.stats import ttest_rel
 
@@ -73,6 +74,22 @@ def test_closed_set_run_folder(tmp_path):
         table = list(csv.DictReader(fh))
     assert float(table[1]["diff_recall_at_1_mean"]) == pytest.approx(0.05)
     assert float(table[1]["p_recall_at_1"]) == pytest.approx(ttest_rel([0.55, 0.62, 0.78], [0.5, 0.6, 0.7]).pvalue)
+
+
+def test_last_epoch_pairs_use_the_last_epoch_figures():
+    """The pairs at the last epoch compare last-epoch Recall@1 and give the
+    parent's last-epoch spread (the best epoch's was reported)."""
+    cfg = config_from_dict({"name": "t", "dataset": {"name": "digits_lt", "imbalance_factor": 10},
+                            "methods": ["NSM", "DSB-NSM", "ST", "CB-ST"], "seeds": [0, 1, 2]})
+    runs = make_runs()
+    for r, last in zip(runs["NSM"], (0.1, 0.3, 0.9)):  # the parent's last epoch differs from its best
+        r["last_metrics"]["recall_at_1"] = last
+    summary = summarize(cfg, runs, [150, 50, 10, 5])
+    pair = summary["paired_last_epoch"]["DSB-NSM"]["recall_at_1"]
+    assert summary["per_method"]["NSM"]["last_std"]["recall_at_1"] == pytest.approx(np.std([0.1, 0.3, 0.9], ddof=1))
+    assert pair["parent_std"] == pytest.approx(np.std([0.1, 0.3, 0.9], ddof=1))
+    assert summary["paired"]["DSB-NSM"]["recall_at_1"]["parent_std"] == pytest.approx(0.1)
+    assert pair["p"] == pytest.approx(ttest_rel([0.55, 0.62, 0.78], [0.1, 0.3, 0.9]).pvalue)
 
 
 def test_open_set_run_folder_uses_test_scales(tmp_path):
