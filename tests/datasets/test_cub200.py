@@ -147,6 +147,28 @@ def test_truncated_index_file_is_refused(cub_root):
         CUB200(cub_root, split="test")
 
 
+def test_index_files_listing_the_ids_in_another_order_are_refused(cub_root):
+    """Both files hold the same ids, in another order: pairing them by line
+    would give images the wrong classes."""
+    labels_txt = cub_root / "CUB_200_2011" / "image_class_labels.txt"
+    lines = labels_txt.read_text().splitlines(keepends=True)
+    lines[0], lines[1] = lines[1], lines[0]
+    labels_txt.write_text("".join(lines))
+    with pytest.raises(ValueError, match="same image ids in the same order"):
+        CUB200(cub_root, split="train")
+
+
+def test_a_folder_where_an_image_should_be_is_named_as_missing(cub_root):
+    """A directory at an image's path passed the check and failed at the first
+    read (IsADirectoryError, mid-epoch); it is named as missing up front."""
+    ds = CUB200(cub_root, split="test")
+    os.remove(ds.paths[1])
+    os.mkdir(ds.paths[1])
+    with pytest.raises(FileNotFoundError, match="partial") as info:
+        CUB200(cub_root, split="test")
+    assert ds.paths[1] in str(info.value)
+
+
 @pytest.mark.parametrize("bad", ["0", "201", "\u00b2"], ids=["class-0", "class-201", "superscript-2"])
 def test_a_class_id_outside_1_to_200_is_refused_naming_the_line(cub_root, bad):
     """Once dropped silently from both splits (a superscript digit passed

@@ -16,6 +16,24 @@ def test_fine_grained_shapes(dataset, split):
     assert default_transform(dataset, split)(Image.new("RGB", (300, 260))).shape == (3, 224, 224)
 
 
+@pytest.mark.parametrize("dataset", ["cub200", "cars196"])
+def test_fine_grained_test_view_is_the_centre_of_the_image_resized_to_256_per_224(dataset):
+    """The standard test view: shorter side to size * 256/224, then the centre
+    size x size crop. A 256-pixel image with a 16-pixel red frame around a
+    black centre keeps only the black centre at size 224 (a resize straight to
+    224 kept the frame)."""
+    image = Image.new("RGB", (256, 256), (255, 0, 0))
+    image.paste((0, 0, 0), (16, 16, 240, 240))
+    out = default_transform(dataset, "test")(image)
+    black = default_transform(dataset, "test")(Image.new("RGB", (256, 256), (0, 0, 0)))
+    assert out.shape == (3, 224, 224) and torch.equal(out, black)
+    # at 64 pixels the shorter side goes to round(64 * 256 / 224) = 73 first
+    small = Image.new("RGB", (73, 73), (255, 0, 0))
+    small.paste((0, 0, 0), (4, 4, 69, 69))  # a 4-5 pixel frame, outside the centre 64
+    assert torch.equal(default_transform(dataset, "test", image_size=64)(small),
+                       default_transform(dataset, "test", image_size=64)(Image.new("RGB", (73, 73))))
+
+
 def test_imagenet_normalisation_centres_the_mean_colour():
     colour = tuple(round(255 * m) for m in IMAGENET_MEAN)
     out = default_transform("cub200", "test", image_size=32)(Image.new("RGB", (40, 40), colour))

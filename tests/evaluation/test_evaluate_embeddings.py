@@ -76,3 +76,16 @@ def test_errors_name_the_argument(data):
         evaluate_embeddings(x, y, train_counts=[1, 2, 3, 4, 5], nmi=False)
     with pytest.raises(ValueError, match=r"reference_labels was given without reference"):
         evaluate_embeddings(x, y, reference_labels=y)
+    # labels of shape (N, 2) are not (N,) or (N, 1): refused, not read from their first column
+    with pytest.raises(ValueError, match=r"query_labels must have shape \(N,\) or \(N, 1\), got shape \(76, 2\)"):
+        evaluate_embeddings(x, np.stack([y, y], 1), nmi=False)
+
+
+def test_recall_ks_are_sorted_and_deduplicated(data):
+    """recall_ks=(4, 1, 4) gives recall_at_1 and recall_at_4 once each, in order,
+    equal to asking for (1, 4)."""
+    x, y = data
+    got = evaluate_embeddings(x, y, recall_ks=(4, 1, 4), nmi=False)
+    want = evaluate_embeddings(x, y, recall_ks=(1, 4), nmi=False)
+    assert [k for k in got if k.startswith("recall_at_")] == ["recall_at_1", "recall_at_4"]
+    assert got == want

@@ -515,6 +515,7 @@ def test_logdet_spd_rejects_bad_sizes():
     [
         # "no" read as true, None as false
         (lambda z: semantic_scale(z, normalize="no"), TypeError, "normalize must be True or False, got 'no'"),
+        (lambda z: semantic_scale(z, normalize=0), TypeError, "normalize must be True or False, got 0"),
         (lambda z: class_semantic_scales(z, torch.tensor([0, 0, 1, 1]), 2, normalize=None), TypeError, "normalize"),
         # padded_class_scales had no checks: NaN came back as a scale, integer dtypes as 0
         (lambda z: padded_class_scales(z.unsqueeze(0).clone().index_fill_(1, torch.tensor([0]), float("nan")),
@@ -526,7 +527,7 @@ def test_logdet_spd_rejects_bad_sizes():
         (lambda z: padded_class_scales(z.unsqueeze(0), torch.ones(1, 4, dtype=torch.bool), dtype=torch.int64),
          ValueError, "dtype must be torch.float32 or torch.float64"),
     ],
-    ids=["normalize-str", "normalize-none", "nan", "int-features", "int-mask", "int-dtype"],
+    ids=["normalize-str", "normalize-int", "normalize-none", "nan", "int-features", "int-mask", "int-dtype"],
 )
 def test_bad_arguments_name_themselves(call, exc, words):
     z = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))

@@ -22,6 +22,8 @@ def test_resnet18_and_pretrained_passthrough(tmp_path):
 def test_errors():
     with pytest.raises(ValueError, match="digits_cnn"):
         build_model("digits_cnn", 8, pretrained=True)
+    with pytest.raises(ValueError, match="pretrained must be False for 'digits_cnn'.*'/x.pt'"):
+        build_model("digits_cnn", 8, pretrained="/x.pt")  # a weights path: refused, not ignored
     with pytest.raises(ValueError, match="BN-Inception"):
         build_model("bn_inception", 64)
     with pytest.raises(ValueError) as info:
