@@ -278,3 +278,37 @@ def test_clouds_with_the_same_file_name_are_named_by_their_paths(tmp_path, capsy
     with pytest.raises(SystemExit) as info:
         main(["analyze", "manifold", "--input", paths[0], paths[0], "--out", str(tmp_path / "n")])
     assert info.value.code == 2 and "--input names a file twice" in capsys.readouterr().err
+
+
+def test_manifold_writes_factors_in_increasing_order(tmp_path, capsys, np_ref):
+    """``--factors 2 1`` must be reported sorted, each volume beside its own factor:
+    written in the given order, the JSON, CSV and plot ran from 2 down to 1."""
+    pts = np.random.default_rng(6).normal(size=(30, 3))
+    np.save(tmp_path / "c.npy", pts)
+    run(["analyze", "manifold", "--input", str(tmp_path / "c.npy"), "--factors", "2", "1", "0.5",
+         "--out", str(tmp_path / "m")], capsys)
+    data = json.loads((tmp_path / "m" / "manifold.json").read_text())
+    assert data["factors"] == [0.5, 1.0, 2.0]
+    rows = read_csv(tmp_path / "m" / "manifold_volumes.csv")
+    assert [float(r["factor"]) for r in rows] == [0.5, 1.0, 2.0]
+    want = [np_ref.semantic_scale(pts * f, normalize=False) for f in (0.5, 1.0, 2.0)]
+    np.testing.assert_allclose([float(r["volume_bits"]) for r in rows], want, rtol=1e-10)
+    np.testing.assert_allclose(data["volumes"]["c.npy"], want, rtol=1e-10)
+    assert data["reports"]["c.npy"]["factor_ratio"] == 4.0
+
+
+def test_summary_dataset_no_normalize_uses_the_raw_vectors(tmp_path, capsys, np_ref):
+    """``--no-normalize`` must reach the scales of ``summary --dataset``: it was
+    ignored, every scale computed from L2-normalised pixels."""
+    from pml_dsb.datasets import DigitsLT
+
+    run(["analyze", "summary", "--dataset", "digits-lt", "--no-normalize", "--out", str(tmp_path)], capsys)
+    rows = json.loads((tmp_path / "summary.json").read_text())["summaries"]["digits-lt"]["classes"]
+    got = {r["class"]: r["scale"] for r in rows}
+    data = DigitsLT(imbalance_factor=10, split="train")  # the default imbalance factor and seed
+    x, y = data.data.reshape(len(data), -1).double().numpy(), np.asarray(data.labels)
+    want = np_ref.class_scales(x, y, 10, normalize=False)
+    assert sorted(got) == list(range(10))
+    np.testing.assert_allclose([got[c] for c in range(10)], want, rtol=1e-4)
+    normalized = np_ref.class_scales(x, y, 10, normalize=True)
+    assert not np.allclose(want, normalized, rtol=1e-2)

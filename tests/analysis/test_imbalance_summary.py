@@ -37,3 +37,12 @@ def test_balanced_and_invalid():
         imbalance_summary([1.0, 2.0], [5])
     with pytest.raises(ValueError, match="non-negative"):
         imbalance_summary([1.0, -2.0], [5, 5])
+
+
+def test_a_class_without_samples_is_left_out_of_the_count_factor():
+    """max n / min n is over the classes with samples: a class of count 0 made it
+    inf (50 / 0) instead of 50 / 10."""
+    out = imbalance_summary([2.0, 1.0, 0.0], [10, 50, 0])
+    assert out["count_imbalance_factor"] == pytest.approx(5.0)
+    assert out["num_without_scale"] == 1 and out["classes"][-1]["count"] == 0
+    assert math.isnan(imbalance_summary([0.0, 0.0], [0, 0])["count_imbalance_factor"])

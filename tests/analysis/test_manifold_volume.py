@@ -97,3 +97,29 @@ def test_ply_header_without_data_or_format_is_named(tmp_path):
         bare.write_text(PLY_HEADER.format(n=1).replace("element vertex 1", line) + "0 0 0\n")
         with pytest.raises(ValueError, match=f"malformed PLY header line '{line}'"):
             read_ply(bare)
+
+
+def test_ply_elements_before_vertex_are_skipped(tmp_path):
+    """The lines of an element declared before ``vertex`` (here ``face``) must be
+    skipped: reading from the first body line took face lines as vertices."""
+    pts = np.random.default_rng(5).normal(size=(4, 3))
+    # two 3-token face lines (list of 2 indices): read as vertices they would parse without an error
+    header = ("ply\nformat ascii 1.0\nelement face 2\nproperty list uchar int vertex_indices\n"
+              "element vertex 4\nproperty double x\nproperty double y\nproperty double z\nend_header\n")
+    body = "2 0 1\n2 2 3\n" + "".join(f"{x!r} {y!r} {z!r}\n" for x, y, z in pts.tolist())
+    ply = tmp_path / "face_first.ply"
+    ply.write_text(header + body)
+    np.testing.assert_array_equal(read_ply(ply), pts)
+
+
+def test_volume_report_sorts_unsorted_factors():
+    """Factors given out of order must be sorted with their volumes: in the given
+    order [2, 1, 4] the volumes [12.9, 10, 15.9] looked not monotonic and the
+    factor ratio 4 / 2 instead of 4 / 1."""
+    report = volume_report([2, 1, 4], [12.9, 10.0, 15.9])
+    assert report["monotonic"] is True and report["slow"] is True
+    assert report["factor_ratio"] == 4.0
+    assert report["volume_ratio"] == pytest.approx(15.9 / 10.0)
+    assert report["max_bits_per_doubling"] == pytest.approx(3.0)  # (15.9 - 12.9) / (log2 4 - log2 2)
+    assert report["bits_per_doubling"] == pytest.approx(np.polyfit([0.0, 1.0, 2.0], [10.0, 12.9, 15.9], 1)[0])
+    assert report == volume_report([1, 2, 4], [10.0, 12.9, 15.9])

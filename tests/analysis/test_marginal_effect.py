@@ -108,3 +108,24 @@ def test_negative_labels_are_seeded_apart_from_the_others():
     s = [float(pml_dsb.semantic_scale(torch.as_tensor(z[perms[r, :4]]))) for r in range(3)]
     assert curves[-2].at(4) == pytest.approx(np.mean(s), rel=1e-10)
     assert curves[-2].at(4) != pytest.approx(curves[2].at(4), rel=1e-6)  # the same rows, other subsets
+
+
+def test_every_size_when_the_class_has_max_points_sizes():
+    """A class of n samples has n - 1 sizes 2..n: with exactly max_points of them
+    the full grid is due; comparing n itself to max_points dropped size 8 of 2..9."""
+    assert marginal_sizes(9, max_points=8).tolist() == list(range(2, 10))
+    assert marginal_sizes(9, max_points=9).tolist() == list(range(2, 10))
+    # one size more than max_points: the geometric grid, rounded, no longer every size
+    assert marginal_sizes(10, max_points=8).tolist() == np.unique(np.rint(np.geomspace(2, 10, 8))).tolist()
+
+
+def test_a_class_of_exactly_a_saturation_size_is_fully_saturated_there():
+    """S(50) / S(n) of a class of exactly n = 50 samples is S(n) / S(n) = 1; a
+    strict ``m < count`` made it NaN, as if the class had fewer than 50."""
+    z = torch.randn(50, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    curve = marginal_effect_curve(z, repeats=2, max_points=4)
+    row = saturation_summary([curve])[0]
+    assert row["count"] == 50
+    assert row["scale_at_50"] == pytest.approx(float(pml_dsb.semantic_scale(z)), rel=1e-12)
+    assert row["fraction_at_50"] == pytest.approx(1.0, rel=1e-12)
+    assert np.isnan(row["fraction_at_100"])
