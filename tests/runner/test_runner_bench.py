@@ -484,3 +484,76 @@ def test_a_resume_checks_best_pt_and_result_json_before_anything_changes(tmp_pat
     assert bench(config_path, out, "--resume") == 2
     assert words in caplog.text and "Traceback" not in caplog.text
     assert _folder_bytes(out / "tiny") == before
+
+
+def test_no_progress_reaches_the_benchmark(tmp_path, monkeypatch):
+    """--no-progress hides the progress bars (logs of batch jobs stay readable); without it they show."""
+    seen = []
+    monkeypatch.setattr("pml_dsb.runner.bench.run_benchmark", lambda config, **kw: seen.append(kw["progress"]))
+    config_path, _ = tiny_config(tmp_path, epochs=1, methods=["NSM"])
+    assert bench(config_path, tmp_path / "out") == 0
+    assert main(["bench", "--config", config_path, "--out", str(tmp_path / "out")]) == 0
+    assert seen == [False, True]
+
+
+def test_the_train_split_for_semantic_scales_of_an_image_dataset_is_not_augmented(tmp_path, monkeypatch):
+    """The semantic scales of the train features are measured on train_eval: random crops and
+    flips there would make them depend on the draw. The training view keeps its augmentation."""
+    import pml_dsb.datasets
+    from pml_dsb.datasets import default_transform
+    from pml_dsb.runner.builders import build_run_data
+    from pml_dsb.runner.config import config_from_dict
+
+    class FakeCUB:  # the CUB200 signature, no files
+        def __init__(self, root, split, transform):
+            self.split, self.transform = split, transform
+
+        def class_counts(self):
+            return [2, 1]
+
+    monkeypatch.setattr(pml_dsb.datasets, "CUB200", FakeCUB)
+    cfg = config_from_dict({"dataset": {"name": "cub200", "root": str(tmp_path)}, "model": {"name": "resnet18"}})
+    data = build_run_data(cfg)
+    assert (data.train.split, data.train_eval.split, data.test.split) == ("train", "train", "test")
+    assert repr(data.train_eval.transform) == repr(default_transform("cub200", "test"))
+    assert repr(data.test.transform) == repr(default_transform("cub200", "test"))
+    assert repr(data.train.transform) == repr(default_transform("cub200", "train"))
+    assert repr(data.train.transform) != repr(data.train_eval.transform)  # precondition: they differ
+
+
+def test_recall_k_up_to_the_test_items_less_one_is_accepted_and_no_further(tmp_path):
+    """Each test query is ranked against the other len(test) - 1 items: k = len(test) failed at the first
+    evaluation, after the run folder was written."""
+    from pml_dsb.runner.bench import _check_against_data
+    from pml_dsb.runner.builders import build_run_data
+    from pml_dsb.runner.config import ConfigError
+
+    _, cfg = tiny_config(tmp_path, epochs=1, methods=["NSM"])
+    data = build_run_data(cfg)
+    n = len(data.test)
+
+    def with_ks(ks):
+        return dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, recall_ks=ks))
+
+    _check_against_data(with_ks([1, 2, n - 1]), data)
+    with pytest.raises(ConfigError, match=f"asks for k = {n} neighbours, but each query of the {n} test items "
+                                          f"has {n - 1} others"):
+        _check_against_data(with_ks([1, 2, n]), data)
+
+
+def test_runtime_num_threads_of_one_is_applied_and_undone(monkeypatch):
+    """num_threads = 1 is the default [runtime] setting (reproducible timings): only 0 leaves
+    the libraries' defaults."""
+    from pml_dsb.runner.bench import configure_runtime
+    from pml_dsb.runner.config import RuntimeConfig
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with configure_runtime(RuntimeConfig(num_threads=1, deterministic=False)):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with configure_runtime(RuntimeConfig(num_threads=0, deterministic=False)):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -308,3 +308,92 @@ def test_a_dsb_run_within_its_warm_up_is_announced(caplog, epochs, needle):
         assert "warmup_epochs" not in caplog.text
     else:
         assert f"DSB-NSM: [training] epochs = {epochs} <= [dsb] warmup_epochs = 5: the loss is {needle}" in caplog.text
+
+
+def test_class_balanced_beta_of_one_is_refused():
+    """beta = 1 makes every CB weight (1 - beta) / (1 - beta ** n_c) zero: a loss that never trains."""
+    with pytest.raises(ConfigError, match=r"\[class_balanced\] beta must be in \[0, 1\), got 1.0"):
+        config_from_dict({"dataset": {"name": "digits_lt"}, "class_balanced": {"beta": 1.0}})
+    for beta in (0.0, 0.9999):  # both ends of the allowed range
+        assert config_from_dict({"dataset": {"name": "digits_lt"},
+                                 "class_balanced": {"beta": beta}}).class_balanced.beta == beta
+
+
+def test_softtriple_margin_of_zero_is_accepted():
+    """A SoftTriple margin of 0 is a valid setting (no margin), unlike la and gamma."""
+    cfg = config_from_dict({"dataset": {"name": "digits_lt"}, "softtriple": {"margin": 0.0}})
+    assert cfg.softtriple.margin == 0.0
+    with pytest.raises(ConfigError, match=r"\[softtriple\] margin must be a finite number >= 0, got -0.01"):
+        config_from_dict({"dataset": {"name": "digits_lt"}, "softtriple": {"margin": -0.01}})
+
+
+def test_m_per_class_batch_with_a_remainder_of_one_is_refused():
+    """PML's MPerClassSampler needs whole groups of m_per_class in a batch: any remainder, 1 included."""
+    with pytest.raises(ConfigError, match="batch_size=10 must be a multiple of m_per_class=3"):
+        config_from_dict({"dataset": {"name": "digits_lt"},
+                          "training": {"sampler": "m_per_class", "batch_size": 10, "m_per_class": 3}})
+    config_from_dict({"dataset": {"name": "digits_lt"},
+                      "training": {"sampler": "m_per_class", "batch_size": 12, "m_per_class": 3}})
+
+
+@pytest.mark.parametrize("dataset", [{"name": "cub200"}, {"name": "cars196"},
+                                     {"name": "cifar100_lt", "imbalance_factor": 50}],
+                         ids=["cub200", "cars196", "cifar100_lt"])
+def test_split_seed_is_unused_by_every_dataset_but_digits_lt(dataset):
+    """CIFAR-100-LT is closed-set like digits-LT but has a fixed standard split:
+    its split_seed changes nothing and must be reported as unused."""
+    unused = config_from_dict({"dataset": {**dataset, "split_seed": 3}}).dataset.unused_settings()
+    assert unused == [f"[dataset] split_seed applies to digits_lt only (the others have fixed standard splits), "
+                      f"not to {dataset['name']!r}"]
+    assert config_from_dict({"dataset": {"name": "digits_lt", "split_seed": 3}}).dataset.unused_settings() == []
+
+
+def test_cli_seed_range_includes_both_ends():
+    """--seeds 0-4 is documented as [0, 1, 2, 3, 4]: a range that dropped its last seed ran one seed fewer."""
+    from pml_dsb.runner.cli import parse_seeds
+
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("2-3,7") == [2, 3, 7]
+    assert parse_seeds("5-5") == [5]
+
+
+@pytest.mark.parametrize("normalize, expected", [("none", None), ("mean", "mean")])
+def test_dsb_normalize_reaches_the_memory(normalize, expected):
+    """[dsb] normalize = "none" (raw 1/S weights) must not be replaced by the default mean normalisation."""
+    from pml_dsb.runner.methods import build_loss
+
+    cfg = config_from_dict({"dataset": {"name": "digits_lt"}, "model": {"embedding_size": 8},
+                            "dsb": {"normalize": normalize}})
+    for method in ("DSB-NSM", "DSB-ST"):
+        assert build_loss(method, cfg, [5, 3, 2]).memory.normalize == expected, method
+
+
+def test_m_per_class_loader_over_a_training_set_smaller_than_one_batch_yields_one_batch():
+    """The config allows a training set smaller than one batch (here 10 samples, batch 16): the sampler's
+    length is then one batch, as samples_per_epoch counts, not the set's size, which PML's
+    MPerClassSampler refuses with an AssertionError."""
+    import numpy as np
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from pml_dsb.runner.builders import build_train_loader, samples_per_epoch
+
+    labels = np.repeat(np.arange(5), 2)  # 10 samples, 5 classes: 5 * 4 >= 16 fills a batch
+    dataset = TensorDataset(torch.zeros(10, 3), torch.as_tensor(labels))
+    training = config_from_dict({"dataset": {"name": "digits_lt"},
+                                 "training": {"sampler": "m_per_class", "batch_size": 16, "m_per_class": 4}}).training
+    loader = build_train_loader(dataset, labels, training, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert [len(batch[0]) for batch in loader] == [16] == [samples_per_epoch(10, training)]
+
+
+def test_a_key_error_is_logged_without_its_repr_quotes(monkeypatch, caplog):
+    """str(KeyError("x")) is "'x'": a subcommand's KeyError message was logged wrapped in quotes."""
+    from pml_dsb.cli import main
+
+    def refuse(path):
+        raise KeyError("method 'XYZ' is not in the run")
+
+    monkeypatch.setattr("pml_dsb.runner.config.load_config", refuse)
+    assert main(["bench", "--no-progress"]) == 2
+    assert "KeyError: method 'XYZ' is not in the run (pml-dsb -v bench" in caplog.text
+    assert "\"method 'XYZ' is not in the run\"" not in caplog.text
