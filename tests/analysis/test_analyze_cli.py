@@ -312,3 +312,18 @@ def test_summary_dataset_no_normalize_uses_the_raw_vectors(tmp_path, capsys, np_
     np.testing.assert_allclose([got[c] for c in range(10)], want, rtol=1e-4)
     normalized = np_ref.class_scales(x, y, 10, normalize=True)
     assert not np.allclose(want, normalized, rtol=1e-2)
+
+
+def test_plots_create_their_folder(tmp_path):
+    from pml_dsb.analysis.plots import plot_imbalance_summary, plot_manifold_volumes, plot_scale_vs_accuracy
+
+    target = tmp_path / "not" / "there"
+    written = [
+        plot_manifold_volumes([1, 2], {"blob": [0.5, 1.5]}, target / "a.png"),
+        plot_scale_vs_accuracy({"semantic_scale": np.array([1.0, 2.0])}, np.array([0.2, 0.4]),
+                               target / "deeper" / "b.png", correlations={"semantic_scale": 1.0}),
+        plot_imbalance_summary([{"class": 0, "scale": 1.0, "count": 5}], str(target / "c.png")),
+    ]
+    assert written == [str(target / "a.png"), str(target / "deeper" / "b.png"), str(target / "c.png")]
+    for path in written:
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -68,3 +68,17 @@ def test_errors(tmp_path):
     (folder / "results.json").write_text('{"dataset": ')
     with pytest.raises(ValueError, match=re.escape(f"{folder / 'results.json'}: not valid JSON")):
         load_run_table(folder)
+
+
+def test_rows_in_any_order_give_seeds_in_increasing_order(tmp_path):
+    """Seeds (the arrays' rows) are sorted whatever the order of the CSV's
+    rows, e.g. a file merged from per-seed files; null cells read as missing."""
+    values = {(s, c): (1.0 + c + 0.1 * s, 0.5 + 0.1 * s) for s in (0, 1, 2) for c in range(2)}
+    rows = [("NSM", s, c, 10, *values[s, c][:1], "train", values[s, c][1]) for s in (2, 0, 1) for c in (1, 0)]
+    rows[0] = ("NSM", 2, 1, 10, "null", "train", "null")
+    table = load_run_table(write_run(tmp_path / "run", rows))
+    assert table.seeds == {"NSM": [0, 1, 2]}
+    want_scale = [[values[s, c][0] for c in range(2)] for s in (0, 1, 2)]
+    want_scale[2][1] = np.nan
+    np.testing.assert_allclose(table.scale["NSM"], want_scale)
+    np.testing.assert_allclose(table.accuracy["NSM"], [[0.5, 0.5], [0.6, 0.6], [0.7, np.nan]])

@@ -219,3 +219,14 @@ def test_root_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
     make_original(tmp_path / "cars")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert Cars196("~/cars", split="test").paths == Cars196(tmp_path / "cars", split="test").paths
+
+
+@pytest.mark.parametrize("layout", sorted(MAKERS))
+def test_a_copy_without_any_image_of_the_split_is_refused(tmp_path, monkeypatch, layout):
+    # an empty test split evaluated nothing, silently
+    monkeypatch.setitem(globals(), "SPEC", [s for s in SPEC if s[0] in TRAIN_CLASSES])
+    MAKERS[layout](tmp_path)
+    assert Cars196(tmp_path, split="train").source_classes.tolist() == TRAIN_CLASSES
+    with pytest.raises(ValueError, match=f"the '{layout}' annotations under .* list no image of the 'test' "
+                                         f"classes 99-196"):
+        Cars196(tmp_path, split="test")

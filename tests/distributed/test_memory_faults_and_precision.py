@@ -279,3 +279,16 @@ def test_sharded_batch_sampler_splits_every_batch_in_rank_order():
     assert list(ShardedBatchSampler(batches)) == batches  # one process: the batches themselves
     with pytest.raises(ValueError, match=r"rank must lie in \[0, world_size=2\), got 2"):
         ShardedBatchSampler(batches, rank=2, world_size=2)
+
+
+def test_gather_batch_with_widest_dtype_keeps_float64_rows_exact(gen, one_rank_group):
+    emb = torch.randn(4, 3, generator=gen, dtype=torch.float64) / 3  # not representable in float32
+    assert not torch.equal(emb.float().double(), emb)
+    labels = torch.tensor([0, 1, 1, 2])
+    wide = gather_batch(emb, labels, widest_dtype=True)
+    assert wide.embeddings.dtype == torch.float64 and torch.equal(wide.embeddings, emb)
+    narrow = gather_batch(emb, labels)  # the memory's float32 rows
+    assert narrow.embeddings.dtype == torch.float32 and torch.equal(narrow.embeddings, emb.float())
+    half = gather_batch(emb.half(), labels, widest_dtype=True)  # travels as float32, comes back as it was
+    assert half.embeddings.dtype == torch.float16 and torch.equal(half.embeddings, emb.half())
+    assert torch.equal(wide.labels, labels)

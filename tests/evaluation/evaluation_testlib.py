@@ -84,3 +84,21 @@ def numpy_nmi(labels, clusters):
     if hy == 0 and hc == 0:
         return 1.0
     return float(mi / (0.5 * (hy + hc)))
+
+
+def spy_on_kmeans(monkeypatch) -> dict:
+    """Replace faiss.Kmeans by a subclass that records its arguments (and k)
+    into the returned dict, for the test's duration."""
+    from pml_dsb.evaluation import _faiss_backend
+
+    faiss = _faiss_backend.faiss()
+    seen = {}
+    original = faiss.Kmeans
+
+    class SpyKmeans(original):
+        def __init__(self, d, k, **kwargs):
+            seen.update(kwargs, k=k)
+            super().__init__(d, k, **kwargs)
+
+    monkeypatch.setattr(faiss, "Kmeans", SpyKmeans)
+    return seen

@@ -7,8 +7,8 @@ import pytest
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from evaluation_testlib import clustered_data, numpy_nmi
-from pml_dsb.evaluation import clustering_metrics, kmeans_cluster_labels, nmi, nmi_from_clusters
+from evaluation_testlib import clustered_data, numpy_nmi, spy_on_kmeans
+from pml_dsb.evaluation import kmeans_cluster_labels, nmi, nmi_from_clusters
 
 
 @pytest.fixture
@@ -76,16 +76,7 @@ def test_kmeans_clusters_unit_vectors(rng):
 
 
 def test_seed_nredo_niter_reach_faiss_and_every_point_is_used(rng, monkeypatch):
-    faiss = clustering_metrics._faiss_backend.faiss()
-    seen = {}
-    original = faiss.Kmeans
-
-    class SpyKmeans(original):
-        def __init__(self, d, k, **kwargs):
-            seen.update(kwargs, k=k)
-            super().__init__(d, k, **kwargs)
-
-    monkeypatch.setattr(faiss, "Kmeans", SpyKmeans)
+    seen = spy_on_kmeans(monkeypatch)
     x, _ = clustered_data(rng, [300] * 3, dim=4)
     kmeans_cluster_labels(x, 3, seed=5, nredo=4, niter=7)
     assert (seen["seed"], seen["nredo"], seen["niter"], seen["k"]) == (5, 4, 7, 3)

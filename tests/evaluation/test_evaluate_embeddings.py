@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation_testlib import brute_force_hits, clustered_data, numpy_nmi
+from evaluation_testlib import brute_force_hits, clustered_data, numpy_nmi, spy_on_kmeans
 from pml_dsb.evaluation import evaluate_embeddings, kmeans_cluster_labels
 
 
@@ -89,3 +89,21 @@ def test_recall_ks_are_sorted_and_deduplicated(data):
     want = evaluate_embeddings(x, y, recall_ks=(1, 4), nmi=False)
     assert [k for k in got if k.startswith("recall_at_")] == ["recall_at_1", "recall_at_4"]
     assert got == want
+
+
+def test_niter_reaches_the_kmeans_and_is_checked_before_the_search(data, monkeypatch):
+    seen = spy_on_kmeans(monkeypatch)
+    x, y = data
+    out = evaluate_embeddings(x, y, recall_ks=(1,), nmi_seed=3, nredo=2, niter=5)
+    assert (seen["seed"], seen["nredo"], seen["niter"], seen["k"]) == (3, 2, 5, 6)
+    assert out["NMI"] == pytest.approx(numpy_nmi(y, kmeans_cluster_labels(x, 6, seed=3, nredo=2, niter=5)),
+                                       abs=1e-10)
+
+    module = importlib.import_module("pml_dsb.evaluation.evaluate_embeddings")
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("searched before validating")
+
+    monkeypatch.setattr(module, "retrieval_ranks", no_search)
+    with pytest.raises(ValueError, match=r"niter must be an int >= 1, got 0"):
+        evaluate_embeddings(x, y, niter=0)

@@ -162,3 +162,32 @@ def test_tensorboard_writer_when_installed(tmp_path):
     hooks = make_retrieval_hooks({"val": val}, tmp_path, tensorboard=True)
     assert hooks.tensorboard_writer is not None
     hooks.close()
+
+
+def test_test_interval_patience_and_save_models_reach_pml(tmp_path):
+    """With a learning rate of 0 the accuracy never improves: tested every
+    2nd epoch, the best stays epoch 2, and patience=1 stops the trainer after
+    the test at epoch 4 (4 - 2 > 1), as PML's own hook does; save_models=False
+    writes no model file."""
+    torch.manual_seed(0)
+    train, val = _datasets()
+    trunk = torch.nn.Linear(8, 8)
+    hooks = make_retrieval_hooks(
+        {"val": val}, tmp_path / "run", recall_ks=(1,), dataloader_num_workers=0, batch_size=64,
+        data_device=CPU, tensorboard=False, test_interval=2, patience=1, save_models=False,
+    )
+    _train(trunk, train, hooks, lr=0.0, epochs=8)
+    hooks.close()
+    assert hooks.accuracy_history()["epoch"] == [2, 4]
+    assert hooks.best_epoch_and_accuracy()[0] == 2
+    assert os.listdir(hooks.model_folder) == []
+
+
+def test_tester_kwargs_reach_the_tester_and_reserved_ones_are_refused(tmp_path):
+    _, val = _datasets()
+    hooks = make_retrieval_hooks({"val": val}, tmp_path, tensorboard=False, batch_size=64,
+                                 tester_kwargs={"normalize_embeddings": False, "batch_size": 7})
+    assert hooks.tester.normalize_embeddings is False and hooks.tester.batch_size == 7
+    for reserved in ("accuracy_calculator", "end_of_testing_hook"):
+        with pytest.raises(ValueError, match=rf"tester_kwargs must not set '{reserved}'"):
+            make_retrieval_hooks({"val": val}, tmp_path, tensorboard=False, tester_kwargs={reserved: None})

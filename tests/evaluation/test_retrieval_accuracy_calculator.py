@@ -1,6 +1,7 @@
 """RetrievalAccuracyCalculator against PML's AccuracyCalculator and our pure functions."""
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -199,3 +200,70 @@ def test_device_and_lone_query_inputs_are_checked_up_front():
     x[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
         calc.get_accuracy(x, np.arange(5))
+
+
+def test_the_search_asks_only_for_the_k_of_the_selected_metrics():
+    """With recall_at_8 excluded, a set of 4 samples (3 others per query) is
+    searched for 1 neighbour: asking for 8 raised "k=8 neighbours"."""
+    x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    y = np.array([0, 0, 1, 1])
+    calc = RetrievalAccuracyCalculator(recall_ks=(1, 8), exclude=("recall_at_8",))
+    assert calc.get_accuracy(x, y) == {"NMI": 1.0, "num_lone_queries": 0, "recall_at_1": 1.0}
+    calc = RetrievalAccuracyCalculator(recall_ks=(1, 8))
+    assert calc.get_accuracy(x, y, include=("recall_at_1",)) == {"recall_at_1": 1.0}
+    with pytest.raises(ValueError, match=r"recall_ks asks for k=8 neighbours"):
+        calc.get_accuracy(x, y)
+
+
+def test_gpu_faiss_only_when_it_has_a_gpu(monkeypatch, caplog):
+    """The CUDA input's device is used when faiss has GPU support and at least
+    one GPU; else CPU faiss, said once (a stand-in for faiss)."""
+    import logging
+    import types
+
+    from pml_dsb.evaluation import _faiss_backend
+
+    def fake(num_gpus, gpu_build=True):
+        module = types.SimpleNamespace(get_num_gpus=lambda: num_gpus)
+        if gpu_build:
+            module.StandardGpuResources = object
+        return module
+
+    monkeypatch.setattr(_faiss_backend, "_warned_no_gpu", False)
+    monkeypatch.setattr(_faiss_backend, "faiss", lambda: fake(1))
+    assert _faiss_backend.gpu_device(None) is None
+    assert _faiss_backend.gpu_device(0) == 0 and _faiss_backend.gpu_device(3) == 3
+    assert not caplog.records
+    for module in (fake(0), fake(2, gpu_build=False)):
+        monkeypatch.setattr(_faiss_backend, "faiss", lambda: module)
+        with caplog.at_level(logging.INFO, logger=_faiss_backend.__name__):
+            assert _faiss_backend.gpu_device(0) is None and _faiss_backend.gpu_device(1) is None
+    assert [r.getMessage() for r in caplog.records if "no GPU support" in r.getMessage()] == [
+        "input is on CUDA but the installed faiss has no GPU support; using CPU faiss "
+        "(install faiss-gpu for GPU search)"]
+
+
+@pytest.mark.parametrize("device", [3.5, [0]])
+def test_a_device_of_the_wrong_type_is_a_value_error_naming_it(device):
+    with pytest.raises(ValueError, match=rf"device {re.escape(repr(device))} is not a torch device"):
+        RetrievalAccuracyCalculator(device=device)
+
+
+def test_a_broken_faiss_install_is_named_with_the_pip_command(tmp_path, monkeypatch):
+    """An install whose import fails with a plain ImportError (a missing shared
+    library, say) gets the same message as a missing one, with the cause."""
+    (tmp_path / "faiss.py").write_text('raise ImportError("libfaiss.so: cannot open shared object file")\n')
+    monkeypatch.delitem(sys.modules, "faiss", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match=r"'faiss' is required for nearest-neighbour search and k-means "
+                                                  r"but could not be imported \(libfaiss.so: cannot open.*"
+                                                  r"Install it with: pip install faiss-cpu"):
+        RetrievalAccuracyCalculator()
+
+
+def test_a_missing_module_without_an_extra_names_its_top_level_package():
+    from pml_dsb import _optional
+
+    with pytest.raises(ModuleNotFoundError, match=r"'no_such_pkg_q7\.sub\.mod' is required for testing .*"
+                                                  r"Install it with: pip install no_such_pkg_q7$"):
+        _optional.require("no_such_pkg_q7.sub.mod", "testing")

@@ -44,3 +44,10 @@ def test_cb_reducer_weights():
         class_balanced_reducer([3, 4], beta=1.0)
     with pytest.raises(ValueError, match="counts"):
         class_balanced_reducer([3, 0])
+
+
+def test_default_beta_is_the_papers_0_9999():
+    counts = [5000, 300, 20, 2]
+    np.testing.assert_allclose(class_balanced_reducer(counts).weights.double().numpy(), _cb(counts, 0.9999),
+                               rtol=1e-6)
+    assert not np.allclose(_cb(counts, 0.9999), _cb(counts, 0.999), rtol=1e-3)  # the default matters here

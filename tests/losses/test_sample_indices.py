@@ -165,3 +165,16 @@ def test_bad_uses_raise_clearly_and_leave_the_memory_as_it_was(gen):
         assert all(torch.equal(before[k], after[k]) for k in before)
     loss(x, y)  # nothing left over: first in, first out
     assert loss.memory.num_enqueued == B and not bool(loss.memory.index_addressed)
+
+
+def test_indexed_dataset_appends_the_index_to_tuple_and_list_items():
+    x = torch.arange(6.0).reshape(3, 2)
+    as_lists = [[x[i], i % 2] for i in range(3)]  # a dataset returning lists, as some custom ones do
+    ds = IndexedDataset(as_lists)
+    assert len(ds) == 3
+    for i in range(3):
+        image, label, index = ds[i]
+        assert torch.equal(image, x[i]) and label == i % 2 and index == i
+    assert IndexedDataset(torch.utils.data.TensorDataset(x, torch.tensor([5, 6, 7])))[2][1:] == (torch.tensor(7), 2)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert [t.tolist() for t in batch[1:]] == [[0, 1, 0], [0, 1, 2]]

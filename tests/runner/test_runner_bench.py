@@ -557,3 +557,78 @@ def test_runtime_num_threads_of_one_is_applied_and_undone(monkeypatch):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_train_loss_is_the_mean_of_the_epochs_batch_losses(tmp_path, monkeypatch):
+    import pml_dsb.runner.training as training
+
+    seen = []
+    real = training.build_loss
+
+    def recording_loss(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        loss.register_forward_hook(lambda module, inputs, output: seen.append(float(output.detach())))
+        return loss
+
+    monkeypatch.setattr(training, "build_loss", recording_loss)
+    _, cfg = tiny_config(tmp_path, epochs=2, methods=["NSM"])
+    history = train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False)["history"]
+    sizes = [h["iterations"] for h in history[1:]]
+    assert len(seen) == sum(sizes) and min(sizes) > 1
+    for h, losses in zip(history[1:], (seen[:sizes[0]], seen[sizes[0]:])):
+        assert h["train_loss"] == pytest.approx(np.mean(losses), rel=1e-12)
+
+
+def test_a_resumed_run_keeps_the_training_time_of_its_first_part(tmp_path, monkeypatch):
+    import pml_dsb.runner.training as training
+
+    class Clock:  # every reading is 10 s after the previous one: 10 s of training per epoch
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 10.0
+            return self.now
+
+    monkeypatch.setattr(training, "time", Clock())
+    _, cfg = tiny_config(tmp_path, epochs=2, methods=["NSM"])
+    whole = train_one(cfg, "NSM", 0, out_dir=tmp_path / "whole", progress=False)
+    assert train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False, stop_after_epoch=1) is None
+    resumed = train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False, resume=True)
+    assert whole["train_seconds"] == resumed["train_seconds"] == 20.0
+
+
+def test_stop_after_the_last_epoch_is_a_finished_run(tmp_path):
+    _, cfg = tiny_config(tmp_path, epochs=2, methods=["NSM"])
+    result = train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False, stop_after_epoch=2)
+    assert result is not None and result["best_epoch"] in (1, 2)
+    written = json.loads((tmp_path / "run" / "checkpoints" / "NSM" / "seed0" / "result.json").read_text())
+    assert written["epochs"] == 2 and written["best_epoch"] == result["best_epoch"]
+
+
+def test_init_metrics_are_those_of_the_untrained_network(tmp_path):
+    from pml_dsb.runner.builders import build_embedding_model, build_run_data
+    from pml_dsb.runner.training import evaluate_model, seeded_rng
+
+    _, cfg = tiny_config(tmp_path, epochs=2, methods=["NSM"])
+    result = train_one(cfg, "NSM", 3, out_dir=tmp_path / "run", progress=False)
+    with seeded_rng(3):  # the model train_one builds first under the run's seed
+        model = build_embedding_model(cfg.model)
+    untrained = evaluate_model(model, build_run_data(cfg), cfg, torch.device("cpu"))
+    assert set(result["init_metrics"]) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "NMI",
+                                           "recall_at_1_many", "recall_at_1_medium", "recall_at_1_few"}
+    for key in ("recall_at_1", "recall_at_2", "NMI"):
+        assert result["init_metrics"][key] == pytest.approx(untrained[key], abs=1e-12)
+
+
+def test_embed_puts_the_models_mode_back(tmp_path):
+    from pml_dsb.runner.training import embed
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
+    data = torch.utils.data.TensorDataset(torch.randn(10, 4), torch.arange(10) % 2)
+    for training_mode in (False, True):
+        model.train(training_mode)
+        emb, labels = embed(model, data, 4, torch.device("cpu"))
+        assert model.training is training_mode
+        with torch.no_grad():  # embedded in eval mode: no dropout
+            torch.testing.assert_close(emb, model[0](data.tensors[0]))
+        assert labels.tolist() == (torch.arange(10) % 2).tolist()

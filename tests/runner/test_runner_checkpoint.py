@@ -279,3 +279,20 @@ def test_rng_state_round_trip():
     restore_rng_state(saved)
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_json_files_are_strict_and_a_file_that_is_not_text_is_named(tmp_path):
+    import re
+
+    from pml_dsb._json import read_json
+    from pml_dsb.runner.training import write_json_atomic
+
+    path = tmp_path / "r.json"
+    write_json_atomic({np.int64(3): (np.float32(np.nan), np.inf, -np.inf), "a": np.array([1.5, np.nan]),
+                       "b": np.float64(np.inf), "c": [np.int32(2), np.bool_(True)]}, path)
+    strict = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"non-strict JSON {name}"))
+    assert strict == {"3": [None, None, None], "a": [1.5, None], "b": None, "c": [2, True]}
+    assert read_json(str(path)) == strict
+    path.write_bytes(b"\xff\xfe\x00{")  # neither JSON nor UTF-8
+    with pytest.raises(ValueError, match=re.escape(f"{path}: not valid JSON")):
+        read_json(str(path))

@@ -158,3 +158,90 @@ def test_git_revision_only_of_a_repository_that_tracks_the_path(tmp_path):
     assert git_revision(site / "results.py") == git("rev-parse", "HEAD")
     (site / "results.py").write_text("# changed\n")
     assert git_revision(site) == git("rev-parse", "HEAD") + "+dirty"
+
+
+def _digits_config(**training):
+    return config_from_dict({"name": "t", "dataset": {"name": "digits_lt", "imbalance_factor": 10},
+                             "methods": ["NSM", "DSB-NSM", "ST", "CB-ST"], "seeds": [0, 1, 2],
+                             "training": training})
+
+
+def test_a_zero_spread_is_printed_and_the_last_rows_of_table_csv_hold_the_last_epoch(tmp_path):
+    cfg = _digits_config()
+    runs = make_runs()
+    for r in runs["ST"]:  # the same Recall@1 in every seed: std 0, not "no std"
+        r["metrics"]["recall_at_1"] = 0.5
+    for r, last in zip(runs["NSM"], (0.1, 0.3, 0.9)):
+        r["last_metrics"]["recall_at_1"] = last
+    summary = summarize(cfg, runs, [150, 50, 10, 5])
+    assert "| 10 | ST | 50.00 ± 0.00 |" in format_table_markdown(summary)
+    paths = write_run_folder(tmp_path, cfg, summary)
+    with open(paths["table.csv"]) as fh:
+        table = list(csv.DictReader(fh))
+    best = {r["method"]: r for r in table if r["epoch_selection"] == "best"}
+    last = {r["method"]: r for r in table if r["epoch_selection"] == "last"}
+    assert set(best) == set(last) == {"NSM", "DSB-NSM", "ST", "CB-ST"}
+    assert float(best["NSM"]["recall_at_1_mean"]) == pytest.approx(0.6)
+    assert float(last["NSM"]["recall_at_1_mean"]) == pytest.approx(np.mean([0.1, 0.3, 0.9]))
+    assert float(last["NSM"]["recall_at_1_std"]) == pytest.approx(np.std([0.1, 0.3, 0.9], ddof=1))
+    assert float(best["ST"]["recall_at_1_std"]) == 0.0
+    assert float(last["DSB-NSM"]["diff_recall_at_1_mean"]) == pytest.approx(
+        np.mean(np.subtract([0.55, 0.62, 0.78], [0.1, 0.3, 0.9])))
+
+
+def test_per_class_mean_leaves_out_only_the_seeds_without_a_query():
+    cfg = _digits_config()
+    runs = make_runs()
+    runs["NSM"][1]["per_class_recall_at_1"] = [0.6, None, 0.6, None]  # class 1: no query in seed 1 only
+    summary = summarize(cfg, runs, [150, 50, 10, 5])
+    assert summary["per_method"]["NSM"]["per_class_recall_at_1_mean"] == pytest.approx([0.6, 0.6, 0.6, None])
+    assert summary["per_method"]["NSM"]["per_class_recall_at_1_mean"][1] == pytest.approx(np.mean([0.5, 0.7]))
+
+
+def test_group_sizes_of_table_md_use_the_evaluations_boundaries():
+    """many > 100, medium 20..100, few < 20 training samples, as the
+    evaluation's groups (checked on the group_recall of a tiny set)."""
+    from pml_dsb.evaluation import evaluate_embeddings
+
+    counts = [101, 100, 20, 19]
+    x = np.repeat(np.eye(4), 2, axis=0)
+    y = np.repeat(np.arange(4), 2)
+    groups = evaluate_embeddings(x, y, recall_ks=(1,), nmi=False, train_counts=counts)["groups"]
+    want = {g: groups[g]["num_classes"] for g in ("many", "medium", "few")}
+    assert want == {"many": 1, "medium": 2, "few": 1}
+    cfg = _digits_config()
+    md = format_table_markdown(summarize(cfg, make_runs(), counts))
+    assert "| Method | many (1 class) | medium (2 classes) | few (1 class) |" in md
+
+
+def test_the_weighting_note_names_the_latest_start_over_all_dsb_methods():
+    cfg = config_from_dict({"name": "t", "dataset": {"name": "digits_lt", "imbalance_factor": 10},
+                            "methods": ["NSM", "DSB-NSM", "ST", "DSB-ST"], "seeds": [0, 1, 2],
+                            "training": {"epochs": 6}})
+    r1 = {"NSM": [0.5, 0.6, 0.7], "DSB-NSM": [0.55, 0.62, 0.78], "ST": [0.4, 0.5, 0.6], "DSB-ST": [0.4, 0.5, 0.6]}
+    runs = {m: [fake_result(m, s, v) for s, v in zip([0, 1, 2], vals)] for m, vals in r1.items()}
+    for method, firsts in (("DSB-NSM", [5, 6, 5]), ("DSB-ST", [3, 3, 3])):
+        for run, first in zip(runs[method], firsts):
+            run["history"] = [{"epoch": 0}] + [{"epoch": e, "dsb_stage": 3 if e >= first else 2} for e in range(1, 7)]
+    md = format_table_markdown(summarize(cfg, runs, [150, 50, 10, 5]))
+    assert "it starts within epoch 6 at the latest" in md
+    assert "only the batches after the warm-up were weighted" in md
+
+
+def test_undefined_values_are_left_out_of_means_and_stds():
+    """An empty many/medium/few group has Recall@1 NaN in a fresh run's
+    result (null once read back from result.json): left out like null."""
+    cfg = _digits_config()
+    runs = make_runs()
+    runs["NSM"][0]["metrics"]["groups"]["few"]["recall_at_1"] = float("nan")
+    runs["NSM"][1]["metrics"]["groups"]["few"]["recall_at_1"] = None
+    for r in runs["ST"]:
+        r["metrics"]["groups"]["few"]["recall_at_1"] = float("nan")
+    runs["CB-ST"][2]["metrics"]["NMI"] = float("nan")
+    summary = summarize(cfg, runs, [150, 50, 10, 5])
+    few = summary["per_method"]["NSM"]["groups"]["few"]
+    assert few["mean"] == pytest.approx(0.7) and few["std"] is None
+    assert summary["per_method"]["ST"]["groups"]["few"] == {"mean": None, "std": None, "num_classes": 1}
+    nmi = [0.5 + r1 / 4 for r1 in (0.4, 0.5)]
+    assert summary["per_method"]["CB-ST"]["mean"]["NMI"] == pytest.approx(np.mean(nmi))
+    assert summary["per_method"]["CB-ST"]["std"]["NMI"] == pytest.approx(np.std(nmi, ddof=1))
