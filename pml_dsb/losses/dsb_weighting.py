@@ -562,10 +562,7 @@ class DSBWeightingMixin:
         records.update(dict.fromkeys(self._DSB_RECORDS[3:], math.nan))  # a restored memory may start below stage 3
         if records["dsb_stage"] == 3:
             scales = self.memory.scales()
-            own = type(self.memory).weights is SemanticScaleMemory.weights
-            # the memory's own weights skip the checks its tensors pass by construction;
-            # a memory subclass's weights() is its own
-            weights = self.memory._own_weights(scales) if own else self.memory.weights(scales)
+            weights = self.memory._weights_of_own_scales(scales)
             # over the classes that have a scale (DEFINITIONS: S = 0 is "no scale yet")
             has_scale = scales[(self.memory.class_counts >= 2) & (scales > self.memory.eps)]
             # the recorded figures in one transfer (one host sync on a GPU, not five)
@@ -573,8 +570,7 @@ class DSBWeightingMixin:
             if has_scale.numel():
                 figures += [has_scale.mean(), *torch.aminmax(has_scale)]
             figures = torch.stack(figures).tolist()
-            # the memory's weights are positive: the largest is also the largest magnitude
-            largest = figures[1] if own else None
+            largest = max(-figures[0], figures[1])  # the largest magnitude, from the smallest and largest
             _weight_losses_by_class(loss_dict, labels, weights, names, self.dsb_element_indices, largest=largest)
             if has_scale.numel():
                 records.update(zip(("dsb_mean_scale", "dsb_min_scale", "dsb_max_scale"), figures[2:]))

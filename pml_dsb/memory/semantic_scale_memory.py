@@ -924,10 +924,13 @@ class SemanticScaleMemory(torch.nn.Module):
         """
         return dsb_weights(self.scales() if scales is None else scales, self.class_counts, self.normalize, self.eps)
 
-    def _own_weights(self, scales: torch.Tensor) -> torch.Tensor:
+    def _weights_of_own_scales(self, scales: torch.Tensor) -> torch.Tensor:
         """:meth:`weights` of ``scales`` that :meth:`scales` just returned: the
         checks of :func:`~pml_dsb.functional.dsb_weights` that its own (C,)
-        float64 scales and whole counts pass by construction are skipped."""
+        float64 scales and whole counts pass by construction are skipped (a
+        subclass that overrides :meth:`weights` gets its own)."""
+        if type(self).weights is not SemanticScaleMemory.weights:
+            return self.weights(scales)
         return _dsb_weights(scales, self.class_counts, self.normalize, self.eps)
 
     def contents(self) -> tuple[torch.Tensor, torch.Tensor]:
