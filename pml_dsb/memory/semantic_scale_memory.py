@@ -686,7 +686,10 @@ class SemanticScaleMemory(torch.nn.Module):
                 sample then overwrites its own slot (index-addressed memory)
                 instead of the oldest one.
 
-        Bad input raises before anything changes. When the memory gathers
+        Bad input raises before anything changes. An error that torch raises
+        half-way through the update (out of memory, an interrupt) puts the
+        samples, counts and counters back as they were; the class statistics are
+        then rebuilt from them at the next :meth:`scales`. When the memory gathers
         (see ``distributed``) this is collective: every rank calls it, the
         global batch (all ranks' batches in rank order; a dataset index
         repeated across ranks kept once, its last copy) is enqueued on every rank, and a batch
@@ -726,15 +729,20 @@ class SemanticScaleMemory(torch.nn.Module):
         else:
             slots = indices.detach().to(device=device, dtype=torch.long)
 
-        if not bool(self.statistics_built):
-            self._store(slots, emb, labels)
-        else:
-            self._store_and_update(slots, emb, labels)
-        if indices is None:
-            self.queue_idx.copy_((self.queue_idx + batch) % self.memory_size)
-        self.index_addressed.fill_(indices is not None)
-        vars(self)["_addressing_unknown"] = False  # a plain attribute: no nn.Module.__setattr__ checks
-        self.enqueued_count += batch
+        undo = self._undo_record(slots)
+        try:
+            if not bool(self.statistics_built):
+                self._store(slots, emb, labels)
+            else:
+                self._store_and_update(slots, emb, labels)
+            if indices is None:
+                self.queue_idx.copy_((self.queue_idx + batch) % self.memory_size)
+            self.index_addressed.fill_(indices is not None)
+            vars(self)["_addressing_unknown"] = False  # a plain attribute: no nn.Module.__setattr__ checks
+            self.enqueued_count += batch
+        except BaseException:  # torch's own errors (out of memory) and interrupts, after the checks
+            self._roll_back(slots, undo)
+            raise
         if self.stage == 3 and self._replicated():
             self._refresh()  # every rank here, at the same point of the same history (see scales)
 
@@ -745,6 +753,32 @@ class SemanticScaleMemory(torch.nn.Module):
         same :class:`~pml_dsb.distributed.BatchRejectedError`. Otherwise nothing."""
         if should_gather(self.distributed):
             check_batch_collectively(_raiser(error), None, None)
+
+    def _undo_record(self, slots: torch.Tensor) -> tuple:
+        """What :meth:`_roll_back` needs to put the memory back as it is now:
+        the rows and labels that ``slots`` hold and the counters (copies)."""
+        counters = tuple(c.clone() for c in (self.queue_idx, self.enqueued_count, self.index_addressed))
+        rows, labels = self.embedding_memory.index_select(0, slots), self.label_memory.index_select(0, slots)
+        return rows, labels, counters, self._addressing_unknown
+
+    def _roll_back(self, slots: torch.Tensor, undo: tuple) -> None:
+        """Undo an enqueue that failed after its checks, half-way through its
+        updates (an error raised by torch itself, such as running out of memory
+        while a pool grows, or an interrupt): the memory holds its earlier
+        samples, counts and counters again, and its statistics, of which any part
+        may have been updated, are rebuilt from them at the next :meth:`scales`
+        (equal to the statistics it had up to rounding)."""
+        rows, labels, counters, addressing_unknown = undo
+        self.embedding_memory[slots] = rows
+        self.label_memory[slots] = labels
+        filled = self.label_memory[self.label_memory >= 0]
+        self.class_counts.copy_(torch.bincount(filled, minlength=self.num_classes))
+        for counter, value in zip((self.queue_idx, self.enqueued_count, self.index_addressed), counters):
+            counter.copy_(value)
+        vars(self)["_addressing_unknown"] = addressing_unknown
+        self.statistics_built.fill_(False)
+        logger.warning("an enqueue failed half-way; the memory was put back as it was before it, and its "
+                       "class statistics will be rebuilt from its contents at the next scales()")
 
     def _stored_rows(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The batch as the memory stores it: detached, on its device, L2-normalised

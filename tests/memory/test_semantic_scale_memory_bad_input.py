@@ -286,3 +286,111 @@ def test_a_non_strict_load_without_a_key_loads_nothing(case, key):
     result = mem.load_state_dict(_other_state(case), strict=False)
     assert result.missing_keys == [key]
     assert_state_unchanged(before, mem)
+
+
+# ---------------------------------------------------------------------------
+# errors that torch itself raises half-way through an enqueue (out of memory
+# while a pool grows, Ctrl-C): no check can see them coming, so the memory
+# puts its samples and counters back and rebuilds its statistics from them
+
+
+def _failing_after(method, error):
+    def fail(*args, **kwargs):
+        method(*args, **kwargs)  # the step's changes are made, then the error
+        raise error
+
+    return fail
+
+
+def _history(indexed, steps, seed):
+    """(embeddings, labels, indices) batches; index-addressed ones first fill
+    every slot, then overwrite slots of the same samples (labels fixed per slot)."""
+    g = torch.Generator().manual_seed(seed)
+    slot_labels = torch.arange(M) % C
+    out = []
+    for step in range(steps):
+        emb = torch.randn(4, D, generator=g)
+        if indexed:
+            idx = torch.arange(4 * step, 4 * step + 4) % M if step < M // 4 else torch.randperm(M, generator=g)[:4]
+            out.append((emb, slot_labels[idx], idx))
+        else:
+            out.append((emb, torch.randint(0, C, (4,), generator=g), None))
+    return out
+
+
+def _memory_after(history, indexed):
+    # classes of more than gram_size take the moment form: both forms in use (some
+    # first-in-first-out classes still in the Gram form after 8 batches)
+    mem = SemanticScaleMemory(C, D, M, warmup_epochs=1, gram_size=2 if indexed else 3)
+    mem.low_rank_min_size, mem.low_rank_max_share = 2, None  # reach the low-rank caches at this tiny shape
+    for step, (emb, labels, idx) in enumerate(history):
+        mem.enqueue(emb, labels, indices=idx)
+        if step >= 1:
+            mem.scales()  # statistics built from the second batch on
+    return mem
+
+
+FAILURE_POINTS = {
+    # (indexed, method that fails after doing its part)
+    "fifo-remove": (False, "_remove"),
+    "fifo-promote": (False, "_promote_large_classes"),
+    "fifo-positions": (False, "_allocate_positions"),
+    "fifo-statistics": (False, "_update_statistics"),
+    "fifo-all-but-counters": (False, "_store_and_update"),
+    "indexed-plan": (True, "_plan_low_rank"),
+    "indexed-statistics": (True, "_update_statistics"),
+    "indexed-low-rank": (True, "_apply_low_rank"),
+    "indexed-all-but-counters": (True, "_overwrite_and_update"),
+}
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("CUDA out of memory (simulated)")],
+                         ids=["interrupt", "out-of-memory"])
+@pytest.mark.parametrize("case", list(FAILURE_POINTS))
+def test_an_enqueue_that_fails_half_way_puts_the_memory_back(case, error, np_ref, monkeypatch, caplog):
+    indexed, method = FAILURE_POINTS[case]
+    history = _history(indexed, 12, seed=3)
+    mem, twin = _memory_after(history[:8], indexed), _memory_after(history[:8], indexed)
+    if indexed:
+        assert bool(mem.cache_valid.any()), "the low-rank caches are not in use: the case tests nothing"
+    assert bool((mem.moment_index >= 0).any()) and bool((mem.moment_index < 0).any()), "not both forms"
+    before = {k: getattr(mem, k).clone() for k in ("embedding_memory", "label_memory", "class_counts")}
+    stage, enqueued, queue_idx = mem.stage, mem.num_enqueued, int(mem.queue_idx)
+    emb, labels, idx = history[8]
+    calls = []
+    monkeypatch.setattr(mem, method, _failing_after(lambda *a: calls.append(getattr(type(mem), method)(mem, *a)),
+                                                    error))
+    with pytest.raises(type(error)):
+        mem.enqueue(emb, labels, indices=idx)
+    assert calls, f"{method} was not reached"
+    monkeypatch.undo()
+    assert "put back" in caplog.text
+
+    for k, v in before.items():
+        assert torch.equal(getattr(mem, k), v), f"{k} not put back"
+    assert (mem.stage, mem.num_enqueued, int(mem.queue_idx)) == (stage, enqueued, queue_idx)
+    stored, stored_labels = mem.contents()
+    want = np_ref.class_scales(stored.numpy(), stored_labels.numpy(), C, normalize=False)  # the rows as stored
+    np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-9, atol=1e-12)
+    # retried, then carried on: as if the failure never happened (up to rounding)
+    for emb, labels, idx in history[8:]:
+        mem.enqueue(emb, labels, indices=idx)
+        twin.enqueue(emb, labels, indices=idx)
+        assert torch.equal(mem.label_memory, twin.label_memory)
+        assert torch.equal(mem.embedding_memory, twin.embedding_memory)
+        np.testing.assert_allclose(mem.scales().numpy(), twin.scales().numpy(), rtol=1e-9, atol=1e-12)
+    assert torch.equal(mem.class_counts, twin.class_counts) and mem.num_enqueued == twin.num_enqueued
+    if indexed:
+        assert bool(mem.cache_valid.any())  # rebuilt, and updating in low rank again
+
+
+def test_an_enqueue_that_fails_before_the_statistics_exist_puts_the_memory_back(monkeypatch):
+    history = _history(False, 3, seed=4)
+    mem = SemanticScaleMemory(C, D, M, warmup_epochs=3)
+    for emb, labels, _ in history[:2]:
+        mem.enqueue(emb, labels)
+    before = _snapshot(mem)
+    monkeypatch.setattr(mem, "_store", _failing_after(lambda *a: type(mem)._store(mem, *a), KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        mem.enqueue(*history[2][:2])
+    assert_state_unchanged(before, mem)  # nothing was built: the state dict is exactly as it was
