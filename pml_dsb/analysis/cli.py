@@ -66,6 +66,17 @@ def _out_dir(args, command: str) -> str:
     return out
 
 
+def _remove_stale_plots(out: str, prefix: str, written: Iterable[str]) -> None:
+    """Delete the ``{prefix}*.png`` plots of an earlier call into ``out`` that this
+    call did not write: beside this call's tables they would pass for its own."""
+    written = {os.path.abspath(p) for p in written}
+    for name in sorted(os.listdir(out)):
+        path = os.path.abspath(os.path.join(out, name))
+        if name.startswith(prefix) and name.endswith(".png") and path not in written and os.path.isfile(path):
+            os.remove(path)
+            logger.info("removed %s, a plot of an earlier call that this one did not make", path)
+
+
 def _progress(iterable, args, **kwargs):
     if getattr(args, "no_progress", False):
         return iterable
@@ -150,6 +161,7 @@ def _cmd_imbalance(args) -> int:
     if unknown:  # before any output: a later method's error left the earlier ones' plots
         args.parser.error(f"--method {' '.join(unknown)}: not in the run (its methods: {' '.join(table.methods)})")
     out = _out_dir(args, "imbalance")
+    written = []
     corr_rows, point_rows, report = [], [], {"run": os.path.abspath(args.run), "dataset": table.dataset,
                                              "bootstrap": {"n_boot": args.bootstrap, "seed": args.seed,
                                                            "confidence": args.confidence},
@@ -173,7 +185,8 @@ def _cmd_imbalance(args) -> int:
                                "semantic_scale": float(s_mean[j]), "recall_at_1": float(a_mean[j])})
         preds = {k: v for k, v in count_predictors(s_mean, counts).items() if np.all(np.isfinite(v))}
         rho = {c["predictor"]: c["value"] for c in result["correlations"] if c["method"] == "spearman"}
-        plots.plot_scale_vs_accuracy(preds, a_mean, os.path.join(out, f"scatter_{method}.png"), rho,
+        written.append(os.path.join(out, f"scatter_{method}.png"))
+        plots.plot_scale_vs_accuracy(preds, a_mean, written[-1], rho,
                                      title=f"{table.dataset or ''} {method}: per-class Recall@1 "
                                            f"(mean over {len(table.seeds[method])} seeds)")
         print(f"\n== {method} ({len(classes)} classes, seeds {table.seeds[method]})")
@@ -194,6 +207,7 @@ def _cmd_imbalance(args) -> int:
     if not report["methods"]:
         print("no method had enough classes with a scale and a Recall@1")
         return 1
+    _remove_stale_plots(out, "scatter_", written)
     _write_csv(corr_rows, os.path.join(out, "correlations.csv"))
     _write_csv(point_rows, os.path.join(out, "points.csv"))
     _write_json(report, os.path.join(out, "imbalance.json"))
@@ -278,11 +292,12 @@ def _cmd_summary(args) -> int:
                                        normalize=not args.no_normalize).numpy()
         counts = np.bincount(labels, minlength=num_classes)
         summaries[source.get("dataset") or "dataset"] = imbalance_summary(scales, counts)
-    rows = []
+    rows, written = [], []
     for key, summ in summaries.items():
         rows += [{"source": key, **r} for r in summ["classes"]]
-        plots.plot_imbalance_summary(summ["classes"], os.path.join(out, f"summary_{key}.png"),
-                                     title=f"Semantic scale imbalance: {key}")
+        written.append(os.path.join(out, f"summary_{key}.png"))
+        plots.plot_imbalance_summary(summ["classes"], written[-1], title=f"Semantic scale imbalance: {key}")
+    _remove_stale_plots(out, "summary_", written)
     _write_csv(rows, os.path.join(out, "summary.csv"))
     _write_json({"input": source, "summaries": summaries}, os.path.join(out, "summary.json"))
     print(_table(["source", "classes", "scale max/min", "count max/min", "Spearman(S, n)"], [

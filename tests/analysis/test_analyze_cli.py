@@ -109,6 +109,28 @@ def test_imbalance_and_summary_from_run(tmp_path, capsys):
     assert set(summ) == {"NSM", "ST"} and summ["NSM"]["count_imbalance_factor"] == pytest.approx(124 / 6)
 
 
+def test_a_later_call_into_the_same_folder_leaves_no_plot_of_an_earlier_one(tmp_path, capsys):
+    run_dir = fake_run(tmp_path / "run")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary_notes.txt").write_text("mine")  # not a plot of the command: kept
+    (out / "overview.png").write_bytes(b"mine")
+    run(["analyze", "summary", "--run", str(run_dir), "--out", str(out)], capsys)
+    assert (out / "summary_NSM.png").is_file() and (out / "summary_ST.png").is_file()
+    run(["analyze", "summary", "--dataset", "digits-lt", "--out", str(out)], capsys)
+    summ = json.loads((out / "summary.json").read_text())["summaries"]
+    plots = sorted(p.name for p in out.glob("summary_*.png"))
+    assert plots == [f"summary_{key}.png" for key in summ] == ["summary_digits-lt.png"]
+    assert (out / "summary_notes.txt").read_text() == "mine" and (out / "overview.png").read_bytes() == b"mine"
+
+    run(["analyze", "imbalance", "--run", str(run_dir), "--bootstrap", "20", "--out", str(out)], capsys)
+    run(["analyze", "imbalance", "--run", str(run_dir), "--method", "ST", "--bootstrap", "20", "--out", str(out)],
+        capsys)
+    methods = set(json.loads((out / "imbalance.json").read_text())["methods"])
+    assert sorted(p.name for p in out.glob("scatter_*.png")) == [f"scatter_{m}.png" for m in sorted(methods)]
+    assert methods == {"ST"} and (out / "summary_digits-lt.png").is_file()  # another command's plot: kept
+
+
 def test_marginal_from_checkpoint(tmp_path, capsys):
     run_dir = fake_run(tmp_path / "run", with_checkpoint=True)
     run(["analyze", "marginal", "--checkpoint", str(run_dir / "checkpoints" / "NSM" / "seed0" / "best.pt"),
