@@ -198,11 +198,12 @@ def make_retrieval_hooks(
         patience = _checks.check_int(patience, "patience", 0)
     log_freq = _checks.check_int(log_freq, "log_freq", 1)
     calc = RetrievalAccuracyCalculator(recall_ks=recall_ks) if accuracy_calculator is None else accuracy_calculator
-    if primary_metric not in calc.get_curr_metrics():
-        raise ValueError(
-            f"primary_metric={primary_metric!r} is not computed by the accuracy calculator; "
-            f"expected one of {calc.get_curr_metrics()}"
-        )
+    # num_lone_queries counts queries (PML's best model has the largest value): no accuracy
+    accuracies = [m for m in calc.get_curr_metrics() if m != "num_lone_queries"]
+    if primary_metric not in accuracies:
+        why = ("counts queries left out of Recall@K, it is no accuracy" if primary_metric == "num_lone_queries"
+               else "is not computed by the accuracy calculator")
+        raise ValueError(f"primary_metric={primary_metric!r} {why}; expected one of {accuracies}")
 
     root = os.fspath(folder)
     log_folder = os.path.join(root, "logs")

@@ -105,6 +105,12 @@ def test_bad_configuration_is_refused(tmp_path):
                              accuracy_calculator=RetrievalAccuracyCalculator(include=("NMI",)))
     with pytest.raises(ValueError, match=r"test_interval must be an int >= 1, got 0"):
         make_retrieval_hooks({"val": val}, tmp_path, test_interval=0)
+    # computed, but a count: PML would keep the model with the most lone queries
+    with pytest.raises(ValueError, match=r"primary_metric='num_lone_queries' counts queries left out of Recall@K, "
+                                         r"it is no accuracy; expected one of \['NMI', 'recall_at_1'\]"):
+        make_retrieval_hooks({"val": val}, tmp_path, primary_metric="num_lone_queries",
+                             accuracy_calculator=RetrievalAccuracyCalculator(recall_ks=(1,)))
+    make_retrieval_hooks({"val": val}, tmp_path, primary_metric="NMI")  # every accuracy may pick the best model
     # PML's tester would only fail after the first epoch of training
     with pytest.raises(ValueError, match=r"splits_to_eval never evaluates validation_split_name='val'"):
         make_retrieval_hooks({"train": val, "val": val}, tmp_path, splits_to_eval=[("train", ["train"])])
