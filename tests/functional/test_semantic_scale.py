@@ -150,6 +150,22 @@ def test_unnormalised_huge_rank_deficient_classes_match_singular_values(gen, np_
     np.testing.assert_allclose(float(semantic_scale(few, normalize=False)), want[0], rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("d,norm", [(4, 1.6e12), (16, 8e11)], ids=["d=4", "d=16"])
+def test_unnormalised_norms_up_to_1e3_over_eps_sqrt_d_are_resolved(gen, np_ref, d, norm):
+    """The limit is where the rounding of Zc, eps * norm, reaches 1e-3 / sqrt(d):
+    ~2.25e12 at d = 4, ~1.13e12 at d = 16. Rows of norm 0.7 of that (beyond a
+    limit taken with d instead of sqrt(d)) are accepted and resolved within
+    1e-6 nats per direction (numpy's singular values in float64)."""
+    assert norm < 0.75 * 1e-3 / (np.finfo(np.float64).eps * math.sqrt(d))
+    few = _randn(gen, 3, d, torch.float64)  # m x m form: one direction without spread
+    x = few / few.norm(dim=1, keepdim=True) * norm
+    want = np_ref.semantic_scale(x.numpy(), normalize=False, form="svd")
+    atol = min(3, d) * 1e-6 / math.log(2)
+    np.testing.assert_allclose(float(semantic_scale(x, normalize=False)), want, rtol=0, atol=atol)
+    got = class_semantic_scales(x, torch.zeros(3, dtype=torch.long), 1, normalize=False)
+    np.testing.assert_allclose(got.numpy(), [want], rtol=0, atol=atol)
+
+
 def test_unnormalised_features_float64_cannot_resolve_raise(gen):
     """Past the limit the rounding of Zc itself outweighs the identity term:
     no float64 method gives S there, so every entry point says so."""

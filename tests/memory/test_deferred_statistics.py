@@ -91,6 +91,18 @@ def test_deferred_build_matches_statistics_kept_all_along(gen, np_ref, indexed, 
         assert bool((lazy.cache_valid & (lazy.cache_updates > 0)).any())
 
 
+def test_deferred_build_keeps_classes_of_up_to_gram_size_samples_in_the_gram_form(gen, np_ref):
+    """gram_size: classes of up to that many samples are kept in the Gram form,
+    larger ones as moments; the first scales() builds each class in the form
+    of its count then (here gram_size = 3: counts 4 and 5 take moments)."""
+    memory = _memory(gram_size=3)
+    labels = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 4])
+    memory.enqueue(torch.randn(len(labels), D, generator=gen), labels)
+    scales = memory.scales()
+    assert (memory.moment_index >= 0).tolist() == [False, False, False, True, True, False]
+    np.testing.assert_allclose(scales.numpy(), _reference(memory, np_ref), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("indexed", [False, True], ids=["fifo", "index"])
 def test_small_chunks_and_coarse_buckets_give_the_same_scales(gen, np_ref, monkeypatch, indexed):
     """Batched updates gather a bounded number of values at once, and classes of
@@ -210,6 +222,17 @@ def test_coarse_batches_take_the_finest_factor_within_the_limit(sizes, batches):
     assert [(int(sizes[b].min()), int(sizes[b].max())) for b in buckets] == batches
 
 
+def test_cpu_batches_keep_the_factor_1_5_however_many_it_takes():
+    """max_buckets=None (the default) on CPU: sizes within a factor 1.5 share a
+    batch, however many batches that makes (no coarser factor)."""
+    memory = _memory(gram_size=3)
+    assert memory.max_buckets is None
+    sizes = torch.arange(5, 257)[torch.randperm(252, generator=torch.Generator().manual_seed(0))]
+    buckets = memory._buckets(sizes)
+    assert sorted(torch.cat(buckets).tolist()) == list(range(len(sizes)))  # every class once
+    assert len(buckets) > 3 and all(int(sizes[b].max()) < 1.5 * int(sizes[b].min()) for b in buckets)
+
+
 @pytest.mark.parametrize("indexed", [False, True], ids=["fifo", "index"])
 def test_inference_mode_calls_leave_ordinary_buffers(gen, np_ref, indexed):
     """scales()/weights() (e.g. for logging) or enqueue under torch.inference_mode
@@ -254,6 +277,33 @@ def test_whole_module_pickle_from_an_older_release_loads(gen, np_ref):
     _run(loaded, batches, 6, refresh=True)
     np.testing.assert_allclose(loaded.scales().numpy(), _reference(loaded, np_ref), rtol=1e-12, atol=1e-12)
     assert set(loaded.state_dict()) == set(_memory(gram_size=3).state_dict())
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["fifo", "index"])
+def test_whole_module_pickle_from_before_the_addressing_was_recorded_takes_either(gen, np_ref, indexed):
+    """An older release's pickle records no addressing (no index_addressed
+    buffer, no _addressing_unknown attribute): the next batch decides it, with
+    dataset indices or without, and the memory keeps that one from then on."""
+    memory, stream = _memory(gram_size=3, warmup_epochs=1), _batches(gen, indexed=True)
+    for _ in range(6):
+        memory.enqueue(*next(stream))
+        memory.scales()
+    for name in list(SemanticScaleMemory._CACHE_STATE) + ["statistics_built"]:
+        del memory._buffers[name]
+    del memory.exact_refresh_every, memory._addressing_unknown
+    object.__setattr__(memory, "_buffers", dict(memory._buffers))
+    buf = io.BytesIO()
+    torch.save(memory, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert "index_addressed" not in loaded.state_dict()  # still unknown: saved as the older release saved it
+    for _ in range(4):
+        emb, labels, idx = next(stream)
+        loaded.enqueue(emb, labels, idx if indexed else None)
+    assert bool(loaded.index_addressed) == indexed and "index_addressed" in loaded.state_dict()
+    np.testing.assert_allclose(loaded.scales().numpy(), _reference(loaded, np_ref), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="dataset indices" if indexed else "first in, first out"):
+        loaded.enqueue(emb, labels, None if indexed else idx)
 
 
 @pytest.mark.parametrize("indexed", [False, True], ids=["fifo", "index"])

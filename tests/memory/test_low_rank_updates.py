@@ -259,6 +259,23 @@ def test_default_min_size_builds_caches_for_large_matrices_on_cpu(gen, np_ref):
     np.testing.assert_allclose(scales.numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
 
 
+def test_moment_form_class_larger_than_d_keeps_its_cache_at_d_256(gen, np_ref):
+    """At d >= 256 on CPU the moment-form matrices are factorised one by one; a
+    class of more samples than d has beta = m/d > 1, so a log det that added
+    d*log(beta) instead of subtracting it would come out too large (for m < d it
+    comes out negative, and the exact recomputation of scales below 1e-4 hides it)."""
+    labels, centres = _dataset(gen, sizes=(300, 20), d=256)
+    batches = _sampler(gen, labels, centres, batch=len(labels))
+    memory = _memory(gram_size=None, min_size=None, num_classes=2, memory_size=len(labels), d=256)
+    for step in range(2):  # the second exact refresh factorises and keeps the inverses
+        _enqueue(memory, *next(batches))
+        np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, err_msg=f"step {step}")
+    assert bool(memory.cache_valid[0]) and int(memory.moment_index[0]) >= 0
+    emb, y, idx = next(_sampler(gen, labels, centres, batch=24))
+    assert bool(_enqueue(memory, emb, y, idx)[0])
+    np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL)
+
+
 def test_moment_form_low_rank_stays_exact_on_tight_clusters(gen, np_ref):
     """Samples 3e-4 from their class centre: s s^T/m terms of size m cancel, so an
     update written with them loses ~1e-7 relative; about the old mean it must not."""
@@ -283,6 +300,26 @@ def test_gram_inverses_are_allocated_only_for_cached_classes(gen, np_ref):
     cached = torch.nonzero(memory.gram_inverse_index >= 0).flatten().tolist()
     assert cached == [0, 1, 2] and memory.gram_inverse.shape[0] == 3
     assert bool(memory.cache_updates[:3].gt(0).all())
+    np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+
+
+def test_rebuilt_gram_caches_reuse_their_pool_rows(gen, np_ref):
+    """An exact refresh every 2 updates rebuilds each Gram-form class's inverse
+    many times: each rebuild writes the class's own pool row, so the pool keeps
+    one row per cached class instead of growing with every rebuild."""
+    labels, centres = _dataset(gen)
+    batches = _sampler(gen, labels, centres, batch=6)
+    memory = _memory(gram_size=40, exact_refresh_every=2, min_size=6)  # classes of 14, 10 and 8 samples
+    refreshed = _record_refreshes(memory)
+    rebuilds = 0
+    for _ in range(30):
+        _enqueue(memory, *next(batches))
+        refreshed.clear()
+        memory.scales()
+        done = torch.cat(refreshed) if refreshed else torch.zeros(0, dtype=torch.long)
+        rebuilds += int((memory.cache_valid[done] & (memory.gram_inverse_index[done] >= 0)).sum())
+    rows = memory.gram_inverse_index[memory.gram_inverse_index >= 0]
+    assert rebuilds > 6 and sorted(rows.tolist()) == [0, 1, 2] and memory.gram_inverse.shape[0] == 3
     np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
 
 
@@ -591,6 +628,87 @@ def test_high_rank_updates_take_the_exact_refresh(gen, np_ref):
             assert bool(low[0]) == low_rank, indices
         np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
         assert bool(memory.cache_valid[0])
+
+
+@pytest.mark.parametrize(
+    "gram_size,share", [(2, 5 / 8), (16, 1 / 2)], ids=["moment-form-n=d=8", "gram-form-n=8"]
+)
+def test_low_rank_share_limit_is_strict_and_counts_the_moment_forms_extra_column(gen, np_ref, gram_size, share):
+    """The rank k of an update (2 per replaced sample, +1 in the moment form for
+    the mean's shift) must stay strictly below low_rank_max_share * n. Class 0
+    has 8 samples; n = d = 8 in the moment form (limit 5/8 * 8 = 5: one sample,
+    k = 3, passes; two, k = 5, do not), n = 8 in the Gram form (limit 4: one
+    sample, k = 2, passes; two, k = 4, do not)."""
+    labels = torch.tensor([0] * 8 + [1] * 6)
+    memory = SemanticScaleMemory(2, D, len(labels), warmup_epochs=1, gram_size=gram_size)
+    memory.low_rank_min_size = 2
+    memory.low_rank_max_share = share
+    centres = F.normalize(torch.randn(2, D, generator=gen), dim=1)
+
+    def batch(indices):
+        y = labels[indices]
+        return centres[y] + 0.3 * torch.randn(len(indices), D, generator=gen), y, indices
+
+    for _ in range(2):  # the second exact refresh (count unchanged) keeps the inverses
+        memory.enqueue(*batch(torch.arange(len(labels))))
+        memory.scales()
+    assert bool(memory.cache_valid[0]) and bool(memory.moment_index[0] >= 0) == (gram_size == 2)
+    for indices, low_rank in [([0], True), ([1, 2], False), ([3], True), ([4, 5], False)]:
+        low = _enqueue(memory, *batch(torch.tensor(indices)))
+        assert bool(low[0]) == low_rank, indices
+        assert bool(memory.cache_valid[0]) == low_rank, indices  # a refused update drops the cache
+        np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+        assert bool(memory.cache_valid[0])  # rebuilt by the exact refresh (count unchanged)
+
+
+@pytest.mark.parametrize("gram_size", [3, 40], ids=["moment-form", "gram-form"])
+def test_a_failed_low_rank_update_drops_the_cache(gen, np_ref, monkeypatch, gram_size):
+    """An update that the determinant lemma flags unusable (``_woodbury_core``'s
+    ok, forced False here for one enqueue) leaves the class to an exact refresh:
+    its cache is dropped, so that a second enqueue before the next scales()
+    does not update it from a log det that missed the first one."""
+    from pml_dsb.memory import semantic_scale_memory as ssm
+
+    labels, centres = _dataset(gen)
+    memory = _memory(gram_size)
+    _warm(memory, _sampler(gen, labels, centres, batch=6), 20)
+    assert bool(memory.cache_valid[0])
+    real = ssm._woodbury_core
+
+    def failing(u, w, core):
+        change, ok, x = real(u, w, core)
+        return change, torch.zeros_like(ok), x
+
+    monkeypatch.setattr(ssm, "_woodbury_core", failing)
+    first, second = torch.nonzero(labels == 0).flatten()[:2]
+    memory.enqueue(centres[0] + 0.3 * torch.randn(1, D, generator=gen), labels[first : first + 1], first.view(1))
+    assert not bool(memory.cache_valid[0]) and bool(memory.stale[0])
+    monkeypatch.setattr(ssm, "_woodbury_core", real)
+    memory.enqueue(centres[0] + 0.3 * torch.randn(1, D, generator=gen), labels[second : second + 1], second.view(1))
+    np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
+
+
+@pytest.mark.parametrize("gram_size", [2, 16], ids=["moment-form", "gram-form"])
+def test_a_class_overwritten_with_copies_in_low_rank_gets_no_scale_even_with_eps_0(gen, gram_size):
+    """Class 0's 8 samples are overwritten one by one, in low rank, with copies
+    of one vector. Its low-rank log det keeps rounding (S ~ +-1e-16), which
+    with eps = 0 would count as a scale (1/S: all the weight); the scale is
+    recomputed from the centred rows, which are exactly zero: S = 0."""
+    labels = torch.tensor([0] * 8 + [1] * 6)
+    memory = SemanticScaleMemory(2, D, len(labels), warmup_epochs=1, gram_size=gram_size, eps=0.0)
+    memory.low_rank_min_size = 2
+    memory.low_rank_max_share = None
+    for _ in range(2):  # the second exact refresh keeps the inverses
+        memory.enqueue(torch.randn(len(labels), D, generator=gen), labels, torch.arange(len(labels)))
+        memory.scales()
+    v = torch.randn(1, D, generator=gen)
+    for step in range(16):
+        i = torch.tensor([step % 8])
+        assert bool(_enqueue(memory, v, labels[i], i)[0])  # the low-rank path ran
+        scales = memory.scales()
+        if step >= 7:  # class 0 holds 8 copies of v
+            assert float(scales[0]) == 0.0, step
+            assert memory.weights().tolist() == [1.0, 1.0]  # no scale: class 1's weight
 
 
 @pytest.mark.parametrize("gram_size", [3, 40], ids=["moment-form", "gram-form"])

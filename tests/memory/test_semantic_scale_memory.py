@@ -420,6 +420,23 @@ def test_a_class_of_exactly_two_identical_samples_gets_no_scale(gen, l2_normaliz
             assert torch.equal(mem.weights(), torch.ones(2, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("gram_size", [2, 40], ids=lambda v: f"gram_size={v}")
+def test_unnormalised_class_of_one_direction_keeps_its_small_scale(gen, np_ref, gram_size):
+    """l2_normalize=False: two samples along one direction, of norms 10 and
+    10.001, have a small scale of their own (S ~ 1.4e-6, which the memory
+    recomputes from the stored rows, being below 1e-4), not the 0 their
+    directions alone would give."""
+    d = 8
+    v = torch.randn(1, d, generator=gen)
+    v = 10.0 * v / v.norm()
+    mem = SemanticScaleMemory(2, d, 6, warmup_epochs=1, l2_normalize=False, gram_size=gram_size)
+    mem.enqueue(torch.cat([v, 1.0001 * v, torch.randn(3, d, generator=gen)]), torch.tensor([0, 0, 1, 1, 1]))
+    z, y = mem.contents()
+    want = np_ref.class_scales(z.double().numpy(), y.numpy(), 2, normalize=False)
+    assert 1e-7 < want[0] < 1e-4
+    np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-6)
+
+
 def test_float32_index_addressed_class_overwritten_by_one_sample_gets_no_scale():
     """An index-addressed Gram-form class of 128 samples (low-rank updates on
     CPU) rewritten, three at a time, with one vector: float32 products' rounding,
@@ -548,6 +565,25 @@ def test_state_dict_round_trip_is_exact_after_capacity_growth(gen):
         assert torch.equal(mem.scales(), fresh.scales())
         assert torch.equal(mem.weights(), fresh.weights())
     _assert_state_equal(_state(mem), _state(fresh))
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["deferred-build", "statistics-kept"])
+def test_a_class_past_twice_its_slot_capacity_in_one_batch(gen, np_ref, built):
+    """10 classes share M = 100 slots: each slot list starts with 20 positions.
+    One batch of 45 samples of class 0 needs more than twice that at once; the
+    list must grow to the 45 needed (whether the statistics are built from the
+    stored rows at the first scales() or kept since before the batch)."""
+    mem = SemanticScaleMemory(10, 4, 100, warmup_epochs=1, gram_size=64)
+    assert mem.class_slots.shape[1] == 20
+    if built:
+        mem.scales()
+    labels = torch.cat([torch.zeros(45, dtype=torch.long), torch.arange(1, 10).repeat(2)])
+    emb = torch.randn(len(labels), 4, generator=gen)
+    mem.enqueue(emb, labels)
+    z, y = mem.contents()
+    want = np_ref.class_scales(z.double().numpy(), y.numpy(), 10, normalize=False)
+    np.testing.assert_allclose(mem.scales().numpy(), want, rtol=1e-9, atol=1e-12)
+    assert mem.class_slots.shape[1] >= 45 and int(mem.class_counts[0]) == 45
 
 
 def test_every_piece_of_state_is_in_state_dict(gen):
