@@ -480,14 +480,33 @@ def _shard_setup():
 
 def scenario_helpers(rank, world):
     """ShardedBatchSampler feeding an index-addressed DSB loss; any_rank, all_gather_objects, broadcast_object."""
-    from pml_dsb.distributed import ShardedBatchSampler, all_gather_objects, any_rank, barrier, broadcast_object
+    from pml_dsb.distributed import (
+        ShardedBatchSampler,
+        all_gather_objects,
+        any_rank,
+        average_gradients,
+        barrier,
+        broadcast_object,
+        distributed_sampler,
+    )
 
     rec = {
         "any_one": any_rank(rank == 1),
         "any_none": any_rank(False),
         "objects": all_gather_objects({"rank": rank}),
         "broadcast": broadcast_object(f"from rank {rank}"),
+        "broadcast_from_1": broadcast_object(f"from rank {rank}", src=1),
+        "sampler_len": len(distributed_sampler(list(range(5)), drop_last=True)),
     }
+    # average_gradients: a frozen parameter is left alone, a missing gradient counts as zero
+    summed = torch.nn.Parameter(torch.zeros(3))
+    summed.grad = torch.full((3,), float(rank + 1))
+    frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    partial = torch.nn.Parameter(torch.zeros(2))
+    if rank == 1:
+        partial.grad = torch.full((2,), 4.0)
+    average_gradients([summed, frozen, partial])
+    rec["averaged"] = (summed.grad.clone(), frozen.grad, partial.grad.clone())
     barrier()
     table, labels, batches = _shard_setup()
     loss = new_loss(memory_size=SHARD_N, warmup_epochs=1)
@@ -596,6 +615,23 @@ def scenario_gather_shapes(rank, world):
             rec["batches"].append((out.embeddings, out.labels, out.sizes))
         except ValueError as err:
             rec["errors"].append((type(err).__name__, getattr(err, "bad_ranks", None)))
+    # the same labels and sizes on both ranks but other rows: no "same batch"
+    # warning (it is meant for an already gathered batch); identical rows warn
+    for name, emb in (("warned_other_rows", good[0]), ("warned_same_rows", torch.ones(4, D))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gather_batch(emb, torch.zeros(4, dtype=torch.long))
+        rec[name] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    # dataset indices on rank 0 only: refused on every rank, rank 1 named
+    try:
+        gather_batch(good[0], good[1], torch.arange(4) if rank == 0 else None)
+        rec["indices_on_one_rank"] = None
+    except ValueError as err:
+        rec["indices_on_one_rank"] = (type(err).__name__, getattr(err, "bad_ranks", None))
+    # float16 rows on rank 0, float64 on rank 1: both come back in float64, exact
+    rows = (torch.arange(4 * D, dtype=torch.float64).reshape(4, D) / 3 + rank).to(
+        torch.float16 if rank == 0 else torch.float64)
+    rec["widest"] = (rows, gather_batch(rows, good[1], widest_dtype=True).embeddings)
     return rec
 
 

@@ -178,7 +178,13 @@ def test_sharded_batches_reproduce_the_one_process_run_and_helpers_agree(ranks):
     for rec in (r0, r1):
         assert rec["any_one"] is True and rec["any_none"] is False
         assert rec["objects"] == [{"rank": 0}, {"rank": 1}]
-        assert rec["broadcast"] == "from rank 0"
+        assert rec["broadcast"] == "from rank 0" and rec["broadcast_from_1"] == "from rank 1"
+        # torch's own sampler with drop_last: 5 samples over 2 ranks leave 2 each
+        assert rec["sampler_len"] == len(torch.utils.data.DistributedSampler(
+            list(range(5)), num_replicas=2, rank=0, drop_last=True)) == 2
+        summed, frozen, partial = rec["averaged"]
+        assert torch.equal(summed, torch.full((3,), 1.5)) and frozen is None
+        assert torch.equal(partial, torch.full((2,), 2.0))  # (0 + 4) / 2: rank 0 had none
     ref = lib.reference_helpers()
     # rank order concatenation of the slices is the one-process batch (the 2-sample one skipped)
     assert [a + b for a, b in zip(r0["slices"], r1["slices"])] == ref["batches"]
@@ -231,6 +237,14 @@ def test_gather_batch_without_a_check_rejects_malformed_batches_on_every_rank(ra
     for emb, labels, sizes in (r0["batches"][0], r1["batches"][0]):
         assert sizes == [4, 4] and labels.tolist() == [0] * 4 + [1] * 4
         assert torch.equal(emb, torch.cat([torch.full((4, lib.D), 1.0), torch.full((4, lib.D), 2.0)]))
+    for rec in (r0, r1):
+        assert rec["warned_other_rows"] == []
+        assert len(rec["warned_same_rows"]) == 1 and "all 2 ranks passed the same batch" in rec["warned_same_rows"][0]
+        assert rec["indices_on_one_rank"] == ("BatchRejectedError", [1])
+    (rows0, got0), (rows1, got1) = r0["widest"], r1["widest"]
+    assert rows0.dtype == torch.float16 and rows1.dtype == torch.float64  # precondition
+    want = torch.cat([rows0.double(), rows1])
+    assert got0.dtype == got1.dtype == torch.float64 and torch.equal(got0, want) and torch.equal(got1, want)
 
 
 def test_scales_read_on_one_rank_before_stage_3_keep_the_memories_equal(ranks, np_ref):

@@ -195,7 +195,9 @@ def test_gathering_path_with_one_rank_equals_the_local_path(gen, one_rank_group)
     local = SemanticScaleMemory(C, D, M, warmup_epochs=1, distributed=False)
     for _ in range(5):
         emb, labels = _batch(gen, size=int(torch.randint(1, 9, (1,), generator=gen)))
-        gathering.enqueue(emb.double(), labels.int())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one rank: no "all ranks passed the same batch" warning
+            gathering.enqueue(emb.double(), labels.int())
         local.enqueue(emb.double(), labels.int())
     _assert_same_state(_state(gathering), _state(local))
     before = _state(gathering)
@@ -253,6 +255,9 @@ def test_ddp_helpers_without_a_process_group(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     ctx = init_from_env()
     assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.enabled) == (0, 1, True, False)
+    # torchrun with one process: nothing initialised, its LOCAL_RANK kept
+    ctx = init_from_env(env={"WORLD_SIZE": "1", "LOCAL_RANK": "3", "RANK": "0"})
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, ctx.enabled) == (0, 1, 3, False)
     with pytest.raises(ValueError, match=r"WORLD_SIZE=2 but \['RANK', 'MASTER_ADDR', 'MASTER_PORT'\] are not set"):
         init_from_env(env={"WORLD_SIZE": "2"})
     assert not torch.distributed.is_initialized()

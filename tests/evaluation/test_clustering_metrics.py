@@ -100,6 +100,9 @@ def test_nmi_bad_input(embeddings, labels, match):
 def test_kmeans_bad_arguments():
     with pytest.raises(ValueError, match=r"num_clusters=5 exceeds the 4 embeddings; expected num_clusters <= 4"):
         kmeans_cluster_labels(np.eye(4), 5)
+    # as many clusters as points: allowed, each point its own cluster (NMI 1 against distinct labels)
+    assert sorted(kmeans_cluster_labels(np.eye(4), 4).tolist()) == [0, 1, 2, 3]
+    assert nmi(np.eye(4), [0, 1, 2, 3]) == pytest.approx(1.0)
     with pytest.raises(ValueError, match=r"nredo must be an int >= 1, got 0"):
         kmeans_cluster_labels(np.eye(4), 2, nredo=0)
     # faiss takes the seed as a C int: 2**31 raised an OverflowError from inside SWIG

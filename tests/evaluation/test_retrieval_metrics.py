@@ -203,6 +203,23 @@ def test_group_recall_matches_brute_force(rng):
         ranks.group_recall((1,), {c: 50 for c in range(5)})
 
 
+def test_group_recall_leaves_lone_queries_out(rng):
+    """A class whose single sample is a lone query counts neither among its
+    group's classes nor its queries, and its miss does not lower the group's
+    recall (brute force over the other queries)."""
+    x, y = clustered_data(rng, [8, 1, 8, 1], dim=6, noise=1.5)
+    lower, upper, lone = brute_force_hits(x, y, ks=(1, 2))
+    assert np.array_equal(lone, np.isin(y, [1, 3]))  # precondition: the two singletons are lone
+    groups = retrieval_ranks(x, y, max_k=2).group_recall((1, 2), {0: 500, 1: 300, 2: 10, 3: 5})
+    for name, kept in (("many", 0), ("few", 2)):
+        assert groups[name]["num_classes"] == 1
+        assert groups[name]["num_queries_evaluated"] == 8
+        for k in (1, 2):
+            expected = _exact(lower, upper, k)[y == kept].mean()
+            assert groups[name][f"recall_at_{k}"] == pytest.approx(expected, abs=1e-12)
+    assert groups["medium"]["num_classes"] == 0 and np.isnan(groups["medium"]["recall_at_1"])
+
+
 def test_group_without_queries_is_nan(rng):
     x, y = clustered_data(rng, [5, 5], dim=4)
     groups = retrieval_ranks(x, y, max_k=1).group_recall((1,), [500, 500])
@@ -298,10 +315,27 @@ def test_k_larger_than_separate_reference():
         knn_search(np.ones((2, 3)), np.eye(4, 3), k=5)
 
 
+def test_ranks_refuse_k_beyond_the_neighbours_searched(random_set):
+    """A query with no match among the max_k searched has rank max_k: Recall@(max_k + 1)
+    is unknown (it would count every such miss as a hit), so it is refused."""
+    x, y = random_set
+    ranks = retrieval_ranks(x, y, max_k=2)
+    lower, upper, _ = brute_force_hits(x, y, ks=(2,))
+    assert ranks.recall(2) == pytest.approx(_exact(lower, upper, 2).mean(), abs=1e-12)
+    assert ranks.recall(2) < 1.0  # precondition: some queries miss within 2
+    for read in (ranks.hits, ranks.recall, ranks.per_class_recall, lambda k: ranks.group_recall((k,), [50] * 10)):
+        with pytest.raises(ValueError, match=r"k=3 exceeds the 2 neighbours searched; expected k <= 2"):
+            read(3)
+
+
 def test_ref_includes_query_requires_the_prefix(rng):
     q = rng.standard_normal((5, 3))
     with pytest.raises(ValueError, match=r"first len\(query\)=5 rows of reference"):
         retrieval_ranks(q, np.arange(5) % 2, q[::-1].copy(), np.arange(5) % 2, max_k=1, ref_includes_query=True)
+    # the rows match but the labels do not: refused too (the query's own row would carry another label)
+    reference, reference_labels = np.concatenate([q, q[:2]]), np.array([1, 0, 1, 0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"first len\(query_labels\) entries of reference_labels"):
+        retrieval_ranks(q, np.arange(5) % 2, reference, reference_labels, max_k=1, ref_includes_query=True)
 
 
 @pytest.mark.gpu

@@ -284,12 +284,13 @@ def test_recordable_attributes(case, gen, np_ref):
     assert model.stage(2) == 3 and unscaled_seen
 
 
+@pytest.mark.parametrize("eps", [1e-12, 0.0])
 @pytest.mark.parametrize("cls", [DSBSoftTripleLoss, DSBNormalizedSoftmaxLoss], ids=["soft_triple", "norm_softmax"])
-def test_recorded_scales_leave_out_a_class_of_identical_samples(cls, gen, np_ref):
+def test_recorded_scales_leave_out_a_class_of_identical_samples(cls, eps, gen, np_ref):
     """A class of two identical samples has S = 0, "no scale yet" (DEFINITIONS):
     the recorded mean/min/max scale are over the other classes, and its weight
-    is the largest of theirs."""
-    dsb = cls(num_classes=3, embedding_size=D, memory_size=8, warmup_epochs=1)
+    is the largest of theirs. Also with eps = 0: a scale of 0 is at eps, not above it."""
+    dsb = cls(num_classes=3, embedding_size=D, memory=SemanticScaleMemory(3, D, 8, warmup_epochs=1, eps=eps))
     same = torch.randn(1, D, generator=gen)
     emb = torch.cat([same, same, torch.randn(6, D, generator=gen)])
     labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])
@@ -302,6 +303,20 @@ def test_recorded_scales_leave_out_a_class_of_identical_samples(cls, gen, np_ref
                                [s[1:].mean(), s[1:].min(), s[1:].max()], rtol=1e-6)
     np.testing.assert_allclose([dsb.dsb_min_weight, dsb.dsb_max_weight], [w.min(), w.max()], rtol=1e-6)
     assert w[0] == w.max()
+
+
+def test_records_of_stage_3_return_to_nan_when_a_restored_memory_is_below_it(gen):
+    """A memory restored from an earlier checkpoint may start below stage 3: the
+    five stage-3 figures are then NaN again, not the last stage-3 values."""
+    dsb = DSBSoftTripleLoss(C, D, centers_per_class=2, memory_size=8, warmup_epochs=1)
+    fresh = {k: v.clone() for k, v in dsb.memory.state_dict().items()}
+    emb, labels = torch.randn(8, D, generator=gen), torch.arange(8) % C
+    dsb(emb, labels)
+    assert dsb.dsb_stage == 3 and all(math.isfinite(getattr(dsb, n)) for n in RECORDS[3:])  # precondition
+    dsb.memory.load_state_dict(fresh)
+    dsb(emb[:4], labels[:4])
+    assert (dsb.dsb_stage, dsb.dsb_num_enqueued) == (1, 4)
+    assert [n for n in RECORDS[3:] if not math.isnan(getattr(dsb, n))] == []
 
 
 def test_a_memory_subclass_weights_and_a_loss_subclass_records_are_their_own(gen):
@@ -485,6 +500,24 @@ def test_class_weights_that_overflow_a_half_precision_cast_are_refused(gen):
     entry = {"loss": {"losses": torch.ones(8).half(), "indices": torch.arange(8), "reduction_type": "element"}}
     with pytest.raises(ValueError, match="overflow torch.float16"):
         weight_losses_by_class(entry, labels, mem.weights())
+
+
+def test_class_weights_up_to_the_largest_finite_value_of_the_losses_dtype_are_accepted():
+    """float16's largest finite value, 65504, casts exactly: a weight equal to it
+    does not overflow (the float64 products are the reference); one above it does."""
+    labels = torch.tensor([0, 1, 1])
+    largest = torch.finfo(torch.float16).max
+    for weights in (torch.tensor([largest, 0.5], dtype=torch.float64), torch.tensor([largest, 0.5])):
+        entry = {"loss": {"losses": torch.ones(3, dtype=torch.float16), "indices": torch.arange(3),
+                          "reduction_type": "element"}}
+        got = weight_losses_by_class(entry, labels, weights)["loss"]["losses"]
+        assert got.dtype == torch.float16 and torch.isfinite(got).all()
+        assert torch.equal(got.double(), torch.tensor([largest, 0.5, 0.5], dtype=torch.float64))
+    above = torch.tensor([math.nextafter(largest, math.inf), 0.5], dtype=torch.float64)
+    entry = {"loss": {"losses": torch.ones(3, dtype=torch.float16), "indices": torch.arange(3),
+                      "reduction_type": "element"}}
+    with pytest.raises(ValueError, match="overflow torch.float16"):
+        weight_losses_by_class(entry, labels, above)
 
 
 # ------------------------------------------------------ memory construction
@@ -1108,6 +1141,28 @@ def test_cross_batch_memory_queue_only_batches_and_bad_input(gen):
         _assert_same_states(before, _states(ours))
 
 
+def test_cross_batch_memory_queue_only_first_call_takes_the_batchs_dtype_as_pml_does(gen):
+    """A first call that queues every row of a float64 batch: PML's queue turns
+    float64 and keeps the rows exactly (they are not float32 values), and the
+    next call's loss is PML's wrapper's."""
+    from pytorch_metric_learning.losses import CrossBatchMemory
+
+    from pml_dsb import DSBCrossBatchMemory
+
+    ours = DSBCrossBatchMemory(with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=64),
+                               embedding_size=D, memory_size=16)
+    plain = CrossBatchMemory(pml_losses.TripletMarginLoss(), embedding_size=D, memory_size=16)
+    emb, labels = _batch(gen, 6)
+    emb = emb.double() / 3
+    assert not torch.equal(emb.float().double(), emb)  # precondition
+    everything = torch.ones(6, dtype=torch.bool)
+    assert torch.equal(ours(emb, labels, enqueue_mask=everything), plain(emb, labels, enqueue_mask=everything))
+    assert ours.embedding_memory.dtype == plain.embedding_memory.dtype == torch.float64
+    assert torch.equal(ours.embedding_memory, plain.embedding_memory) and torch.equal(ours.embedding_memory[:6], emb)
+    emb, labels = _batch(gen, 6)
+    assert torch.equal(ours(emb.double(), labels), plain(emb.double(), labels))
+
+
 def test_cross_batch_memory_gives_announced_indices_to_its_queries(gen):
     """Indices announced for the whole batch (SampleIndicesGetter) address the
     queries' slots; once the DSB memory is index-addressed, a batch without
@@ -1183,6 +1238,22 @@ def test_a_wider_ref_emb_widens_the_loss():
     got = loss(emb, labels, None, ref, ref_labels)
     want = pml_losses.ContrastiveLoss()(emb.double(), labels, None, ref, ref_labels)
     assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+def test_integer_tensors_of_the_parent_keep_their_dtype_as_in_the_parent():
+    """ProxyNCALoss's proxy_labels are class ids: after a float64 call they stay
+    int64, as in the parent, and the loss is the parent's."""
+    g = torch.Generator().manual_seed(0)
+    dsb = with_dsb_weighting(pml_losses.ProxyNCALoss)(C, D, memory_size=64)
+    parent = pml_losses.ProxyNCALoss(C, D)
+    with torch.no_grad():
+        parent.proxies.copy_(dsb.proxies)
+    emb, labels = torch.randn(6, D, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1])
+    got, want = dsb(emb, labels), parent(emb, labels)
+    assert parent.proxy_labels.dtype == torch.int64  # precondition: the parent keeps them integer
+    assert dsb.proxy_labels.dtype == torch.int64 and torch.equal(dsb.proxy_labels, parent.proxy_labels)
+    assert got.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
 def test_parameters_on_another_device_than_the_embeddings_are_named():
@@ -1323,6 +1394,43 @@ def test_cross_batch_memory_refuses_a_mask_that_queues_more_than_the_queue_holds
     assert (wrapper.queue_idx, wrapper.has_been_filled) == (3, True)
 
 
+def test_cross_batch_memory_takes_a_batch_as_large_as_its_queue(gen):
+    """A batch of exactly memory_size rows fits the queue (PML takes it): the
+    losses and the queue equal PML's CrossBatchMemory around the parent."""
+    from pytorch_metric_learning.losses import CrossBatchMemory
+
+    from pml_dsb import DSBCrossBatchMemory
+
+    ours = DSBCrossBatchMemory(with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=64),
+                               embedding_size=D, memory_size=4)
+    plain = CrossBatchMemory(pml_losses.TripletMarginLoss(), embedding_size=D, memory_size=4)
+    for _ in range(2):
+        emb, labels = _batch(gen, 4)
+        assert torch.equal(ours(leaf(emb.double()), labels), plain(emb.double(), labels))
+    assert (ours.queue_idx, ours.has_been_filled) == (plain.queue_idx, plain.has_been_filled) == (0, True)
+    assert torch.equal(ours.embedding_memory, plain.embedding_memory)
+    assert ours.loss.memory.num_enqueued == 8
+
+
+def test_cross_batch_memory_under_no_grad_reads_the_dsb_memory_without_its_storing_checks(gen):
+    """Under torch.no_grad() the DSB loss only reads its memory: a batch larger
+    than the DSB memory (which a stored batch may not be) is taken, PML's queue
+    takes it as PML's wrapper does, and the DSB memory stays empty."""
+    from pytorch_metric_learning.losses import CrossBatchMemory
+
+    from pml_dsb import DSBCrossBatchMemory
+
+    ours = DSBCrossBatchMemory(with_dsb_weighting(pml_losses.TripletMarginLoss)(C, D, memory_size=4),
+                               embedding_size=D, memory_size=16)
+    plain = CrossBatchMemory(pml_losses.TripletMarginLoss(), embedding_size=D, memory_size=16)
+    emb, labels = _batch(gen, 6)
+    with torch.no_grad():
+        got, want = ours(emb, labels), plain(emb, labels)
+    assert torch.equal(got, want)
+    assert ours.loss.memory.num_enqueued == 0 and ours.queue_idx == plain.queue_idx == 6
+    assert torch.equal(ours.embedding_memory, plain.embedding_memory)
+
+
 @pytest.mark.parametrize("which", ["dsb memory", "queue"])
 def test_cross_batch_memory_loads_its_queue_and_memory_together_or_not_at_all(gen, which):
     """torch loads what fits and raises at the end: a checkpoint whose DSB
@@ -1392,6 +1500,10 @@ def test_cross_batch_memory_checks_indices_tuple_before_its_queue_changes(gen):
     emb, labels = _batch(gen, 6)
     # the queue will hold 14 rows: a positive at 13 is fine, at 14 is not
     good = (torch.tensor([0, 5]), torch.tensor([13, 2]), torch.tensor([1, 3]))
+    unfilled = _states(ours)
+    with pytest.raises(ValueError, match=r"indices_tuple\[1\] holds indices from 14 to 14; it indexes the queue, whose 14"):
+        ours(emb, labels, (torch.tensor([0]), torch.tensor([14]), torch.tensor([1])))
+    _assert_same_states(unfilled, _states(ours))
     torch.testing.assert_close(ours(emb, labels, good), plain(emb, labels, good), rtol=1e-6, atol=0)
     before = _states(ours)
     bad = [
@@ -1516,8 +1628,15 @@ def test_an_out_of_range_miner_tuple_is_refused_before_anything_changes(case, ge
     before = {k: v.clone() for k, v in dsb.state_dict().items()}
     for bad, words in (((torch.tensor([9]), torch.tensor([0]), torch.tensor([1])), "indices_tuple[0] holds indices from 9"),
                        ((torch.tensor([0]), torch.tensor([-1]), torch.tensor([1])), "indices_tuple[1] holds indices from -1"),
-                       ((torch.tensor([0.0]), torch.tensor([1]), torch.tensor([2])), "1-D integer tensors")):
+                       ((torch.tensor([0.0]), torch.tensor([1]), torch.tensor([2])), "1-D integer tensors"),
+                       ((torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([1])), "differ in length: [2, 2, 1]"),
+                       ((torch.tensor([0]), torch.tensor([1]), torch.tensor([0, 2]), torch.tensor([3])),
+                        "differ in length: [1, 1, 2, 1]")):
         with pytest.raises((ValueError, TypeError), match=re.escape(words)):
             dsb(emb, labels, bad)
+    # the tuple is named first, also when the call's indices are given twice as well
+    dsb.expect_sample_indices(torch.arange(4))
+    with pytest.raises(ValueError, match=re.escape("indices_tuple[0] holds indices from 9")):
+        dsb(emb, labels, (torch.tensor([9]), torch.tensor([0]), torch.tensor([1])), sample_indices=torch.arange(4))
     after = dsb.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

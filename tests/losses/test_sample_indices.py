@@ -146,6 +146,9 @@ def test_bad_uses_raise_clearly_and_leave_the_memory_as_it_was(gen):
         getter(x)
     with pytest.raises(TypeError, match=r"must be \(data, labels, indices\); got 2 fields"):
         getter((x, y))  # a dataset not wrapped in IndexedDataset
+    with pytest.raises(TypeError, match=r"must be \(data, labels, indices\); got 4 fields"):
+        getter((x, y, y, torch.arange(B)))  # an extra field needs a data_and_label_getter
+    assert loss._pending_sample_indices is None  # nothing announced by a refused batch
     with pytest.raises(TypeError, match="tuples or lists"):
         IndexedDataset([x[0]])[0]
     assert IndexedDataset([(x[0], 1)])[0][1:] == (1, 0)
