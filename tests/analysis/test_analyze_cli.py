@@ -349,3 +349,20 @@ def test_plots_create_their_folder(tmp_path):
     assert written == [str(target / "a.png"), str(target / "deeper" / "b.png"), str(target / "c.png")]
     for path in written:
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_imbalance_points_are_the_per_class_means_over_the_seeds(tmp_path, capsys):
+    """points.csv: each class's scale and Recall@1 averaged over the run's seeds,
+    computed here from per_class.csv itself."""
+    run_dir = fake_run(tmp_path / "run")
+    run(["analyze", "imbalance", "--run", str(run_dir), "--method", "NSM", "--bootstrap", "20",
+         "--out", str(tmp_path / "i")], capsys)
+    source = [r for r in read_csv(run_dir / "per_class.csv") if r["method"] == "NSM"]
+    points = read_csv(tmp_path / "i" / "points.csv")
+    assert [int(p["class"]) for p in points] == list(range(8))
+    for p in points:
+        mine = [r for r in source if r["class"] == p["class"]]
+        assert len(mine) == 2  # two seeds
+        assert float(p["semantic_scale"]) == pytest.approx(np.mean([float(r["semantic_scale"]) for r in mine]))
+        assert float(p["recall_at_1"]) == pytest.approx(np.mean([float(r["recall_at_1"]) for r in mine]))
+        assert float(p["train_count"]) == float(mine[0]["train_count"])

@@ -65,3 +65,43 @@ def test_load_dataset_uses_the_deterministic_test_transform(tmp_path):
         first, second = ds[i][0], ds[i][0]
         assert torch.equal(first, second)
         torch.testing.assert_close(first, want)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_embed_dataset_runs_in_eval_mode_and_puts_the_mode_back(training):
+    """Dropout is off while embedding (features equal the eval-mode forward pass),
+    and the model leaves in the mode it came in, eval included."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Dropout(0.5))
+    x = torch.randn(9, 5)
+    with torch.no_grad():
+        want = model.eval()(x)
+    model.train(training)
+    features, _ = embed_dataset(model, torch.utils.data.TensorDataset(x, torch.zeros(9, dtype=torch.long)),
+                                batch_size=4)
+    torch.testing.assert_close(features, want, rtol=1e-6, atol=1e-6)  # batched by 4: rounding only
+    assert model.training is training and all(m.training is training for m in model.modules())
+
+
+def test_raw_features_of_a_dataset_with_a_transform_are_the_transformed_items():
+    """``dataset.data`` is the untransformed input: with a transform set, the
+    features are what the dataset's items hold."""
+
+    class Doubled(torch.utils.data.Dataset):
+        def __init__(self):
+            self.data = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+            self.labels = [0, 1, 1, 0]
+            self.transform = lambda x: 2 * x + 1
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            return self.transform(self.data[i]), self.labels[i]
+
+    data = Doubled()
+    features, labels = raw_features(data, batch_size=3)
+    assert torch.equal(features, torch.stack([data[i][0] for i in range(4)]))
+    assert labels.tolist() == [0, 1, 1, 0]
+    data.transform = None  # no transform: the stored inputs as they are
+    assert torch.equal(raw_features(data)[0], data.data)

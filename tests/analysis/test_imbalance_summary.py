@@ -46,3 +46,10 @@ def test_a_class_without_samples_is_left_out_of_the_count_factor():
     assert out["count_imbalance_factor"] == pytest.approx(5.0)
     assert out["num_without_scale"] == 1 and out["classes"][-1]["count"] == 0
     assert math.isnan(imbalance_summary([0.0, 0.0], [0, 0])["count_imbalance_factor"])
+
+
+def test_two_classes_with_a_scale_have_a_rank_correlation():
+    """Two ranked classes are enough for Spearman's rho (+-1, as scipy gives)."""
+    scales, counts = np.array([1.0, 2.0, 0.0]), np.array([10, 5, 3])
+    out = imbalance_summary(scales, counts)
+    assert out["scale_count_spearman"] == pytest.approx(stats.spearmanr([1.0, 2.0], [10, 5])[0]) == -1.0

@@ -123,3 +123,11 @@ def test_volume_report_sorts_unsorted_factors():
     assert report["max_bits_per_doubling"] == pytest.approx(3.0)  # (15.9 - 12.9) / (log2 4 - log2 2)
     assert report["bits_per_doubling"] == pytest.approx(np.polyfit([0.0, 1.0, 2.0], [10.0, 12.9, 15.9], 1)[0])
     assert report == volume_report([1, 2, 4], [10.0, 12.9, 15.9])
+
+
+def test_a_plateau_is_not_monotonic():
+    """"monotonic" means strictly increasing: equal volumes at two factors are not."""
+    from pml_dsb.analysis.manifold import volume_report
+
+    assert volume_report([1, 2, 4], [1.0, 1.0, 2.0])["monotonic"] is False
+    assert volume_report([1, 2, 4], [1.0, 1.0 + 1e-9, 2.0])["monotonic"] is True

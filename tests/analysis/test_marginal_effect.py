@@ -129,3 +129,27 @@ def test_a_class_of_exactly_a_saturation_size_is_fully_saturated_there():
     assert row["scale_at_50"] == pytest.approx(float(pml_dsb.semantic_scale(z)), rel=1e-12)
     assert row["fraction_at_50"] == pytest.approx(1.0, rel=1e-12)
     assert np.isnan(row["fraction_at_100"])
+
+
+def test_a_class_without_a_scale_has_no_saturation_fraction():
+    """A one-sample class has no curve and S = 0 ("no scale yet"): its scale at
+    every m and its fraction are undefined (NaN), never a fraction of 0."""
+    z = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
+    curves = class_marginal_curves(z, [0] * 6 + [1], repeats=2)
+    rows = {r["label"]: r for r in saturation_summary(curves, points=(2, 6))}
+    lone = rows[1]
+    assert lone["count"] == 1 and lone["full_scale"] == 0.0
+    assert all(np.isnan(lone[k]) for k in ("scale_at_2", "fraction_at_2", "scale_at_6", "fraction_at_6"))
+    full = float(pml_dsb.semantic_scale(z[:6]))
+    assert rows[0]["full_scale"] == pytest.approx(full, abs=1e-12)
+    assert rows[0]["fraction_at_6"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_given_sizes_always_end_with_the_whole_class():
+    """sizes=(2, 3) on a class of 9: n = 9 is added, where the curve is S of
+    the whole class with no spread."""
+    z = torch.randn(9, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    curve = marginal_effect_curve(z, sizes=(3, 2), repeats=3, seed=0)
+    assert curve.sizes.tolist() == [2, 3, 9]
+    assert curve.full_scale == pytest.approx(float(pml_dsb.semantic_scale(z)), abs=1e-12)
+    assert curve.std[-1] == 0.0 and curve.at(9) == curve.full_scale

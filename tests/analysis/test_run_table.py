@@ -82,3 +82,20 @@ def test_rows_in_any_order_give_seeds_in_increasing_order(tmp_path):
     want_scale[2][1] = np.nan
     np.testing.assert_allclose(table.scale["NSM"], want_scale)
     np.testing.assert_allclose(table.accuracy["NSM"], [[0.5, 0.5], [0.6, 0.6], [0.7, np.nan]])
+
+
+def test_scales_of_train_and_test_features_are_not_mixed(tmp_path):
+    """per_class.csv concatenated from a closed-set and an open-set run: its
+    scales measure different features, so the table refuses it."""
+    rows = [("NSM", 0, 0, 5, 1.0, "train", 0.5), ("NSM", 0, 1, "", 2.0, "test", 0.6)]
+    with pytest.raises(ValueError, match=r"mixed scale_source values \['test', 'train'\]"):
+        load_run_table(write_run(tmp_path / "mixed", rows))
+    same = [("NSM", 0, 0, 5, 1.0, "test", 0.5), ("NSM", 0, 1, "", 2.0, "", 0.6)]  # an empty cell says nothing
+    assert load_run_table(write_run(tmp_path / "same", same)).scale_source == "test"
+
+
+def test_a_dataset_recorded_as_a_table_gives_its_name(tmp_path):
+    rows = [("NSM", 0, 0, 5, 1.0, "train", 0.5)]
+    table = load_run_table(write_run(tmp_path / "run", rows, {"dataset": {"name": "cifar100_lt", "root": "x"},
+                                                             "imbalance_factor": 10.0}))
+    assert (table.dataset, table.imbalance_factor) == ("cifar100_lt", 10.0)

@@ -242,3 +242,96 @@ def test_count_predictors_needs_one_count_per_class():
         count_predictors([1.0, 2.0], [-1, 5])
     got = count_predictors(np.ones((3, 2)), [0, 5])  # (seeds, classes) scales; a class unseen in training
     assert np.isnan(got["log_count"][0]) and got["log_count"][1] == pytest.approx(math.log(5))
+
+
+@pytest.mark.parametrize("unit", ["classes", "seeds"])
+def test_bootstrap_over_seed_class_arrays_follows_its_definition(seeded_run, unit):
+    """Replicates drawn from ``default_rng(seed)`` as the module says: over
+    classes, the classes resampled after averaging each over the seeds; over
+    seeds, the seeds resampled and each class averaged over the drawn ones.
+    Every seed differs here, so an estimator that dropped or ignored a seed
+    would give another interval."""
+    scale, _, acc = seeded_run
+    seeds, classes = acc.shape
+    n_boot, tail = 300, 0.025
+    rng = np.random.default_rng(4)
+    if unit == "classes":
+        idx = rng.integers(0, classes, size=(n_boot, classes))
+        pairs = [(scale.mean(0)[i], acc.mean(0)[i]) for i in idx]
+    else:
+        idx = rng.integers(0, seeds, size=(n_boot, seeds))
+        pairs = [(scale[i].mean(0), acc[i].mean(0)) for i in idx]
+    replicates = np.array([stats.pearsonr(x, y)[0] if np.ptp(x) > 0 and np.ptp(y) > 0 else np.nan
+                           for x, y in pairs])
+    want = tuple(np.quantile(replicates[np.isfinite(replicates)], [tail, 1 - tail]))
+    got = bootstrap_correlation(scale, acc, "pearson", unit, n_boot=n_boot, seed=4)
+    assert got == pytest.approx(want, abs=1e-12)
+    # predictor_correlations reports the same two intervals for its (seeds, C) predictor
+    (row,) = predictor_correlations({"semantic_scale": scale}, acc, methods=("pearson",), n_boot=n_boot, seed=4)
+    assert (row.ci_classes if unit == "classes" else row.ci_seeds) == pytest.approx(want, abs=1e-12)
+
+
+def test_the_paired_lead_interval_follows_its_definition():
+    """The lead of the winner over the runner-up: |r| of each on the same
+    resampled classes (``default_rng(seed)``), its percentile interval, and
+    ``decisive`` exactly when the interval's low end is above 0."""
+    rng = np.random.default_rng(8)
+    acc = rng.uniform(0.2, 0.9, size=15)
+    a = acc + rng.normal(0, 0.05, size=15)  # close to accuracy
+    b = acc + rng.normal(0, 0.25, size=15)  # a noisier copy
+    n_boot = 400
+    idx = np.random.default_rng(3).integers(0, 15, size=(n_boot, 15))
+    lead = np.array([abs(stats.pearsonr(a[i], acc[i])[0]) - abs(stats.pearsonr(b[i], acc[i])[0]) for i in idx])
+    want = np.quantile(lead, [0.025, 0.975])
+    r = compare_predictors({"a": a, "b": b}, acc, method="pearson", n_boot=n_boot, seed=3)
+    assert (r["winner"], r["runner_up"]) == ("a", "b")
+    assert r["margin_ci"] == pytest.approx(list(want), abs=1e-12)
+    assert r["lead_fraction"] == pytest.approx(float((lead > 0).mean()))
+    assert r["decisive"] == bool(want[0] > 0)
+    # a lead whose interval reaches below 0 is not decisive, even if its high end is above 0
+    c = acc + rng.normal(0, 0.06, size=15)
+    close = compare_predictors({"a": a, "c": c}, acc, method="pearson", n_boot=n_boot, seed=3)
+    lo, hi = close["margin_ci"]
+    assert lo < 0 < hi and close["decisive"] is False
+
+
+def test_under_pearson_a_count_and_its_log_are_two_predictors():
+    """Only Spearman's rho is the same for a count and its log (same ranking);
+    Pearson's r differs, so both are compared, each with its own r."""
+    counts = np.array([2, 3, 5, 8, 13, 40, 90, 200, 400, 500], dtype=float)
+    acc = np.array([0.1, 0.2, 0.25, 0.4, 0.45, 0.5, 0.6, 0.62, 0.65, 0.7])
+    preds = {"train_count": counts, "log_count": np.log(counts)}
+    r = compare_predictors(preds, acc, method="pearson", n_boot=100)
+    want = {n: stats.pearsonr(v, acc)[0] for n, v in preds.items()}
+    assert r["values"] == pytest.approx(want, abs=1e-12)
+    assert r["same_ranking"] == {}
+    assert (r["winner"], r["runner_up"]) == ("log_count", "train_count")  # acc is near-linear in log n
+    assert r["margin"] == pytest.approx(abs(want["log_count"]) - abs(want["train_count"]), abs=1e-12)
+    rho = compare_predictors(preds, acc, method="spearman", n_boot=100)
+    assert rho["same_ranking"] == {"log_count": "train_count"}
+
+
+def test_a_lead_beyond_rounding_is_not_a_tie():
+    """|r| that differ by ~1e-5 (relative) are a real, if small, lead: only
+    differences at the rounding level (1e-12) count as a tie."""
+    acc = np.linspace(0.1, 0.9, 10)
+    a, b = acc.copy(), acc.copy()
+    a[2] += 0.010
+    b[2] += 0.0105
+    ra, rb = stats.pearsonr(a, acc)[0], stats.pearsonr(b, acc)[0]
+    assert 1e-9 < (ra - rb) / ra < 1e-3
+    r = compare_predictors({"a": a, "b": b}, acc, method="pearson", n_boot=50)
+    assert (r["winner"], r["runner_up"], r["tied"]) == ("a", "b", [])
+    assert r["margin"] == pytest.approx(ra - rb, rel=1e-6)
+    assert "tied" not in r["statement"]
+
+
+def test_bootstrap_settings_are_checked_at_their_edges():
+    """confidence lies in the open interval (0, 1); the seed is a non-negative integer."""
+    for call in (lambda **kw: bootstrap_correlation(X, Y, n_boot=20, **kw),
+                 lambda **kw: compare_predictors({"a": X}, Y, n_boot=20, **kw)):
+        with pytest.raises(ValueError, match="confidence must be in"):
+            call(confidence=1.0)
+        with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
+            call(seed=-1)
+        call(confidence=0.999, seed=0)  # the edges inside pass

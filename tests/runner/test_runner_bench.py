@@ -632,3 +632,106 @@ def test_embed_puts_the_models_mode_back(tmp_path):
         with torch.no_grad():  # embedded in eval mode: no dropout
             torch.testing.assert_close(emb, model[0](data.tensors[0]))
         assert labels.tolist() == (torch.arange(10) % 2).tolist()
+
+
+def test_a_run_killed_after_its_last_epoch_but_before_its_result_json_resumes_to_that_result(tmp_path):
+    """last.pt at the final epoch and no result.json (killed in between): the
+    resume trains nothing and writes the result the uninterrupted run wrote."""
+    _, cfg = tiny_config(tmp_path, epochs=2, methods=["NSM"])
+    done = train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False)
+    run_dir = tmp_path / "run" / "checkpoints" / "NSM" / "seed0"
+    (run_dir / "result.json").unlink()
+    last = (run_dir / "last.pt").read_bytes()
+    again = train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False, resume=True)
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(done))
+    assert (run_dir / "last.pt").read_bytes() == last  # no epoch trained again
+
+
+def test_check_resumable_refuses_a_best_pt_of_the_last_epoch_that_last_pt_does_not_name(tmp_path):
+    """best.pt of epoch e = last.pt's epoch while last.pt records another best
+    epoch: no kill between the two writes explains it (best.pt is written
+    first), so the resume is refused before it trains."""
+    from pml_dsb.runner.checkpoint import save_checkpoint
+    from pml_dsb.runner.training import check_resumable
+
+    _, cfg = tiny_config(tmp_path, epochs=3, methods=["NSM"])
+    assert train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False, stop_after_epoch=2) is None
+    run_dir = tmp_path / "run" / "checkpoints" / "NSM" / "seed0"
+    last = load_checkpoint(run_dir / "last.pt", kind="last")
+    best = load_checkpoint(run_dir / "best.pt", kind="best")
+    assert last["epoch"] == 2
+    check_resumable(cfg, "NSM", 0, tmp_path / "run")  # consistent: accepted
+    if best["epoch"] == last["epoch"]:
+        save_checkpoint({**last, "best": {**last["best"], "epoch": 1}}, run_dir / "last.pt")
+    else:
+        save_checkpoint({**best, "epoch": last["epoch"]}, run_dir / "best.pt")
+    with pytest.raises(CheckpointError, match="but .*last.pt records its best epoch as"):
+        check_resumable(cfg, "NSM", 0, tmp_path / "run")
+
+
+def test_last_metrics_are_those_of_the_last_epochs_model(tmp_path):
+    """last_metrics: the network after the final epoch (last.pt), evaluated again here."""
+    from pml_dsb.runner.builders import build_embedding_model, build_run_data
+    from pml_dsb.runner.training import evaluate_model
+
+    _, cfg = tiny_config(tmp_path, epochs=3, methods=["NSM"])
+    result = train_one(cfg, "NSM", 0, out_dir=tmp_path / "run", progress=False)
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "NSM" / "seed0" / "last.pt", kind="last")
+    assert last["epoch"] == 3
+    model = build_embedding_model(cfg.model)
+    model.load_state_dict(last["model"])
+    again = evaluate_model(model, build_run_data(cfg), cfg, torch.device("cpu"))
+    assert result["history"][-1]["epoch"] == 3
+    for key in ("recall_at_1", "recall_at_2", "NMI"):
+        assert result["last_metrics"][key] == pytest.approx(again[key], abs=1e-12)
+    for group in ("many", "medium", "few"):
+        assert result["last_metrics"][f"recall_at_1_{group}"] == pytest.approx(
+            again["groups"][group]["recall_at_1"], abs=1e-12)
+
+
+def test_a_run_does_not_depend_on_the_callers_numpy_state(tmp_path):
+    """MPerClassSampler draws from numpy's global RNG: the run seeds it, so
+    whatever state the caller left there gives the same run."""
+    _, cfg = tiny_config(tmp_path, epochs=1, methods=["NSM"], sampler="m_per_class", batch_size=40)
+    results = []
+    for caller_seed in (1, 2):
+        np.random.seed(caller_seed)
+        r = train_one(cfg, "NSM", 0, out_dir=tmp_path / f"r{caller_seed}", progress=False)
+        r.pop("train_seconds")
+        results.append(r)
+    assert results[0] == results[1]
+    _assert_states_equal(tmp_path / "r1" / "checkpoints" / "NSM" / "seed0" / "last.pt",
+                         tmp_path / "r2" / "checkpoints" / "NSM" / "seed0" / "last.pt")
+
+
+def test_a_fifo_run_of_the_m_per_class_sampler_saved_with_the_training_set_as_m_is_not_reused(tmp_path):
+    """The m-per-class sampler's epoch yields other than the training-set size
+    too: a first-in-first-out run saved when M was len(train) is trained again."""
+    _, cfg = tiny_config(tmp_path, epochs=1, methods=["DSB-NSM"], sampler="m_per_class", batch_size=40)
+    cfg = dataclasses.replace(cfg, dsb=dataclasses.replace(cfg.dsb, index_addressed=False))
+    train_one(cfg, "DSB-NSM", 0, out_dir=tmp_path / "r", progress=False)
+    path = tmp_path / "r" / "checkpoints" / "DSB-NSM" / "seed0" / "result.json"
+    saved = json.loads(path.read_text())
+    assert saved["compatibility_key"]["dsb_fifo_memory_size"] == "samples per epoch"
+    del saved["compatibility_key"]["dsb_fifo_memory_size"]  # as the older release wrote it
+    saved["read back"] = True
+    path.write_text(json.dumps(saved))
+    assert "read back" not in train_one(cfg, "DSB-NSM", 0, out_dir=tmp_path / "r", progress=False, resume=True)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_configured_optimizer_trains_the_model_and_the_loss(tmp_path, optimizer):
+    """[training] optimizer, lr, momentum and weight_decay as documented: the
+    model's optimizer has the weight decay, the loss parameters' has none."""
+    _, cfg = tiny_config(tmp_path, epochs=1, methods=["NSM"], optimizer=optimizer, lr=0.01, loss_lr=0.05,
+                         weight_decay=0.02, momentum=0.5)
+    train_one(cfg, "NSM", 0, out_dir=tmp_path / "r", progress=False)
+    opts = load_checkpoint(tmp_path / "r" / "checkpoints" / "NSM" / "seed0" / "last.pt", kind="last")["optimizers"]
+    model, loss = opts["model"]["param_groups"][0], opts["loss"]["param_groups"][0]
+    assert (model["lr"], model["weight_decay"]) == (0.01, 0.02)
+    assert (loss["lr"], loss["weight_decay"]) == (0.05, 0.0)
+    for group in (model, loss):
+        if optimizer == "sgd":
+            assert group["momentum"] == 0.5 and "betas" not in group
+        else:
+            assert group["decoupled_weight_decay"] is True  # AdamW, not Adam's L2 penalty

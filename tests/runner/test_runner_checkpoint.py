@@ -296,3 +296,71 @@ def test_json_files_are_strict_and_a_file_that_is_not_text_is_named(tmp_path):
     path.write_bytes(b"\xff\xfe\x00{")  # neither JSON nor UTF-8
     with pytest.raises(ValueError, match=re.escape(f"{path}: not valid JSON")):
         read_json(str(path))
+
+
+def test_rng_states_mid_stream_and_with_cached_gaussians_round_trip_through_a_checkpoint(tmp_path):
+    # numpy's legacy generator mid-block (pos 22 of 624) and holding the second value of a
+    # Box-Muller pair; Python's random holding gauss_next: a resume must replay them exactly
+    def advance():
+        np.random.seed(3)
+        np.random.rand(5)
+        np.random.standard_normal()
+        random.seed(3)
+        random.gauss(0.0, 1.0)
+        torch.manual_seed(3)
+        torch.rand(2)
+
+    def draws():
+        return (torch.rand(3).tolist(), np.random.standard_normal(3).tolist(), np.random.rand(2).tolist(),
+                random.gauss(0.0, 1.0), random.random())
+
+    model, loss, opt = make()
+    advance()
+    assert 0 < np.random.get_state()[2] < 624 and np.random.get_state()[3] == 1 and random.getstate()[2] is not None
+    path = tmp_path / "last.pt"
+    save_checkpoint(state_of(model, loss, opt), path)  # captures the RNG states
+    advance()
+    expected = draws()
+    np.random.seed(99), random.seed(99), torch.manual_seed(99)
+    restore_rng_state(load_checkpoint(path)["rng"])
+    assert draws() == expected
+
+
+def test_a_checkpoint_of_epoch_zero_is_valid_and_a_negative_epoch_is_not(tmp_path):
+    # "epoch must be a non-negative int": epoch 0 (the untrained network) is a checkpoint too
+    model, loss, opt = make()
+    path = tmp_path / "best.pt"
+    save_checkpoint(state_of(model, loss, opt, epoch=0, kind="best"), path)
+    assert load_checkpoint(path, kind="best")["epoch"] == 0
+    with pytest.raises(CheckpointError, match="epoch must be a non-negative int, got -1"):
+        save_checkpoint(state_of(model, loss, opt, epoch=-1, kind="best"), tmp_path / "neg.pt")
+    for epoch in (2.0, "2"):  # an epoch count, not a number that looks like one
+        with pytest.raises(CheckpointError, match=f"epoch must be a non-negative int, got {epoch!r}"):
+            save_checkpoint(state_of(model, loss, opt, epoch=epoch, kind="best"), tmp_path / "odd.pt")
+
+
+def test_schedulers_must_be_exactly_those_in_the_checkpoint():
+    model, loss, opt = make()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    state = state_of(model, loss, opt)
+    state["schedulers"] = {"all": sched.state_dict()}
+    model2, loss2, opt2 = make(seed=5)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
+    before = snapshot(model2, loss2, opt2, sched2)
+    with pytest.raises(CheckpointError, match=r"schedulers \['all'\] in the checkpoint, expected \['model'\]"):
+        restore_training_state(state, model2, loss2, {"all": opt2}, {"model": sched2})
+    assert_same(before, snapshot(model2, loss2, opt2, sched2))
+    with pytest.raises(CheckpointError, match=r"schedulers \[\] in the checkpoint, expected \['all'\]"):
+        restore_training_state({**state, "schedulers": {}}, model2, loss2, {"all": opt2}, {"all": sched2})
+    assert_same(before, snapshot(model2, loss2, opt2, sched2))
+
+
+def test_a_loss_state_that_is_not_all_tensors_is_refused(tmp_path):
+    model, loss, opt = make()
+    state = state_of(model, loss, opt, kind="best")
+    state["loss"] = {**state["loss"], "note": "not a tensor"}
+    with pytest.raises(CheckpointError, match="'loss' is not a state_dict of tensors"):
+        save_checkpoint(state, tmp_path / "best.pt")
+    torch.save(state, tmp_path / "best.pt")  # written by something else
+    with pytest.raises(CheckpointError, match="'loss' is not a state_dict of tensors"):
+        load_checkpoint(tmp_path / "best.pt")

@@ -397,3 +397,77 @@ def test_a_key_error_is_logged_without_its_repr_quotes(monkeypatch, caplog):
     assert main(["bench", "--no-progress"]) == 2
     assert "KeyError: method 'XYZ' is not in the run (pml-dsb -v bench" in caplog.text
     assert "\"method 'XYZ' is not in the run\"" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "section, key, edge, beyond, needle",
+    [
+        ("training", "batch_size", 2, 1, "batch_size must be >= 2"),
+        ("training", "momentum", 0.0, -0.1, "momentum must be a finite number >= 0"),
+        ("training", "weight_decay", 0.0, float("inf"), "weight_decay must be a finite number >= 0"),
+        ("training", "lr", 1e-300, float("inf"), "lr must be a finite number > 0"),
+        ("training", "loss_lr", 1e-300, float("nan"), "loss_lr must be a finite number > 0"),
+        ("dataset", "imbalance_factor", 1.0, 0.999, "imbalance_factor must be >= 1"),
+        ("dataset", "imbalance_factor", 1e6, float("inf"), "imbalance_factor must be >= 1"),
+        ("dsb", "warmup_epochs", 0, -1, "warmup_epochs must be >= 0"),
+        ("dsb", "memory_size", 0, -1, "memory_size must be >= 0"),
+        ("evaluation", "recall_ks", [1, 2, 3], [1, 2, 0], "recall_ks must be >= 1"),
+        ("evaluation", "nredo", 1, 0, "nredo must be >= 1"),
+        ("evaluation", "nmi_seed", 2**31 - 1, 2**31, "nmi_seed must be <= 2147483647"),
+        ("softtriple", "centers_per_class", 1, 0, "centers_per_class must be >= 1"),
+        ("softtriple", "margin", 0.0, -1e-3, "margin must be a finite number >= 0"),
+        (None, "seeds", [2**32 - 1], [-1], r"seeds must be integers in \[0, 4294967295\]"),
+    ],
+)
+def test_each_range_accepts_its_edge_and_refuses_the_value_beyond(section, key, edge, beyond, needle):
+    """The documented ranges at their boundaries: the edge value loads (and is kept), the next one is refused."""
+
+    def data(value):
+        out = {"dataset": {"name": "digits_lt"}}
+        if section is None:
+            out[key] = value
+        else:
+            out.setdefault(section, {})[key] = value
+        return out
+
+    cfg = config_from_dict(data(edge))
+    got = getattr(cfg, key) if section is None else getattr(getattr(cfg, section), key)
+    assert got == edge
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(data(beyond))
+
+
+def test_cli_counts_are_checked_at_their_lower_edges(tmp_path, monkeypatch, capsys):
+    """--epochs and --stop-after-epoch start at 1 (0 would stop a run after epoch 1);
+    --threads starts at 0 (leave the libraries' defaults)."""
+    from pml_dsb.cli import main
+
+    for option, value, words in (("--epochs", "0", "expected a positive integer, got '0'"),
+                                 ("--stop-after-epoch", "0", "expected a positive integer, got '0'"),
+                                 ("--threads", "-1", "expected an integer >= 0, got '-1'")):
+        with pytest.raises(SystemExit) as info:
+            main(["bench", option, value])
+        assert info.value.code == 2 and words in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr("pml_dsb.runner.bench.run_benchmark",
+                        lambda config, **kw: seen.append((config, kw["stop_after_epoch"])))
+    path = write(tmp_path, dump_config(config_from_dict({"dataset": {"name": "digits_lt"}, "methods": ["NSM"]})))
+    assert main(["bench", "--config", path, "--out", str(tmp_path / "out"), "--no-progress", "--epochs", "1",
+                 "--stop-after-epoch", "1", "--threads", "0"]) == 0
+    (config, stop), = seen
+    assert (config.training.epochs, stop, config.runtime.num_threads) == (1, 1, 0)
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [({"name": ".."}, "name must be a non-empty folder name"),
+     ({"name": "."}, "name must be a non-empty folder name"),
+     ({"name": "a/b"}, "name must be a non-empty folder name"),
+     ({"seeds": [1, 2, 1]}, "seeds lists a seed twice"),
+     ({"methods": ["NSM", "nsm"]}, "methods lists a method twice")],
+    ids=["dotdot", "dot", "slash", "seed-twice", "method-twice"],
+)
+def test_run_names_that_are_no_folder_and_repeated_runs_are_refused(data, needle):
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict({"dataset": {"name": "digits_lt"}, **data})
+    assert config_from_dict({"dataset": {"name": "digits_lt"}, "name": "..a", "seeds": [1, 2]}).name == "..a"
