@@ -230,3 +230,74 @@ def test_a_copy_without_any_image_of_the_split_is_refused(tmp_path, monkeypatch,
     with pytest.raises(ValueError, match=f"the '{layout}' annotations under .* list no image of the 'test' "
                                          f"classes 99-196"):
         Cars196(tmp_path, split="test")
+
+
+@pytest.mark.parametrize("split, full", [("train", 8054), ("test", 8131)])
+def test_a_partial_copy_warns_with_the_published_split_size(tmp_path, caplog, split, full):
+    # Cars196: classes 1-98 hold 8,054 images, classes 99-196 8,131
+    make_original(tmp_path)
+    with caplog.at_level("WARNING", logger="pml_dsb.datasets.cars196"):
+        ds = Cars196(tmp_path, split=split)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"Cars196 {split} split has {len(ds)} images; the full dataset has {full}"]
+
+
+@pytest.mark.parametrize("layouts, expected", [
+    (["original", "kaggle"], "original"),
+    (["original", "torchvision", "kaggle"], "original"),
+    (["torchvision", "kaggle"], "torchvision"),
+])
+def test_auto_layout_prefers_original_then_torchvision_then_kaggle(tmp_path, layouts, expected):
+    for layout in layouts:
+        MAKERS[layout](tmp_path)
+    ds = Cars196(tmp_path, split="test")
+    assert ds.layout == expected
+    assert ds.paths == Cars196(tmp_path, split="test", layout=expected).paths
+
+
+def test_kaggle_class_id_above_196_is_refused(tmp_path):
+    # PML's reader keeps only its split's ids and would drop class 197 from both splits unseen
+    make_kaggle(tmp_path)
+    with open(tmp_path / "anno_test.csv", "a") as f:
+        f.write("99999.jpg,1,2,30,40,197\n")
+    for split in ("train", "test"):
+        with pytest.raises(ValueError, match=r"line \d+ of .*anno_test.csv.* gives the class 197; "
+                                             r"expected a class id from 1 to 196"):
+            Cars196(tmp_path, split=split)
+
+
+@pytest.mark.parametrize("layout", ["original", "torchvision"])
+def test_mat_files_holding_a_single_annotation(tmp_path, monkeypatch, layout):
+    # loadmat(squeeze_me=True) turns a 1 x 1 struct array into a 0-d record
+    monkeypatch.setitem(globals(), "SPEC", [(5, 0, "RGB")] if layout == "original"
+                        else [(5, 0, "RGB"), (150, 1, "L")])
+    MAKERS[layout](tmp_path)
+    ds = Cars196(tmp_path, split="train")
+    assert len(ds) == 1 and ds.source_classes.tolist() == [5] and ds[0][0].mode == "RGB"
+    if layout == "torchvision":
+        assert Cars196(tmp_path, split="test").source_classes.tolist() == [150]
+
+
+def test_a_bad_class_id_names_its_own_image(tmp_path, monkeypatch):
+    last = str(tmp_path / f"car_ims/{len(SPEC) + 1:06d}.jpg")  # the last image, not the first
+    monkeypatch.setitem(globals(), "SPEC", SPEC + [(0, 1, "RGB")])
+    make_original(tmp_path)
+    with pytest.raises(ValueError) as info:
+        Cars196(tmp_path, split="train")
+    assert f"give image {last!r} the class 0" in str(info.value)
+
+
+def test_every_missing_kaggle_file_is_listed_without_an_ellipsis(tmp_path):
+    # four paths missing: the first named, the three others listed in full
+    with pytest.raises(FileNotFoundError) as info:
+        Cars196(tmp_path, layout="kaggle")
+    names = [str(tmp_path / n) for n in ("names.csv", "anno_train.csv", "anno_test.csv", "car_data/car_data")]
+    assert f"expected file {names[0]!r} was not found (and 3 more: {names[1:]}). " in str(info.value)
+
+
+def test_more_than_four_missing_files_are_elided():
+    from pml_dsb.datasets._base import require_files
+
+    paths = [f"/nonexistent/pml_dsb/{i}" for i in range(5)]
+    with pytest.raises(FileNotFoundError, match=r"\(and 4 more: \[.*'/nonexistent/pml_dsb/3'\]\.\.\.\)"):
+        require_files(paths, "X", "layout")

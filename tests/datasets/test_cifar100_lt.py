@@ -176,3 +176,21 @@ def test_root_with_a_tilde_is_the_home_folder(cifar, no_md5, monkeypatch):
     monkeypatch.setenv("HOME", str(root.parent))
     ds = CIFAR100LT(f"~/{root.name}", imbalance_factor=50, split="train")
     assert ds.source_indices.tolist() == CIFAR100LT(root, imbalance_factor=50, split="train").source_indices.tolist()
+
+
+def test_indices_refuse_a_class_one_image_short():
+    counts = cifar100_lt_counts(10)
+    targets = np.repeat(np.arange(100), counts)
+    targets[np.flatnonzero(targets == 42)[0]] = 0  # class 42 holds n_42 - 1 images
+    with pytest.raises(ValueError, match=f"needs {counts[42]} training images of class 42, "
+                                         f"the training set holds {counts[42] - 1}"):
+        cifar100_lt_indices(targets, 10)
+    targets[np.flatnonzero(targets == 0)[-1]] = 42  # exactly n_42 again: accepted
+    assert len(cifar100_lt_indices(targets, 10)) == PROTOCOL_TOTALS[10]
+
+
+@pytest.mark.parametrize("bad", [0.5, 501])
+def test_bad_imbalance_factor_is_named_before_any_file_is_read(tmp_path, bad):
+    # tmp_path holds no CIFAR-100: the factor's range is checked first
+    with pytest.raises(ValueError, match="imbalance_factor"):
+        CIFAR100LT(tmp_path, imbalance_factor=bad)

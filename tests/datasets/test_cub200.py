@@ -220,3 +220,54 @@ def test_root_with_a_tilde_is_the_home_folder(cub_root, monkeypatch):
     monkeypatch.setenv("HOME", str(cub_root.parent))
     ds = CUB200(f"~/{cub_root.name}", split="test")
     assert ds.paths == CUB200(cub_root, split="test").paths
+
+
+@pytest.mark.parametrize("split, full", [("train", 5864), ("test", 5924)])
+def test_a_partial_copy_warns_with_the_published_split_size(cub_root, caplog, split, full):
+    # CUB-200-2011: classes 1-100 hold 5,864 images, classes 101-200 5,924
+    with caplog.at_level("WARNING", logger="pml_dsb.datasets.cub200"):
+        ds = CUB200(cub_root, split=split)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"CUB200 {split} split has {len(ds)} images; the full dataset has {full}"]
+
+
+def test_an_image_id_listed_twice_is_refused(cub_root):
+    folder = cub_root / "CUB_200_2011"
+    for name in ("images.txt", "image_class_labels.txt"):
+        lines = (folder / name).read_text().splitlines(keepends=True)
+        (folder / name).write_text("".join(lines + lines[:1]))  # same order in both files
+    with pytest.raises(ValueError, match="lists an image id twice"):
+        CUB200(cub_root, split="train")
+
+
+def test_a_line_with_more_than_two_fields_is_refused_naming_the_line(cub_root):
+    images_txt = cub_root / "CUB_200_2011" / "images.txt"
+    lines = images_txt.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].rstrip("\n") + " extra\n"
+    images_txt.write_text("".join(lines))
+    with pytest.raises(ValueError, match=r"line 2 of .*images.txt.*relative path"):
+        CUB200(cub_root, split="train")
+
+
+@pytest.mark.parametrize("split, kept", [("train", 101), ("test", 100)])
+def test_a_copy_without_any_image_of_the_split_names_its_classes(cub_root, split, kept):
+    folder = cub_root / "CUB_200_2011"
+    # keep only the images of one class of the other split (class `kept`)
+    pairs = zip((folder / "images.txt").read_text().splitlines(keepends=True),
+                (folder / "image_class_labels.txt").read_text().splitlines(keepends=True))
+    kept_pairs = [(i, c) for i, c in pairs if int(c.split()[1]) == kept]
+    (folder / "images.txt").write_text("".join(i for i, _ in kept_pairs))
+    (folder / "image_class_labels.txt").write_text("".join(c for _, c in kept_pairs))
+    wanted = "1-100" if split == "train" else "101-200"
+    with pytest.raises(ValueError, match=f"lists no image of the '{split}' classes \\({wanted}\\)"):
+        CUB200(cub_root, split=split)
+
+
+def test_partial_copy_counts_the_missing_images(cub_root):
+    ds = CUB200(cub_root, split="test")
+    for path in ds.paths[1:3]:
+        os.remove(path)
+    with pytest.raises(FileNotFoundError) as info:
+        CUB200(cub_root, split="test")
+    assert f"2 of the {len(ds)} images listed for this split are missing" in str(info.value)
+    assert f"the first one is {ds.paths[1]!r}" in str(info.value)

@@ -60,3 +60,42 @@ def test_digits_and_errors():
         default_transform("cub200", "val")
     with pytest.raises(ValueError, match="image_size"):
         default_transform("cub200", image_size=0)
+
+
+def _noise_image(size, seed=0):
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("dataset, split, image_size", [
+    ("cub200", "train", None), ("cars196", "train", 40), ("cub200", "test", 40),
+    ("cifar100lt", "train", None), ("cifar100lt", "train", 64), ("cifar100lt", "test", 48),
+])
+def test_pipelines_match_torchvision_built_by_hand(dataset, split, image_size):
+    """The documented pipelines, written out with torchvision: same output for
+    the same torch seed (random crops and flips draw in the same order)."""
+    from torchvision import transforms as T
+
+    from pml_dsb.datasets.transforms import CIFAR100_STD, IMAGENET_STD
+
+    if dataset == "cifar100lt":
+        size = image_size or 32
+        steps = [] if size == 32 else [T.Resize(size)]
+        if split == "train":
+            steps += [T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip()]
+        reference = T.Compose(steps + [T.ToTensor(), T.Normalize(CIFAR100_MEAN, CIFAR100_STD)])
+        image = _noise_image((32, 32))
+    else:
+        size = image_size or 224
+        steps = ([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if split == "train"
+                 else [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)])
+        reference = T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        image = _noise_image((size + 30, size + 10))
+    ours = default_transform(dataset, split, image_size=image_size)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        expected = reference(image)
+        torch.manual_seed(seed)
+        assert torch.equal(ours(image), expected)

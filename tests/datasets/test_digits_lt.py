@@ -99,3 +99,18 @@ def test_transform_is_applied():
     ds = DigitsLT(imbalance_factor=10, split="test", transform=lambda x: x * 2)
     assert float(ds[0][0].max()) <= 2.0
     assert torch.equal(ds[0][0], ds.data[0] * 2)
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_selection_follows_one_generator_over_the_classes(digits, seed):
+    """The documented selection, written out: one default_rng(seed) permutes
+    the rows of digit 0, then digit 1, ...; the first 50 are the test images,
+    the next n_c the training images."""
+    rng = np.random.default_rng(seed)
+    test, train = [], []
+    for c, n_c in enumerate(COUNTS[50]):
+        order = rng.permutation(np.flatnonzero(digits.target == c))
+        test += order[:50].tolist()
+        train += order[50:50 + n_c].tolist()
+    assert digits_lt_indices(50, "test", seed).tolist() == sorted(test)
+    assert digits_lt_indices(50, "train", seed).tolist() == sorted(train)

@@ -30,3 +30,14 @@ def test_errors():
         build_model("vgg16", 64)
     for name in MODEL_NAMES:
         assert name in str(info.value)
+
+
+def test_resnet_keyword_arguments_are_passed_through():
+    assert build_model("resnet18", 6, normalize=True).normalize is True
+    assert build_model("resnet18", 6).normalize is False
+
+
+@pytest.mark.parametrize("name", ["BN-Inception", "bninception", "BN_Inception"])
+def test_bn_inception_spellings_are_named(name):
+    with pytest.raises(ValueError, match="BN-Inception is not available"):
+        build_model(name, 64)

@@ -60,3 +60,27 @@ def test_non_floating_input_is_named():
         net(torch.zeros(2, 1, 8, 8, dtype=torch.long))
     with pytest.raises(TypeError, match="got ndarray"):
         net(torch.zeros(2, 1, 8, 8).numpy())
+
+
+@pytest.mark.parametrize("width, embedding_size", [(32, 64), (4, 3)])
+def test_layers_and_parameter_count_are_the_documented_ones(width, embedding_size):
+    """conv(1->w) BN ReLU conv(w->2w) BN ReLU maxpool2 conv(2w->2w) BN ReLU flatten
+    linear(2w*16 -> E): bias-free 3x3 convolutions, a biased linear head."""
+    net = DigitsEmbeddingNet(embedding_size=embedding_size, width=width)
+    w = width
+    kinds = [type(m).__name__ for m in net.features]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d",
+                     "Conv2d", "BatchNorm2d", "ReLU", "Flatten"]
+    convs = 9 * (1 * w + w * 2 * w + 2 * w * 2 * w)
+    batch_norms = 2 * (w + 2 * w + 2 * w)
+    head = 2 * w * 16 * embedding_size + embedding_size
+    assert sum(p.numel() for p in net.parameters()) == convs + batch_norms + head
+    if (width, embedding_size) == (32, 64):
+        assert convs + batch_norms + head == 121504  # "about 120k parameters at the defaults"
+
+
+def test_pooling_takes_the_maximum_of_each_2x2_window():
+    net = DigitsEmbeddingNet(embedding_size=4).eval()
+    pool = net.features[6]
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert pool(x).flatten().tolist() == [5.0, 7.0, 13.0, 15.0]

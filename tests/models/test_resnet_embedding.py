@@ -127,3 +127,35 @@ def test_normalize_must_be_a_bool(name, value):
 
     with pytest.raises(TypeError, match=f"normalize must be True or False, got {value!r}"):
         build_model(name, 8, normalize=value)
+
+
+def test_a_state_dict_missing_a_key_is_refused(resnet18_file, tmp_path):
+    _, reference = resnet18_file
+    partial = {k: v for k, v in reference.items() if k != "layer4.1.bn2.running_var"}
+    path = tmp_path / "partial.pth"
+    torch.save(partial, path)
+    with pytest.raises(ValueError, match=r"(?s)not a torchvision resnet18 state_dict.*Missing key.*layer4\.1\.bn2\.running_var"):
+        ResNetEmbedding("resnet18", 4, pretrained=path)
+
+
+@pytest.mark.parametrize("value, error", [(0, TypeError), ("", FileNotFoundError)], ids=["zero", "empty-path"])
+def test_falsy_pretrained_values_other_than_false_and_none_are_refused(value, error):
+    # only False and None mean "no weights": 0 is no bool, "" no file
+    from pml_dsb.models.resnet_embedding import resolve_pretrained
+
+    assert resolve_pretrained("resnet18", False) is None and resolve_pretrained("resnet18", None) is None
+    with pytest.raises(error, match="pretrained"):
+        resolve_pretrained("resnet18", value)
+
+
+def test_hub_cache_falls_back_to_the_older_resnet50_file(tmp_path, monkeypatch):
+    from pml_dsb.models.resnet_embedding import resolve_pretrained
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    v1 = tmp_path / "checkpoints" / "resnet50-0676ba61.pth"
+    v1.write_bytes(b"")  # resolve_pretrained only locates the file
+    assert resolve_pretrained("resnet50", True) == str(v1)
+    v2 = tmp_path / "checkpoints" / "resnet50-11ad3fa6.pth"
+    v2.write_bytes(b"")
+    assert resolve_pretrained("resnet50", True) == str(v2)  # the default (V2) first
