@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -107,3 +108,34 @@ def test_niter_reaches_the_kmeans_and_is_checked_before_the_search(data, monkeyp
     monkeypatch.setattr(module, "retrieval_ranks", no_search)
     with pytest.raises(ValueError, match=r"niter must be an int >= 1, got 0"):
         evaluate_embeddings(x, y, niter=0)
+
+
+@pytest.mark.parametrize("ks", [(True,), (1, False), (1, 2.0), (-1,)])
+def test_recall_ks_refuse_bools_floats_and_negatives(data, ks):
+    # True would have been read as K=1
+    x, y = data
+    with pytest.raises(ValueError, match=r"recall_ks must hold positive ints, got " + re.escape(repr(tuple(ks)))):
+        evaluate_embeddings(x, y, recall_ks=ks, nmi=False)
+
+
+@pytest.mark.parametrize("counts", [np.array([150.0, 50.0, 0.0, 10.0, 200.0, 20.0]),
+                                    torch.tensor([150.0, 50.0, 0.0, 10.0, 200.0, 20.0]),
+                                    {0: 150, 1: 50, 2: 0, 3: 10, 4: 200, 5: 20}])
+def test_train_counts_of_zero_and_whole_floats_are_counts(data, counts):
+    """A class never seen in training (count 0) is a few-shot class; float
+    arrays of whole numbers (np.bincount of weights, say) are counts."""
+    x, y = data
+    groups = evaluate_embeddings(x, y, recall_ks=(1,), nmi=False, train_counts=counts)["groups"]
+    lower, upper, lone = brute_force_hits(x, y, ks=(1,))
+    for group, classes in (("many", [0, 4]), ("medium", [1, 5]), ("few", [2, 3])):
+        mask = np.isin(y, classes) & ~lone
+        assert groups[group]["num_queries_evaluated"] == mask.sum()
+        assert groups[group]["recall_at_1"] == pytest.approx(lower[1][mask].mean(), abs=1e-12)
+    assert groups["few"]["num_classes"] == 1  # class 2; class 3 has no evaluated query
+
+
+def test_train_counts_refuse_negative_and_fractional_counts(data):
+    x, y = data
+    for counts, shown in (([1, 2, -1, 4, 5, 6], "-1 for label 2"), (np.array([1.5, 2, 3, 4, 5, 6]), "1.5 for label 0")):
+        with pytest.raises(ValueError, match=r"train_counts must hold non-negative integer counts, got " + shown):
+            evaluate_embeddings(x, y, nmi=False, train_counts=counts)

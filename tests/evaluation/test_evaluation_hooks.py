@@ -197,3 +197,96 @@ def test_tester_kwargs_reach_the_tester_and_reserved_ones_are_refused(tmp_path):
     for reserved in ("accuracy_calculator", "end_of_testing_hook"):
         with pytest.raises(ValueError, match=rf"tester_kwargs must not set '{reserved}'"):
             make_retrieval_hooks({"val": val}, tmp_path, tensorboard=False, tester_kwargs={reserved: None})
+
+
+def test_log_freq_prefix_validation_split_and_collate_fn_reach_pml(tmp_path):
+    """A validation split not named "val", every split tested (splits_to_eval
+    None), losses logged every 2nd iteration as PML's rule says (iteration %
+    log_freq == 0), tables named with the prefix, the collate function used."""
+    torch.manual_seed(0)
+    train, val = _datasets()
+    trunk = torch.nn.Linear(8, 8)
+    collated = []
+
+    def collate(batch):
+        collated.append(len(batch))
+        return torch.utils.data.default_collate(batch)
+
+    hooks = make_retrieval_hooks(
+        {"train": train, "test": val}, tmp_path / "run", recall_ks=(1,), validation_split_name="test",
+        dataloader_num_workers=0, batch_size=64, data_device=CPU, tensorboard=False, log_freq=2,
+        record_group_name_prefix="exp7", test_collate_fn=collate,
+    )
+    # before any test: both splits readable, each against itself
+    assert hooks.tester.reference_split_names == {"train": ["train"], "test": ["test"]}
+    assert hooks.accuracy_history("train") == {} and hooks.accuracy_history() == {}
+    iterations = []
+
+    def on_iteration(trainer):
+        iterations.append(trainer.iteration)
+        hooks.end_of_iteration_hook(trainer)
+
+    _train(trunk, train, hooks, lr=0.1, epochs=2, end_of_iteration_hook=on_iteration)
+    hooks.close()
+    assert hooks.validation_split_name == "test" and hooks.hook_container.validation_split_name == "test"
+    # the default split is the validation split: the test set's recall, recomputed
+    expected = evaluate_embeddings(*_embed(trunk, val), recall_ks=(1,), nmi=False)["recall_at_1"]
+    assert hooks.accuracy_history()["recall_at_1_level0"][-1] == pytest.approx(expected, abs=1e-9)
+    assert hooks.accuracy_history() == hooks.accuracy_history("test") != hooks.accuracy_history("train")
+    assert {"epoch", "recall_at_1_level0", "NMI_level0", "num_lone_queries_level0"} <= set(hooks.accuracy_history())
+    for split in ("train", "test"):  # the best epoch of the split asked for, by its recall_at_1
+        history = hooks.accuracy_history(split)
+        best = int(np.argmax(history["recall_at_1_level0"]))
+        assert hooks.best_epoch_and_accuracy(split) == (
+            history["epoch"][best], pytest.approx(history["recall_at_1_level0"][best]))
+    assert hooks.best_epoch_and_accuracy("train")[1] != hooks.best_epoch_and_accuracy()[1]
+    table = hooks.hook_container.record_group_name(hooks.tester, "test")
+    assert table.startswith("exp7_") and table.endswith("_TEST_vs_self")
+    with sqlite3.connect(os.path.join(hooks.log_folder, "logs.db")) as db:
+        assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 2
+    logged = sum(1 for i in iterations if i % 2 == 0)
+    assert 0 < logged < len(iterations)
+    assert len(hooks.hook_container.get_loss_history()["metric_loss"]) == logged
+    # two tests of two splits: train in 2 batches of 64, test in 2 (96 and 72 samples)
+    assert collated and sum(collated) == 2 * (96 + 72)
+
+
+def test_an_empty_dataset_dict_is_refused(tmp_path):
+    for bad in ({}, [("val", None)]):
+        with pytest.raises(ValueError, match=r"dataset_dict must be a non-empty mapping split name -> dataset"):
+            make_retrieval_hooks(bad, tmp_path)
+
+
+def test_tensorboard_none_uses_it_when_installed(tmp_path, monkeypatch):
+    """tensorboard=None writes to tensorboard when the module imports (a
+    stand-in here), False never does."""
+    import types
+
+    made = []
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            made.append(log_dir)
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    _, val = _datasets()
+    hooks = make_retrieval_hooks({"val": val}, tmp_path)
+    assert isinstance(hooks.tensorboard_writer, SummaryWriter)
+    assert made == [os.path.join(str(tmp_path), "tensorboard")] == [hooks.tensorboard_folder]
+    assert hooks.record_keeper.tensorboard_writer is hooks.tensorboard_writer
+    hooks = make_retrieval_hooks({"val": val}, tmp_path, tensorboard=False)
+    assert hooks.tensorboard_writer is None and hooks.tensorboard_folder is None and len(made) == 1
+
+
+def test_patience_zero_is_allowed_and_a_negative_one_refused(tmp_path):
+    _, val = _datasets()
+    hooks = make_retrieval_hooks({"val": val}, tmp_path, tensorboard=False, patience=0)
+    assert hooks.end_of_epoch_hook is not None
+    with pytest.raises(ValueError, match=r"patience must be an int >= 0, got -1"):
+        make_retrieval_hooks({"val": val}, tmp_path, tensorboard=False, patience=-1)

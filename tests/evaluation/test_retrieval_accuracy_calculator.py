@@ -267,3 +267,71 @@ def test_a_missing_module_without_an_extra_names_its_top_level_package():
     with pytest.raises(ModuleNotFoundError, match=r"'no_such_pkg_q7\.sub\.mod' is required for testing .*"
                                                   r"Install it with: pip install no_such_pkg_q7$"):
         _optional.require("no_such_pkg_q7.sub.mod", "testing")
+
+
+def test_reference_labels_without_reference_are_refused(data):
+    x, y = data
+    calc = RetrievalAccuracyCalculator(recall_ks=(1,))
+    with pytest.raises(ValueError, match=r"reference_labels was given without reference; expected both or neither"):
+        calc.get_accuracy(x, y, None, y)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"return_per_class": True}, {"avg_of_avgs": True}])
+def test_every_query_lone_gives_nan_like_pml(kwargs):
+    """Three singleton classes: no query has a same-label neighbour. PML
+    gives NaN, one NaN per class with return_per_class."""
+    x, y = torch.eye(3), torch.tensor([0, 1, 2])
+    calc = RetrievalAccuracyCalculator(recall_ks=(1,), include=("recall_at_1",), **kwargs)
+    ours = calc.get_accuracy(x, y)["recall_at_1"]
+    pml = AccuracyCalculator(include=("precision_at_1",), k=2, device=CPU, **kwargs).get_accuracy(x, y)
+    np.testing.assert_array_equal(ours, pml["precision_at_1"])  # NaN equals NaN here
+    assert np.shape(ours) == ((3,) if kwargs.get("return_per_class") else ())
+
+
+def test_no_clustering_without_nmi(data, monkeypatch):
+    from pml_dsb.evaluation import retrieval_accuracy_calculator as module
+
+    def no_kmeans(*args, **kwargs):
+        raise AssertionError("k-means run although NMI was not requested")
+
+    monkeypatch.setattr(module, "kmeans_cluster_labels", no_kmeans)
+    x, y = data
+    out = RetrievalAccuracyCalculator(recall_ks=(1,), exclude=("NMI",)).get_accuracy(x, y)
+    assert set(out) == {"recall_at_1", "num_lone_queries"}
+    assert out["recall_at_1"] == pytest.approx(pml_p_at_1(x, y), abs=1e-12)
+
+
+def test_knn_func_follows_pmls_protocol(data):
+    """calc.knn_func(query, k, reference, ref_includes_query) -> (similarities,
+    indices), as PML's FaissKNN: the query's own row skipped only with
+    ref_includes_query=True; checked against a brute-force sort."""
+    x, _ = data
+    calc = RetrievalAccuracyCalculator(recall_ks=(1,))
+    q = x[:10]
+    sims = q.double().numpy() @ x.double().numpy().T
+    for ref_includes_query in (False, True):
+        s = sims.copy()
+        if ref_includes_query:
+            s[np.arange(10), np.arange(10)] = -np.inf
+        want = np.argsort(-s, axis=1, kind="stable")[:, :3]
+        got_sims, got_idx = calc.knn_func(q, 3, x, ref_includes_query)
+        assert isinstance(got_idx, torch.Tensor) and got_idx.shape == (10, 3)
+        np.testing.assert_array_equal(got_idx.numpy(), want)
+        np.testing.assert_allclose(got_sims.numpy(), np.take_along_axis(s, want, axis=1), atol=1e-5)
+    assert (calc.knn_func(q, 1, x, False)[1][:, 0].numpy() == np.arange(10)).all()
+
+
+def test_kmeans_func_gets_the_seed_restarts_and_iterations(data, monkeypatch):
+    from pml_dsb.evaluation import retrieval_accuracy_calculator as module
+
+    seen = []
+
+    def record(x, k, **kwargs):
+        seen.append((k, kwargs))
+        return np.zeros(len(x), dtype=np.int64)
+
+    monkeypatch.setattr(module, "kmeans_cluster_labels", record)
+    x, _ = data
+    calc = RetrievalAccuracyCalculator(nmi_seed=5, nredo=2, niter=7)
+    assert calc.kmeans_func(x, 8).tolist() == [0] * len(x)
+    assert seen == [(8, {"seed": 5, "nredo": 2, "niter": 7})]

@@ -245,3 +245,54 @@ def test_undefined_values_are_left_out_of_means_and_stds():
     nmi = [0.5 + r1 / 4 for r1 in (0.4, 0.5)]
     assert summary["per_method"]["CB-ST"]["mean"]["NMI"] == pytest.approx(np.mean(nmi))
     assert summary["per_method"]["CB-ST"]["std"]["NMI"] == pytest.approx(np.std(nmi, ddof=1))
+
+
+def test_paired_rows_of_table_md_against_scipy():
+    """The paired table's cells, recomputed from the seeds with numpy and
+    scipy: signed mean ± sample std of the differences in % points, p with 3
+    significant digits, * only when p < 0.05 (one pair below, one above)."""
+    cfg = _digits_config()
+    r1 = {"NSM": [0.5, 0.6, 0.7], "DSB-NSM": [0.6, 0.71, 0.8], "ST": [0.4, 0.5, 0.6], "CB-ST": [0.33, 0.52, 0.61]}
+    runs = {m: [fake_result(m, s, v) for s, v in zip([0, 1, 2], vals)] for m, vals in r1.items()}
+    md = format_table_markdown(summarize(cfg, runs, [150, 50, 10, 5]))
+
+    def cells(method, parent):
+        a = {"R@1": np.array(r1[method]), "R@2": np.minimum(1, np.array(r1[method]) + 0.05),
+             "NMI": 0.5 + np.array(r1[method]) / 4}
+        b = {"R@1": np.array(r1[parent]), "R@2": np.minimum(1, np.array(r1[parent]) + 0.05),
+             "NMI": 0.5 + np.array(r1[parent]) / 4}
+        diffs = [f"{100 * (a[m] - b[m]).mean():+.2f} ± {100 * (a[m] - b[m]).std(ddof=1):.2f}" for m in a]
+        ps = [ttest_rel(a[m], b[m]).pvalue for m in a]
+        return "| " + " | ".join([method, parent, *diffs, *(f"{p:.3g}" + ("*" if p < 0.05 else "") for p in ps)]) + " |"
+
+    p_dsb, p_cb = ttest_rel(r1["DSB-NSM"], r1["NSM"]).pvalue, ttest_rel(r1["CB-ST"], r1["ST"]).pvalue
+    assert p_dsb < 0.05 < p_cb and f"{p_cb:.3g}" != f"{p_cb:.2g}"
+    rows = [line for line in md.splitlines() if line.startswith(("| DSB-NSM | NSM |", "| CB-ST | ST |"))]
+    assert rows == [cells("DSB-NSM", "NSM"), cells("CB-ST", "ST")] * 2  # best and last epoch (the same here)
+    assert "-1.33 ± " in rows[1]  # a negative mean keeps its sign
+
+
+def test_a_method_whose_parent_did_not_run_has_no_pair():
+    cfg = config_from_dict({"name": "t", "dataset": {"name": "digits_lt", "imbalance_factor": 10},
+                            "methods": ["DSB-NSM", "ST"], "seeds": [0, 1]})
+    runs = {m: [fake_result(m, s, v) for s, v in zip([0, 1], [0.5, 0.6])] for m in ("DSB-NSM", "ST")}
+    summary = summarize(cfg, runs, [150, 50, 10, 5])
+    assert summary["paired"] == {} and summary["paired_last_epoch"] == {}
+    assert "## Paired difference" not in format_table_markdown(summary)
+
+
+def test_the_untrained_line_is_the_mean_over_all_methods_and_needs_every_method():
+    cfg = _digits_config()
+    runs = make_runs()
+    init_r1 = {"NSM": [0.1, 0.2, 0.3], "DSB-NSM": [0.4, 0.5, 0.6], "ST": [0.2, 0.2, 0.2], "CB-ST": [0.3, 0.1, 0.9]}
+    for method, vals in init_r1.items():
+        for r, v in zip(runs[method], vals):
+            r["init_metrics"]["recall_at_1"] = v
+    summary = summarize(cfg, runs, [150, 50, 10, 5])
+    want = 100 * np.mean([np.mean(v) for v in init_r1.values()])
+    assert f"Untrained network (epoch 0, mean over runs): R@1 {want:.2f}, R@2 40.00, NMI 20.00." in \
+        format_table_markdown(summary)
+    assert summary["per_method"]["CB-ST"]["init_std"]["recall_at_1"] == pytest.approx(np.std([0.3, 0.1, 0.9], ddof=1))
+    # a results.json without one method's untrained figures (an older run): no line rather than a partial mean
+    del summary["per_method"]["ST"]["init_mean"]
+    assert "Untrained network" not in format_table_markdown(summary)
