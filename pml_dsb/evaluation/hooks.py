@@ -165,7 +165,8 @@ def make_retrieval_hooks(
         recall_ks: K of the default calculator's ``recall_at_<k>`` metrics.
         accuracy_calculator: use this calculator instead of
             ``RetrievalAccuracyCalculator(recall_ks=recall_ks)``.
-        primary_metric: metric that picks the best model.
+        primary_metric: metric that picks the best model (the largest value
+            wins): one of the calculator's accuracies, not ``num_lone_queries``.
         validation_split_name: the split whose ``primary_metric`` picks it.
         splits_to_eval, test_collate_fn, test_interval, patience: as PML's
             ``end_of_epoch_hook``.
