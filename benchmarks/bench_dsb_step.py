@@ -38,7 +38,8 @@ from pytorch_metric_learning.losses import NormalizedSoftmaxLoss, SoftTripleLoss
 # this checkout's package, not an installed one (an editable install of another clone)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pml_dsb import DSBNormalizedSoftmaxLoss, DSBSoftTripleLoss, SemanticScaleMemory  # noqa: E402
-from pml_dsb.memory import semantic_scale_memory as memory_module  # noqa: E402
+# the memory's module that calls the factorisations (PartTimes times them there)
+from pml_dsb.memory import _class_statistics as statistics_module  # noqa: E402
 
 from bench_environment import run_settings  # noqa: E402
 
@@ -141,7 +142,7 @@ class PartTimes:
         self._wrap(memory, "_enqueue", "enqueue", device)
         self._wrap(memory, "scales", "refresh", device)
         for name in ("logdet_spd", "logdet_and_inverse_spd"):
-            self._wrap(memory_module, name, "factorise", device)
+            self._wrap(statistics_module, name, "factorise", device)
 
     def _wrap(self, owner, name: str, key: str, device: torch.device) -> None:
         original = getattr(owner, name)
@@ -164,7 +165,7 @@ class PartTimes:
 
     def restore(self) -> None:
         for owner, name, original in reversed(self._undo):
-            if owner is memory_module:
+            if owner is statistics_module:
                 setattr(owner, name, original)
             else:
                 delattr(owner, name)  # back to the class's method

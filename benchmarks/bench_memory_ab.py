@@ -10,9 +10,10 @@ here, one that breaks it shows as large). The same code against itself gave
 ratios of 0.94-1.00 over 10-30 steps on a shared 2-core machine: read
 differences of a few percent as noise.
 
-The revision's memory module is loaded from ``git show REV:...`` and imports
-the rest of the package from the working tree, so this works for revisions
-whose memory needs nothing the working tree has removed.
+The revision's memory package (``pml_dsb/memory/``, every module of it) is
+loaded from ``git archive REV`` and imports the rest of the package from the
+working tree, so this works for revisions whose memory needs nothing the
+working tree has removed.
 
     python benchmarks/bench_memory_ab.py --rev HEAD~3
     python benchmarks/bench_memory_ab.py --rev 3ef0022 --shapes cub512 --addressing index --steps 300
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import math
 import os
@@ -28,6 +30,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -45,24 +48,28 @@ from bench_environment import run_settings  # noqa: E402
 
 from pml_dsb import SemanticScaleMemory  # noqa: E402
 
-MODULE = "pml_dsb/memory/semantic_scale_memory.py"
+PACKAGE = "pml_dsb/memory"
 
 
 def memory_class_at(rev: str):
-    """``SemanticScaleMemory`` as the memory module was at git revision ``rev``."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    shown = subprocess.run(["git", "show", f"{rev}:{MODULE}"], cwd=here, capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise SystemExit(f"git show {rev}:{MODULE} failed: {shown.stderr.strip()}")
-    source = shown.stdout
-    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-        f.write(source)
-    # a name inside the package, so that the module's relative imports resolve
-    spec = importlib.util.spec_from_file_location("pml_dsb.memory._baseline", f.name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    os.unlink(f.name)
-    return module.SemanticScaleMemory
+    """``SemanticScaleMemory`` as the memory package was at git revision ``rev``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", rev, PACKAGE], cwd=os.path.dirname(_HERE), capture_output=True)
+        if archive.returncode != 0:
+            raise SystemExit(f"git archive {rev} {PACKAGE} failed: {archive.stderr.decode().strip()}")
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            # the "data" filter where this Python has it (3.10.12+, 3.11.4+)
+            tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        # a package beside pml_dsb.memory, so that its relative imports resolve:
+        # its own modules from the revision, the rest of pml_dsb from the working tree
+        name, folder = "pml_dsb._baseline_memory", os.path.join(tmp, PACKAGE)
+        spec = importlib.util.spec_from_file_location(
+            name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[name] = package
+        spec.loader.exec_module(package)  # imports its modules while the files exist
+    return package.SemanticScaleMemory
 
 
 def compare(baseline_cls, shape_name: str, addressing: str, steps: int, warmup: int, seed: int) -> dict:

@@ -110,7 +110,7 @@ def test_small_chunks_and_coarse_buckets_give_the_same_scales(gen, np_ref, monke
     moment updates and the Gram rows of new samples) and the coarse batches
     chosen on GPUs (max_buckets) must change nothing but rounding; nor must a
     batch's moments summed per sample (CPU, small d) or class by class."""
-    import pml_dsb.memory.semantic_scale_memory as module
+    import pml_dsb.memory._class_statistics as module
 
     stream = _batches(gen, indexed)
     batches = [next(stream) for _ in range(25)]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pml_dsb import SemanticScaleMemory
-from pml_dsb.memory.semantic_scale_memory import _low_rank_logdet_update
+from pml_dsb.memory._low_rank import _low_rank_logdet_update
 
 D = 8
 # dataset of 40 samples: class sizes from 14 down to a class with 2 samples
@@ -667,23 +667,23 @@ def test_a_failed_low_rank_update_drops_the_cache(gen, np_ref, monkeypatch, gram
     ok, forced False here for one enqueue) leaves the class to an exact refresh:
     its cache is dropped, so that a second enqueue before the next scales()
     does not update it from a log det that missed the first one."""
-    from pml_dsb.memory import semantic_scale_memory as ssm
+    from pml_dsb.memory import _low_rank
 
     labels, centres = _dataset(gen)
     memory = _memory(gram_size)
     _warm(memory, _sampler(gen, labels, centres, batch=6), 20)
     assert bool(memory.cache_valid[0])
-    real = ssm._woodbury_core
+    real = _low_rank._woodbury_core
 
     def failing(u, w, core):
         change, ok, x = real(u, w, core)
         return change, torch.zeros_like(ok), x
 
-    monkeypatch.setattr(ssm, "_woodbury_core", failing)
+    monkeypatch.setattr(_low_rank, "_woodbury_core", failing)
     first, second = torch.nonzero(labels == 0).flatten()[:2]
     memory.enqueue(centres[0] + 0.3 * torch.randn(1, D, generator=gen), labels[first : first + 1], first.view(1))
     assert not bool(memory.cache_valid[0]) and bool(memory.stale[0])
-    monkeypatch.setattr(ssm, "_woodbury_core", real)
+    monkeypatch.setattr(_low_rank, "_woodbury_core", real)
     memory.enqueue(centres[0] + 0.3 * torch.randn(1, D, generator=gen), labels[second : second + 1], second.view(1))
     np.testing.assert_allclose(memory.scales().numpy(), _reference(memory, np_ref), rtol=RTOL, atol=1e-12)
 
