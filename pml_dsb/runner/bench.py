@@ -14,8 +14,9 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from .._device import resolve_device
 from ..distributed.ddp import barrier, current_context
-from .builders import build_embedding_model, build_run_data, check_m_per_class, resolve_device, samples_per_epoch
+from .builders import build_embedding_model, build_run_data, check_m_per_class, samples_per_epoch
 from .config import BenchConfig, ConfigError, RuntimeConfig, dump_config, load_config
 from .results import environment_info, now_iso, summarize, write_environment, write_run_folder
 from .training import check_resumable, compatibility_key, on_main, train_one

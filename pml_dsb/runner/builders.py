@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .._device import resolve_device
 from ..datasets.indexed import IndexedDataset
 from .config import BenchConfig, ConfigError, DatasetConfig, ModelConfig, TrainingConfig
 

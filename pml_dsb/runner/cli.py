@@ -164,10 +164,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
     progress bars and print nothing."""
     import torch
 
+    from .._device import resolve_device
     from ..distributed.ddp import destroy, init_from_env
     from ..distributed.gather import is_distributed
     from .bench import RunFolderExistsError, configure_runtime, run_benchmark
-    from .builders import resolve_device
     from .checkpoint import CheckpointError
     from .config import ConfigError, apply_overrides, default_config_path, load_config
 

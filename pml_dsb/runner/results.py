@@ -573,7 +573,6 @@ class Run:
     def load_model(self, method: str, seed: int, device: str = "cpu", which: str = "best"):
         """The embedding model of (method, seed) with the weights of its
         ``best.pt`` (or ``last.pt``), in eval mode, on ``device``."""
-        from .builders import build_embedding_model
         from .checkpoint import load_checkpoint
 
         method = canonical_method(method)

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from .._atomic import atomic_file
+from .._device import resolve_device
 from .._json import json_safe, read_json
 from ..distributed.ddp import (
     all_gather_objects,
@@ -79,7 +80,6 @@ from .builders import (
     build_eval_loader,
     build_run_data,
     build_train_loader,
-    resolve_device,
     samples_per_epoch,
     train_sampler,
 )

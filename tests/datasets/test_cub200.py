@@ -177,7 +177,7 @@ def test_a_class_id_outside_1_to_200_is_refused_naming_the_line(cub_root, bad):
     lines = labels_txt.read_text(encoding="utf-8").splitlines(keepends=True)
     lines[2] = f"3 {bad}\n"
     labels_txt.write_text("".join(lines), encoding="utf-8")
-    with pytest.raises(ValueError, match=f"line 3 of .*image_class_labels.txt.*class id from 1 to 200"):
+    with pytest.raises(ValueError, match="line 3 of .*image_class_labels.txt.*class id from 1 to 200"):
         CUB200(cub_root, split="train")
 
 
