@@ -185,12 +185,16 @@ class SemanticScaleMemory(LowRankCaches, ClassStatistics, torch.nn.Module):
             whose float64 algebra would carry float32 products' rounding as
             spread), and agrees within ~1e-6 relative for
             well-spread classes, but loses accuracy as a class's spread shrinks:
-            6 samples at d = 16 spread ~0.03, 0.003, 0.0003 about their mean
-            gave 2e-5, 3e-3, 0.2 relative (medians of 20 draws); so does a
-            spread of norms with ``l2_normalize=False`` (8 rows at d = 6, half
-            of norm ~2.5, half ~250: 2.5e-5). A class of
-            identical samples still gets 0. Check it on your data with
-            :func:`pml_dsb.class_semantic_scales` in float64 before using it.
+            6 unit rows at d = 16, each at distance 0.1, 0.03, 0.01, 0.0035 from
+            a common unit vector, gave 1.6e-6, 1.4e-5, 2.5e-4, 3.1e-3 relative
+            (medians of 20 draws, benchmarks/bench_float32_tight_classes.py);
+            scales below 1e-4 bits (here from distance 0.003 down) are
+            recomputed from the class's stored rows in float64 and are exact
+            again. So does a spread of norms with
+            ``l2_normalize=False`` (8 rows at d = 6, half of norm ~2.5, half
+            ~250: 2.5e-5). A class of identical samples still gets 0. Check it
+            on your data with :func:`pml_dsb.class_semantic_scales` in float64
+            before using it.
         gram_size: classes up to this many samples are kept in Gram form,
             larger ones as d x d moments (default ``max(2, embedding_size // 2)``,
             where both forms cost about the same; never more than
