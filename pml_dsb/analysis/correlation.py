@@ -126,7 +126,7 @@ def _as_seed_class(name: str, value, num_seeds: Optional[int] = None) -> np.ndar
 def scored_classes(scale: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
     """(C,) mask of the classes with a scale (``S > 0``) and a finite accuracy
     in every seed (rows of the (seeds, C) arrays). S = 0 is "no scale yet"
-    (fewer than 2 samples, docs/DEFINITIONS.md): such a class, or one without
+    (fewer than 2 samples or no spread, docs/DEFINITIONS.md): such a class, or one without
     an accuracy, would enter the correlations as a value."""
     return (np.isfinite(scale) & (scale > 0)).all(0) & np.isfinite(accuracy).all(0)
 

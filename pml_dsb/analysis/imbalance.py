@@ -2,8 +2,8 @@
 
 The count imbalance factor is ``max n_c / min n_c``; the scale imbalance
 ratio is ``max S_c / min S_c`` over the classes that have a scale
-(``S_c > 0``, i.e. at least two samples; S = 0 means "no scale yet", as in
-docs/DEFINITIONS.md). The classes with a scale are ranked by scale, rank 1 the
+(``S_c > 0``; S = 0 means "no scale yet", as in docs/DEFINITIONS.md: fewer
+than two samples, or samples with no spread). The classes with a scale are ranked by scale, rank 1 the
 smallest (the class the paper expects the model to be weakest on), beside
 their rank by count among them, with the Spearman correlation of the two
 rankings. Classes without a scale are listed last, unranked: a 0 ranked or

@@ -73,7 +73,7 @@ class RunTable:
     def complete(self, method: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(classes, train_count, scale, accuracy)`` of ``method`` restricted
         to the classes that have a scale (``S > 0``: a 0 means fewer than two
-        samples, "no scale yet") and a Recall@1 in every seed."""
+        samples or no spread, "no scale yet") and a Recall@1 in every seed."""
         if method not in self.scale:
             raise KeyError(f"method {method!r} is not in the run (it has {self.methods})")
         s, a = self.scale[method], self.accuracy[method]

@@ -22,10 +22,11 @@ def default_transform(
       horizontal flip; test: resize the short side to
       ``round(image_size * 256 / 224)``, ``CenterCrop(image_size)``; both
       then ``ToTensor`` and ImageNet mean/std normalisation.
-    - ``"cifar100lt"`` (default ``image_size`` 32): train:
-      ``RandomCrop(32, padding=4)``, horizontal flip; test: nothing; a
-      ``Resize(image_size)`` first when ``image_size != 32``; both then
-      ``ToTensor`` and CIFAR-100 mean/std normalisation.
+    - ``"cifar100lt"`` (default ``image_size`` 32): a ``Resize(image_size)``
+      first when ``image_size != 32``; train: ``RandomCrop(image_size,
+      padding=4 * image_size // 32)`` (``RandomCrop(32, padding=4)`` at 32),
+      horizontal flip; test: nothing more; both then ``ToTensor`` and
+      CIFAR-100 mean/std normalisation.
     - ``"digitslt"``: ``None`` (its images already are ``1 x 8 x 8`` tensors
       in ``[0, 1]``).
 

@@ -56,9 +56,9 @@ __all__ = [
     "gather_batch",
 ]
 
-# status vector exchanged before any data: (failed, batch size, has indices,
-# label fingerprint, embedding fingerprint, embedding dtype code)
-_STATUS_LEN = 6
+# the status vector exchanged before any data (see check_batch_collectively):
+# (failed, batch size, has indices, label fingerprint, embedding fingerprint,
+# embedding dtype code, embedding dim, enqueues: 1, 0 or -1 for not given)
 
 # embedding dtypes by code (-1: none of these, e.g. a rejected batch)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
