@@ -35,10 +35,12 @@ them every ``exact_refresh_every`` updates and whenever the count changes.
 (In a first-in-first-out memory the count of a touched class mostly changes,
 which rescales the whole matrix, so no low-rank update exists there.)
 
-Sampling caveat: first in, first out equals "the latest embedding of every
-training sample" only when the sampler visits each sample once per epoch and
-M equals the training-set size. A class-balanced sampler fills the memory with
-its own class mix instead. Pass dataset indices to :meth:`enqueue` to get an
+Sampling caveat: first in, first out holds the last M samples enqueued. That
+is "the latest embedding of every training sample" only at the end of an epoch
+of a sampler that visits each sample once per epoch, with M the training-set
+size; in between, samples drawn late in the previous epoch and early in this
+one are held twice and others not at all. A class-balanced sampler fills the
+memory with its own class mix instead. Pass dataset indices to :meth:`enqueue` to get an
 index-addressed memory (one slot per sample), the faithful form for any sampler.
 
 All state, counters included, lives in registered buffers: ``state_dict()``,

@@ -299,8 +299,11 @@ class DSBConfig:
         normalize: ``mean`` (weights average 1) or ``none`` (raw ``1/S``).
         index_addressed: pass dataset indices to the loss, so that the memory
             holds one slot per training sample (needs ``memory_size`` = the
-            training-set size); ``false``: first in, first out (the paper's
-            form, equal to it for the ``random`` sampler).
+            training-set size), its latest embedding; ``false``: first in,
+            first out, the paper's Algorithm 2, which holds the last M draws:
+            with the ``random`` sampler the same samples as the index-addressed
+            memory at the end of each epoch only (in between, some samples of
+            late last epoch and early this one twice, others not at all).
     """
 
     warmup_epochs: int = 5
