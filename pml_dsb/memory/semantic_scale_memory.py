@@ -137,6 +137,15 @@ class _UnrecordedBuffers(MutableMapping):
         self._items.pop(name, None)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, also on torch < 2.4, whose
+    ``is_autocast_enabled()`` takes no argument and asks about CUDA only."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def _plain_mode(func):
     """Run ``func`` with CPU and CUDA autocast disabled and outside inference
     mode: the memory's statistics are computed in float32/float64 whatever the
@@ -149,7 +158,7 @@ def _plain_mode(func):
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
             for device_type in ("cpu", "cuda"):
-                if torch.is_autocast_enabled(device_type):
+                if _autocast_enabled(device_type):
                     stack.enter_context(torch.autocast(device_type, enabled=False))
             return func(*args, **kwargs)
 

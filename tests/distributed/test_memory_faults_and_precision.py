@@ -143,6 +143,42 @@ def test_bf16_autocast_stores_float32_and_scales_as_in_full_precision(gen, loss_
     torch.testing.assert_close(memory.scales(), fresh, rtol=tol, atol=tol)
 
 
+def test_autocast_is_turned_off_inside_the_memory_with_the_api_of_torch_before_2_4(gen, monkeypatch):
+    """Before torch 2.4 ``torch.is_autocast_enabled()`` took no argument and asked
+    about CUDA only (CPU had ``is_autocast_cpu_enabled()``): the memory must still
+    see CPU autocast and turn it off, so that float32 statistics are not bf16."""
+    from pml_dsb.memory import semantic_scale_memory as module
+
+    class TorchBefore24:  # torch as the memory module sees it, with the older queries
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def is_autocast_enabled():  # no argument: CUDA's state (still so on newer torch)
+            return torch.is_autocast_enabled()
+
+        @staticmethod
+        def is_autocast_cpu_enabled():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # deprecated from torch 2.4 on
+                return torch.is_autocast_cpu_enabled()
+
+    monkeypatch.setattr(module, "torch", TorchBefore24())
+    _autocast_enabled = module._autocast_enabled
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (_autocast_enabled("cpu"), _autocast_enabled("cuda")) == (True, False)
+    assert _autocast_enabled("cpu") is False
+    memory = SemanticScaleMemory(C, D, M, warmup_epochs=1, scale_dtype=torch.float32)
+    reference = SemanticScaleMemory(C, D, M, warmup_epochs=1, scale_dtype=torch.float32)
+    for _ in range(4):
+        emb, labels = torch.randn(8, D, generator=gen), torch.randint(0, C, (8,), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            memory.enqueue(emb, labels)
+            inside = memory.scales()
+        reference.enqueue(emb, labels)
+        assert torch.equal(inside, reference.scales())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_embeddings_are_stored_as_float32(gen, dtype):
     emb, labels = _batch(gen)

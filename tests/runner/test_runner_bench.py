@@ -423,7 +423,7 @@ def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(tmp_p
     # (only CUDA was checked: xpu failed with an AssertionError, meta at its first copy)
     from pml_dsb.runner.bench import run_benchmark
 
-    if device == "xpu" and torch.xpu.is_available():
+    if device == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():  # torch.xpu: torch >= 2.3
         pytest.skip("this machine has an xpu device")  # never on CI's CPU machines
     _, cfg = tiny_config(tmp_path, epochs=1, methods=["NSM"])
     with pytest.raises(ValueError, match=f"device '{device}'"):
@@ -734,4 +734,10 @@ def test_the_configured_optimizer_trains_the_model_and_the_loss(tmp_path, optimi
         if optimizer == "sgd":
             assert group["momentum"] == 0.5 and "betas" not in group
         else:
-            assert group["decoupled_weight_decay"] is True  # AdamW, not Adam's L2 penalty
+            # AdamW, not Adam's L2 penalty (the key exists from torch 2.7, where AdamW is an Adam)
+            assert group.get("decoupled_weight_decay", True) is True and "betas" in group
+    if optimizer == "adamw":
+        from pml_dsb.runner.training import _optimizer
+
+        built = _optimizer("adamw", [torch.nn.Parameter(torch.zeros(1))], lr=0.01, weight_decay=0.02, momentum=0.5)
+        assert type(built) is torch.optim.AdamW
