@@ -119,8 +119,8 @@ def build_train_loader(
     ``sampler = "random"``: a shuffled pass over the data per epoch, drawn
     from ``generator`` (whose state the checkpoint keeps). ``"m_per_class"``:
     PML's ``MPerClassSampler`` (``m_per_class`` samples of
-    ``batch_size / m_per_class`` classes per batch, an epoch as long as the
-    data); it draws from numpy's global RNG, which the run seeds and the
+    ``batch_size / m_per_class`` classes per batch, an epoch of the data's
+    size rounded down to whole batches); it draws from numpy's global RNG, which the run seeds and the
     checkpoint keeps, and its shuffled class order is kept as well.
 
     With more than one torch.distributed process, every rank builds this

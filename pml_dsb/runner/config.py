@@ -211,7 +211,7 @@ class TrainingConfig:
         lr_schedule: ``constant`` or ``cosine`` (over ``epochs``, per epoch).
         sampler: ``random`` (each sample once per epoch) or ``m_per_class``
             (PML's ``MPerClassSampler``, ``m_per_class`` per class per batch,
-            an epoch as long as the training set).
+            an epoch of the training set's size rounded down to whole batches).
         drop_last: drop the last incomplete batch.
         num_workers: DataLoader worker processes.
     """
@@ -354,8 +354,10 @@ class RuntimeConfig:
     Attributes:
         num_threads: ``torch.set_num_threads`` and faiss's OpenMP threads
             (0: leave the libraries' defaults); ``--threads`` overrides it.
-        deterministic: ``torch.use_deterministic_algorithms(True)`` (and the
-            cuBLAS workspace setting on CUDA).
+        deterministic: ``torch.use_deterministic_algorithms(True,
+            warn_only=True)`` (and the cuBLAS workspace setting on CUDA): an
+            operation without a deterministic implementation warns, it does
+            not raise.
     """
 
     num_threads: int = 1

@@ -12,7 +12,7 @@ Run-folder contract (``pml-dsb analyze`` and any other reader rely on it)::
         results.json               see below
         table.md                   the paper's table (Table 4: R@1, R@2, NMI per method, in %,
                                    mean ± std over seeds, each run at its best epoch; Table 5
-                                   form, with an IF column, for long-tailed sets), the paired
+                                   form, with an IF column, for imbalance factors above 1), the paired
                                    differences to the plain parent with paired t-tests, the same
                                    at the last epoch, the untrained network's values, and
                                    many/medium/few Recall@1 (closed-set datasets)
@@ -43,6 +43,7 @@ checkpoint (``scale_source = "test"``).
 ``results.json``::
 
     {"format": "pml-dsb-results", "version": 1, "name", "dataset", "imbalance_factor" (null if none),
+     "epochs": the configured training epochs,
      "closed_set", "train_class_counts": [n_0, ...], "metrics": ["recall_at_1", "recall_at_2", ..., "NMI"],
      "methods": [...], "seeds": [...],
      "per_method": {method: {
@@ -55,7 +56,9 @@ checkpoint (``scale_source = "test"``).
          "last_mean", "last_std", "init_mean", "init_std": the same at the last epoch / untrained,
          "groups": {"many"|"medium"|"few": {"mean": float, "std": float|null, "num_classes": int}}
                    (closed-set datasets only, best epochs),
-         "per_class_recall_at_1_mean": [...]}},
+         "per_class_recall_at_1_mean": [...],
+         "first_weighted_epoch": [per seed: the first epoch that ended with the loss weighted
+                   (stage 3), null if none] (methods whose histories record a DSB stage)}},
      "paired": {method: {"parent": parent, "n": seeds, metric: {"diff_mean", "diff_std", "t", "p",
                 "significant" (p < 0.05; null when n/a), "parent_std"}}},   (best epochs)
      "paired_last_epoch": {...the same at the last epoch...}}
@@ -282,11 +285,11 @@ def format_table_markdown(summary: Mapping[str, Any]) -> str:
     methods = summary["methods"]
     n = len(summary["seeds"])
     if_value = summary.get("imbalance_factor")
-    long_tailed = if_value is not None
+    long_tailed = if_value is not None and if_value > 1  # as DatasetConfig.long_tailed: IF 1 is balanced
     metric_names = [m for m in TABLE_METRICS if m in summary["metrics"]]
     labels = [_LABELS[m] for m in metric_names]
     lines = [f"# {summary['name']}: {summary['dataset']}"
-             + (f", imbalance factor {if_value:g}" if long_tailed else ""), ""]
+             + (f", imbalance factor {if_value:g}" if if_value is not None else ""), ""]
     lines.append(f"Mean ± sample std over {n} seed{'s' if n != 1 else ''} ({', '.join(map(str, summary['seeds']))}),"
                  " in %, each run at its best epoch by test Recall@1"
                  + (" (the paper's Table 5 form)." if long_tailed else " (the paper's Table 4 form)."))

@@ -296,3 +296,18 @@ def test_the_untrained_line_is_the_mean_over_all_methods_and_needs_every_method(
     # a results.json without one method's untrained figures (an older run): no line rather than a partial mean
     del summary["per_method"]["ST"]["init_mean"]
     assert "Untrained network" not in format_table_markdown(summary)
+
+
+@pytest.mark.parametrize("imbalance_factor", [1, 10])
+def test_an_imbalance_factor_of_1_gives_the_balanced_table_form(imbalance_factor):
+    """IF 1 is a balanced set (DatasetConfig.long_tailed): Table 4's form, no IF
+    column; the header still names the factor."""
+    cfg = config_from_dict({"name": "t", "dataset": {"name": "digits_lt", "imbalance_factor": imbalance_factor},
+                            "methods": ["NSM", "DSB-NSM", "ST", "CB-ST"], "seeds": [0, 1, 2]})
+    assert cfg.dataset.long_tailed == (imbalance_factor > 1)
+    md = format_table_markdown(summarize(cfg, make_runs(), [150, 50, 10, 5]))
+    assert md.startswith(f"# t: digits_lt, imbalance factor {imbalance_factor}\n")
+    if imbalance_factor == 1:
+        assert "(the paper's Table 4 form)" in md and "| NSM | 60.00 ± 10.00 |" in md and "| IF |" not in md
+    else:
+        assert "(the paper's Table 5 form)" in md and "| 10 | NSM | 60.00 ± 10.00 |" in md
