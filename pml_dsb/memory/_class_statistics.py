@@ -34,6 +34,16 @@ _CACHED_VALUES = 1 << 17
 _PER_SAMPLE_VALUES = 1 << 22
 
 
+def _cpu_tuned(tensor: torch.Tensor) -> bool:
+    """Whether the paths tuned for CPUs serve ``tensor``'s device: factorisations
+    of each class's own block, per-class loops over cache-sized blocks, fine size
+    buckets, low-rank updates from 128 rows on. Elsewhere (CUDA, other
+    accelerators) the batched forms, whose padding costs less than more kernel
+    launches and host synchronisations. The one switch between the two, so that
+    tests can run the accelerator paths on CPU tensors."""
+    return tensor.device.type == "cpu"
+
+
 def _rank_within_groups(inverse: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rank of each element among the elements of its group (stable order)."""
     order = torch.argsort(inverse, stable=True)
@@ -66,7 +76,7 @@ class ClassStatistics:
 
     def _buckets(self, sizes: torch.Tensor) -> list[torch.Tensor]:
         limit = self.max_buckets
-        if limit is None and sizes.device.type != "cpu":
+        if limit is None and not _cpu_tuned(sizes):
             limit = 3
         return size_buckets(sizes, 1.5, limit)
 
@@ -166,7 +176,7 @@ class ClassStatistics:
         z = z.to(torch.float64)
         signed = z * sign.unsqueeze(1)
         self.moment_sum.index_add_(0, index, signed)
-        d, cpu = self.embedding_size, z.device.type == "cpu"
+        d, cpu = self.embedding_size, _cpu_tuned(z)
         if cpu and d < 256 and len(index) * d * d <= _PER_SAMPLE_VALUES:
             # a batch's samples on CPU (small d): each sample's outer product, summed
             # into its row by index_add_, half the time of the grouped, padded
@@ -248,7 +258,7 @@ class ClassStatistics:
         classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         rank = _rank_within_groups(inverse, counts)
         widths = self._class_width(classes)
-        cpu = emb.device.type == "cpu"
+        cpu = _cpu_tuned(emb)
         for bucket in self._buckets(widths):
             if cpu:  # most new samples first: each part below is padded to its own first class's
                 bucket = bucket[torch.argsort(counts[bucket], descending=True, stable=True)]
@@ -366,7 +376,7 @@ class ClassStatistics:
         gram.baddbmm_(left, right.transpose(1, 2))
         # positions past a class's own width are empty (beta*I blocks): LAPACK
         # factorises each class's own block; batched GPU factorisations gain nothing
-        sizes = widths if gram.device.type == "cpu" else None
+        sizes = widths if _cpu_tuned(gram) else None
         bits, logdet, inverse = self._logdet_bits(gram, m.squeeze(1), build, sizes)
         if inverse is not None:
             built, beta = classes[build], m.squeeze(1)[build] / self.embedding_size
@@ -393,7 +403,7 @@ class ClassStatistics:
             index = self.moment_index[classes]
         m = counts.to(torch.float64)
         mean_part = self.moment_sum[index] / m.sqrt().unsqueeze(1)
-        if self.embedding_size >= 256 and index.device.type == "cpu":
+        if self.embedding_size >= 256 and _cpu_tuned(index):
             if build is None:
                 build = torch.zeros(len(classes), dtype=torch.bool, device=classes.device)
             return self._moment_scales_one_by_one(classes, index, m, mean_part, build)

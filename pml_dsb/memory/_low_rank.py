@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import _class_statistics
 from ._class_statistics import _rank_within_groups
 
 
@@ -35,7 +36,7 @@ class LowRankCaches:
     def _low_rank_min_size(self) -> float:
         if self.low_rank_min_size is not None:
             return self.low_rank_min_size
-        return 128 if self.gram.device.type == "cpu" else math.inf
+        return 128 if _class_statistics._cpu_tuned(self.gram) else math.inf
 
     #: A class's update is applied in low rank only while its rank k (2 per
     #: replaced sample, +1 in the moment form) stays below this share of its

@@ -5,12 +5,15 @@ Labels are skewed so that classes grow past the Gram form, shrink again and
 arrive empty with a batch larger than ``gram_size``; small ``gram_size`` and
 ``low_rank_min_size`` reach the low-rank caches, d = 256 the paths kept for
 big d x d blocks."""
+from unittest import mock
+
 import numpy as np
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pml_dsb import SemanticScaleMemory
+from pml_dsb.memory import _class_statistics
 
 
 def _reference(memory, np_ref):
@@ -89,6 +92,20 @@ def _memory(setup):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(setup=_setups())
 def test_random_operation_sequences_match_a_from_scratch_computation(setup, np_ref):
+    _run_sequence(setup, np_ref)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(setup=_setups())
+def test_the_accelerator_paths_on_cpu_match_a_from_scratch_computation(setup, np_ref):
+    """The batched forms that CUDA tensors take (one padded product per bucket,
+    at most 3 buckets, the d x d blocks of big d batched), run on CPU tensors:
+    CI has no GPU, and these are the algorithms every GPU user runs."""
+    with mock.patch.object(_class_statistics, "_cpu_tuned", lambda tensor: False):
+        _run_sequence(setup, np_ref)
+
+
+def _run_sequence(setup, np_ref):
     gen = torch.Generator().manual_seed(setup["seed"])
     memory = _memory(setup)
     # index-addressed enqueues keep each sample's label (class counts stay put:
