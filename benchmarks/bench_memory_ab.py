@@ -54,15 +54,18 @@ PACKAGE = "pml_dsb/memory"
 def memory_class_at(rev: str):
     """``SemanticScaleMemory`` as the memory package was at git revision ``rev``."""
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "archive", rev, PACKAGE], cwd=os.path.dirname(_HERE), capture_output=True)
+        root = os.path.dirname(_HERE)
+        archive = subprocess.run(["git", "archive", rev, PACKAGE], cwd=root, capture_output=True)
         if archive.returncode != 0:
             raise SystemExit(f"git archive {rev} {PACKAGE} failed: {archive.stderr.decode().strip()}")
+        commit = subprocess.run(["git", "rev-parse", rev], cwd=root, capture_output=True, text=True).stdout.strip()
         with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
             # the "data" filter where this Python has it (3.10.12+, 3.11.4+)
             tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         # a package beside pml_dsb.memory, so that its relative imports resolve:
         # its own modules from the revision, the rest of pml_dsb from the working tree
-        name, folder = "pml_dsb._baseline_memory", os.path.join(tmp, PACKAGE)
+        # (named after the commit: another revision loaded in the same process gets its own modules)
+        name, folder = f"pml_dsb._baseline_memory_{commit[:12]}", os.path.join(tmp, PACKAGE)
         spec = importlib.util.spec_from_file_location(
             name, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder]
         )
